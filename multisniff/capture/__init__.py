@@ -1,0 +1,1 @@
+"""How a tcpdump comes to run next to a target: one module per capture mode."""

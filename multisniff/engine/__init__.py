@@ -1,0 +1,1 @@
+"""The capture session: task group, pod churn, copying and teardown."""
