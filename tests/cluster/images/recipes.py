@@ -1,0 +1,165 @@
+"""The container images of the test cluster, and how each one is made from this repository.
+
+Each image is one layer assembled from files built here (gcc, go) or taken from Debian packages,
+written as a docker-archive tarball into ``$MULTISNIFF_CACHE/images``. A tarball's name carries
+the digest of its image config, which names the layer's digest: an unchanged image is neither
+rewritten nor re-imported. Compiler outputs are cached by the digest of their sources and
+toolchain, so a second run of ``build`` compiles nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from dockerarchive import ImageConfig, Layer, docker_archive, write_atomically
+
+HERE = Path(__file__).resolve().parent
+REGISTRY = "multisniff.local"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("MULTISNIFF_CACHE", "/var/cache/multisniff"))
+
+
+def images_dir() -> Path:
+    return cache_root() / "images"
+
+
+def log(message: str) -> None:
+    print(f"build: {message}", file=sys.stderr, flush=True)
+
+
+def run(argv: list[str], *, cwd: Path | None = None, env: dict[str, str] | None = None) -> str:
+    """Run a build step; on failure, say which step and show what it printed."""
+    proc = subprocess.run(
+        argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    if proc.returncode != 0:
+        raise BuildError(
+            f"{' '.join(argv)} (in {cwd or Path.cwd()}) exited with {proc.returncode}:\n"
+            f"{proc.stdout[-4000:]}"
+        )
+    return proc.stdout
+
+
+class BuildError(Exception):
+    """A build step failed; the message says which one and what it printed."""
+
+
+def digest_of(parts: Iterable[bytes]) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(hashlib.sha256(part).digest())
+    return h.hexdigest()
+
+
+def tree_files(root: Path) -> list[Path]:
+    """The regular files under ``root`` in a stable order (inputs of a cached build)."""
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+def cached_build(kind: str, key: str, produce: Callable[[Path], None]) -> Path:
+    """The output directory of a build step, produced once per input digest ``key``."""
+    out = cache_root() / "build" / f"{kind}-{key[:16]}"
+    if (out / ".done").exists():
+        return out
+    tmp = out.with_name(out.name + f".{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    produce(tmp)
+    (tmp / ".done").write_text(key + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+# --- pause ------------------------------------------------------------------------------------
+
+
+def pause_binary() -> Path:
+    source = HERE / "pause" / "pause.c"
+    flags = ["-static", "-Os", "-s", "-Wall", "-Wextra", "-Werror"]
+    gcc_version = run(["gcc", "--version"]).splitlines()[0]
+    key = digest_of([source.read_bytes(), " ".join(flags).encode(), gcc_version.encode()])
+
+    def produce(out: Path) -> None:
+        run(["gcc", *flags, "-o", str(out / "pause"), str(source)])
+
+    return cached_build("pause", key, produce) / "pause"
+
+
+def pause_image() -> tuple[Layer, ImageConfig]:
+    layer = Layer()
+    layer.copy("pause", pause_binary(), mode=0o755)
+    return layer, ImageConfig(entrypoint=("/pause",), env=())
+
+
+# --- the list ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    tag: str
+    make: Callable[[], tuple[Layer, ImageConfig]]
+    about: str
+
+    @property
+    def reference(self) -> str:
+        return f"{REGISTRY}/{self.name}:{self.tag}"
+
+
+RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in [
+        Recipe("pause", "1", pause_image, "the pod sandbox: sleeps, reaps, exits on SIGTERM"),
+    ]
+}
+
+
+@dataclass(frozen=True)
+class Built:
+    reference: str
+    path: Path
+    size: int
+    seconds: float
+    fresh: bool
+
+
+def build_image(recipe: Recipe) -> Built:
+    started = time.monotonic()
+    layer, config = recipe.make()
+    archive = docker_archive(
+        recipe.reference, layer, config, created_by=f"tests/cluster/images/build {recipe.name}"
+    )
+    path = images_dir() / f"{recipe.name}-{recipe.tag}-{archive.image_id[:12]}.tar"
+    fresh = not path.exists()
+    if fresh:
+        write_atomically(path, archive.data)
+        for stale in images_dir().glob(f"{recipe.name}-{recipe.tag}-*.tar"):
+            if stale != path:
+                stale.unlink()
+    return Built(recipe.reference, path, len(archive.data), time.monotonic() - started, fresh)
+
+
+def update_index(built: list[Built]) -> Path:
+    """Record ``reference -> tarball`` in images/index.json for the cluster's ``up``."""
+    index_path = images_dir() / "index.json"
+    try:
+        index: dict[str, str] = json.loads(index_path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        index = {}
+    for b in built:
+        index[b.reference] = str(b.path)
+    index = {ref: p for ref, p in index.items() if Path(p).exists()}
+    write_atomically(index_path, (json.dumps(index, indent=2, sort_keys=True) + "\n").encode())
+    return index_path
