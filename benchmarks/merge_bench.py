@@ -237,6 +237,14 @@ def generate(kind: str, *, workdir: Path, inputs: int, per_input: int, seed: int
     return _input_set(kind, directory, paths, manifest)
 
 
+def describe(inputs: InputSet) -> str:
+    span = (inputs.last_ts_us - inputs.first_ts_us) / 1e6
+    return (
+        f"{inputs.kind}: {len(inputs.paths)} inputs, {inputs.total_packets:,} packets, "
+        f"{inputs.total_bytes / 2**20:,.0f} MiB, {span:.1f} s of traffic in {inputs.directory}"
+    )
+
+
 def _input_set(kind: str, directory: Path, paths: tuple[Path, ...], manifest: dict) -> InputSet:
     return InputSet(
         kind=kind,
@@ -707,6 +715,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             inputs = generate(
                 kind, workdir=workdir, inputs=args.inputs, per_input=args.packets, seed=args.seed
             )
+            print(describe(inputs), flush=True)
             kept = workdir / "out-multisniff.pcapng"
             measurements += measure_set(
                 inputs,
@@ -743,6 +752,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     per_input=args.packets * args.scale,
                     seed=args.seed,
                 )
+                print(describe(inputs), flush=True)
                 measurements += measure_set(
                     inputs,
                     scale=args.scale,
