@@ -1,0 +1,114 @@
+"""The host side of containment: node address, service blackhole, FORWARD guard; and their removal.
+
+Nothing here sends a packet. Pods have no default route (see configs.cni_conflist); this module
+makes sure that even a pod that adds one itself gets nowhere: the host drops, in its own chain at
+the top of FORWARD, anything from the pod range that is not for the pod range, and routes the
+service range into a blackhole. Nothing is masqueraded.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+from .layout import Layout
+
+FORWARDING_SYSCTLS = ("net/ipv4/ip_forward", "net/ipv6/conf/all/forwarding")
+
+
+def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, check=check, capture_output=True, text=True)
+
+
+def _link_exists(name: str) -> bool:
+    return _run("ip", "link", "show", "dev", name, check=False).returncode == 0
+
+
+def _saved_sysctls(layout: Layout) -> Path:
+    # Kept outside run/ so that a crash between up and down cannot lose the original values.
+    return layout.state / "host-sysctls.json"
+
+
+def set_up(layout: Layout) -> None:
+    # The CNI bridge plugin turns on IP forwarding when it sets up a gateway; remember the values
+    # found so that down restores them.
+    saved = _saved_sysctls(layout)
+    if not saved.exists():
+        values = {k: Path("/proc/sys", k).read_text().strip() for k in FORWARDING_SYSCTLS}
+        saved.write_text(json.dumps(values) + "\n")
+
+    if not _link_exists(layout.node_interface):
+        # A bridge with no ports: this kernel has no dummy interfaces, and an address on a
+        # port-less bridge is just as local and just as unable to send anything anywhere.
+        _run("ip", "link", "add", layout.node_interface, "type", "bridge")
+        _run("ip", "link", "set", layout.node_interface, "addrgenmode", "none")
+    _run("ip", "addr", "replace", f"{layout.node_ip}/32", "dev", layout.node_interface)
+    _run("ip", "link", "set", layout.node_interface, "up")
+    _run("ip", "route", "replace", "blackhole", layout.service_cidr)
+
+    chain, pods = layout.firewall_chain, layout.pod_cidr
+    for tool, rules in (
+        ("iptables", [
+            ["-s", pods, "-d", pods, "-j", "ACCEPT"],
+            ["-s", pods, "-j", "DROP"],
+            ["-d", pods, "-j", "DROP"],
+        ]),
+        # Pods have no IPv6 addresses beyond link-local; nothing of theirs is to be routed.
+        ("ip6tables", [
+            ["-i", layout.bridge, "-j", "DROP"],
+            ["-o", layout.bridge, "-j", "DROP"],
+        ]),
+    ):
+        _remove_chain(tool, chain)
+        _run(tool, "-w", "-N", chain)
+        for rule in rules:
+            _run(tool, "-w", "-A", chain, *rule)
+        _run(tool, "-w", "-I", "FORWARD", "1", "-j", chain)
+
+
+def firewall_rules(layout: Layout, tool: str = "iptables") -> list[str]:
+    """The rules of our chain as iptables -S prints them, empty if it does not exist."""
+    out = _run(tool, "-w", "-S", layout.firewall_chain, check=False)
+    return out.stdout.splitlines() if out.returncode == 0 else []
+
+
+def forward_jumps_to_chain(layout: Layout, tool: str = "iptables") -> bool:
+    out = _run(tool, "-w", "-S", "FORWARD", check=False).stdout.splitlines()
+    return bool(out) and f"-A FORWARD -j {layout.firewall_chain}" in out[1:2]
+
+
+def _remove_chain(tool: str, chain: str) -> None:
+    while _run(tool, "-w", "-D", "FORWARD", "-j", chain, check=False).returncode == 0:
+        pass
+    _run(tool, "-w", "-F", chain, check=False)
+    _run(tool, "-w", "-X", chain, check=False)
+
+
+def tear_down(layout: Layout) -> list[str]:
+    """Remove everything set_up and the CNI plugin made; return what could not be removed."""
+    problems: list[str] = []
+    for tool in ("iptables", "ip6tables"):
+        _remove_chain(tool, layout.firewall_chain)
+        if firewall_rules(layout, tool):
+            problems.append(f"{tool} chain {layout.firewall_chain} is still there")
+    # Host ends of pod veths whose namespace is already gone have vanished with it; any left are
+    # still enslaved to our bridge.
+    if _link_exists(layout.bridge):
+        links = json.loads(_run("ip", "-j", "link", "show", "master", layout.bridge).stdout or "[]")
+        for link in links:
+            _run("ip", "link", "del", link["ifname"], check=False)
+        _run("ip", "link", "del", layout.bridge, check=False)
+    if _link_exists(layout.node_interface):
+        _run("ip", "link", "del", layout.node_interface, check=False)
+    for name in (layout.bridge, layout.node_interface):
+        if _link_exists(name):
+            problems.append(f"interface {name} is still there (ip link del {name})")
+    _run("ip", "route", "del", "blackhole", layout.service_cidr, check=False)
+
+    saved = _saved_sysctls(layout)
+    if saved.exists():
+        for key, value in json.loads(saved.read_text()).items():
+            Path("/proc/sys", key).write_text(value + "\n")
+        saved.unlink()
+    return problems
