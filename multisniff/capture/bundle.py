@@ -27,6 +27,7 @@ upload mode and the test cluster's tools image both build their tcpdump with it.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import io
@@ -36,7 +37,7 @@ import posixpath
 import struct
 import tarfile
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 MANIFEST_NAME = "multisniff-bundle.json"
@@ -367,7 +368,11 @@ class Bundle:
     loader: str
     """The loader's name inside the bundle, e.g. ``lib/ld-linux-x86-64.so.2``."""
     programs: tuple[str, ...]
-    targz: bytes = field(repr=False)
+
+    @functools.cached_property
+    def targz(self) -> bytes:
+        """The bundle as a deterministic tar.gz: the same files give the same bytes."""
+        return _targz(self.files)
 
     @property
     def directory_name(self) -> str:
@@ -427,6 +432,7 @@ def build_bundle(
         "digest": digest,
         "multiarch": first.elf.multiarch,
         "loader": loader,
+        "interpreter": closure.loader.path,
         "library_path": LIBRARY_DIR,
         "programs": {
             base: {"args": list(TCPDUMP_ARGS if base == "tcpdump" else ()), "from": p.path}
@@ -443,7 +449,6 @@ def build_bundle(
         digest=digest,
         loader=loader,
         programs=tuple(closure.programs),
-        targz=_targz((*ordered, manifest_file)),
     )
 
 

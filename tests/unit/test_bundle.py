@@ -73,6 +73,8 @@ def test_the_manifest_says_what_is_inside(bundle: Bundle) -> None:
     manifest = json.loads(manifest_file.data)
     assert manifest["digest"] == bundle.digest
     assert manifest["loader"] == bundle.loader
+    assert manifest["interpreter"] == "/lib64/ld-linux-x86-64.so.2"
+    assert manifest["multiarch"] == "x86_64-linux-gnu"
     assert manifest["programs"]["tcpdump"]["args"] == ["-Z", "root"]
     listed = manifest["files"]
     assert set(listed) == {f.name for f in bundle.files} - {MANIFEST_NAME}

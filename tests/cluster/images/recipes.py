@@ -10,11 +10,14 @@ toolchain, so a second run of ``build`` compiles nothing.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import posixpath
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -79,6 +82,9 @@ def cached_build(kind: str, key: str, produce: Callable[[Path], None]) -> Path:
     (tmp / ".done").write_text(key + "\n")
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
+    for stale in out.parent.glob(f"{kind}-*"):
+        if stale != out and (stale / ".done").exists():
+            shutil.rmtree(stale, ignore_errors=True)
     return out
 
 
@@ -115,7 +121,11 @@ def go_binary(module: Path, name: str, *, package: str = ".") -> Path:
     env = dict(os.environ, CGO_ENABLED="0", GOTOOLCHAIN="local", GOFLAGS="-mod=readonly")
     go_version = run(["go", "env", "GOVERSION", "GOARCH"], env=env).split()
     flags = ["-trimpath", "-buildvcs=false", "-ldflags=-s -w"]
-    files = [f for f in tree_files(module) if f.suffix == ".go" or f.name in ("go.mod", "go.sum")]
+    files = [
+        f
+        for f in tree_files(module)
+        if (f.suffix == ".go" and not f.name.endswith("_test.go")) or f.name in ("go.mod", "go.sum")
+    ]
     key = digest_of(
         [
             *(str(f.relative_to(module)).encode() + b"\0" + f.read_bytes() for f in files),
@@ -148,6 +158,141 @@ def coredns_image() -> tuple[Layer, ImageConfig]:
     return layer, config
 
 
+# --- Debian packages and busybox ---------------------------------------------------------------
+
+
+def debian_package(name: str) -> Path:
+    """The .deb of ``name`` for this machine's architecture, downloaded once into the cache.
+
+    ``apt-get download`` only fetches the file: nothing is installed on the host.
+    """
+    debs = cache_root() / "debs"
+    debs.mkdir(parents=True, exist_ok=True)
+    arch = run(["dpkg", "--print-architecture"]).strip()
+    found = sorted(debs.glob(f"{name}_*_{arch}.deb"))
+    if not found:
+        try:
+            run(["apt-get", "download", f"{name}:{arch}"], cwd=debs)
+        except BuildError:
+            log("apt-get download failed; updating the package lists once and retrying")
+            run(["apt-get", "update"])
+            run(["apt-get", "download", f"{name}:{arch}"], cwd=debs)
+        found = sorted(debs.glob(f"{name}_*_{arch}.deb"))
+    if not found:
+        raise BuildError(f"apt-get download {name} left no {name}_*_{arch}.deb in {debs}")
+    return found[-1]
+
+
+def deb_member(deb: Path, member: str) -> bytes:
+    """One regular file from a .deb's data, read with dpkg-deb (no host install)."""
+    proc = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(deb)], capture_output=True)
+    if proc.returncode != 0:
+        raise BuildError(f"dpkg-deb --fsys-tarfile {deb}: {proc.stderr.decode().strip()}")
+    with tarfile.open(fileobj=io.BytesIO(proc.stdout)) as tar:
+        for info in tar.getmembers():
+            if info.name.lstrip("./") == member.lstrip("/") and info.isfile():
+                extracted = tar.extractfile(info)
+                assert extracted is not None
+                return extracted.read()
+    raise BuildError(f"{deb} has no file {member}")
+
+
+def busybox() -> Path:
+    """Debian's busybox-static: one static binary, a shell, tar and the usual applets."""
+    deb = debian_package("busybox-static")
+    key = digest_of([deb.read_bytes()])
+
+    def produce(out: Path) -> None:
+        (out / "busybox").write_bytes(deb_member(deb, "bin/busybox"))
+        (out / "busybox").chmod(0o755)
+        (out / "applets").write_text(run([str(out / "busybox"), "--list-full"]))
+
+    return cached_build("busybox", key, produce)
+
+
+def add_busybox(layer: Layer, *, keep: Iterable[str] = ()) -> None:
+    """busybox at /bin/busybox and a symlink for each applet, except where ``layer`` has a file
+    already or the applet is named in ``keep`` (real programs of the image win)."""
+    built = busybox()
+    layer.copy("bin/busybox", built / "busybox", mode=0o755)
+    skip = set(keep)
+    for applet in (built / "applets").read_text().split():
+        if posixpath.basename(applet) in skip or applet in layer:
+            continue
+        layer.symlink(applet, "/bin/busybox")
+
+
+def add_base_files(layer: Layer, *, users: Iterable[tuple[str, int]] = ()) -> None:
+    """/etc/passwd and /etc/group with root, nobody and ``users``, and a /tmp for everyone.
+
+    Even a container without libc gets these: tcpdump running as root looks up a user to
+    switch to (``-Z root``) before it captures anything.
+    """
+    accounts = [("root", 0), *users, ("nobody", 65534)]
+    passwd = "".join(
+        f"{name}:x:{uid}:{uid}:{name}:{'/root' if uid == 0 else '/nonexistent'}:"
+        f"{'/bin/sh' if uid == 0 else '/bin/false'}\n"
+        for name, uid in accounts
+    )
+    group = "".join(f"{name}:x:{gid}:\n" for name, gid in [*accounts[:-1], ("nogroup", 65534)])
+    layer.file("etc/passwd", passwd.encode())
+    layer.file("etc/group", group.encode())
+    layer.directory("tmp", mode=0o1777)
+    layer.directory("root", mode=0o700)
+
+
+# --- tools ------------------------------------------------------------------------------------
+
+
+def tools_image() -> tuple[Layer, ImageConfig]:
+    """tcpdump, nsenter and ip where Debian puts them, for ephemeral and privileged capture.
+
+    Their files come from the same bundle builder the upload mode uses, installed under their
+    Debian paths (programs where they were, libraries in /lib/<multiarch>, the loader where
+    the programs' ELF interpreter says), so they run by name without a wrapper.
+    """
+    from multisniff.capture.bundle import LIBRARY_DIR, build_bundle
+
+    programs = ("tcpdump", "nsenter", "ip")
+    bundle = build_bundle(programs=programs)
+    manifest = bundle.manifest
+    multiarch = str(manifest["multiarch"])
+    interpreter = str(manifest["interpreter"])
+    origins = {name: str(entry["from"]) for name, entry in dict(manifest["programs"]).items()}
+    layer = Layer()
+    for f in bundle.files:
+        if f.name in origins:
+            layer.file(origins[f.name], f.data, mode=f.mode)
+        elif f.name.startswith(LIBRARY_DIR + "/"):
+            soname = posixpath.basename(f.name)
+            layer.file(f"lib/{multiarch}/{soname}", f.data, mode=f.mode)
+        else:  # the manifest: says where all of this came from
+            layer.file(f"usr/share/multisniff/{f.name}", f.data, mode=f.mode)
+    loader = f"/lib/{multiarch}/{posixpath.basename(bundle.loader)}"
+    if interpreter != loader:
+        layer.symlink(interpreter, loader)
+    add_base_files(layer, users=[("tcpdump", 101)])
+    add_busybox(layer, keep=programs)
+    return layer, ImageConfig(cmd=("/bin/sh",), labels=(("multisniff.bundle", bundle.digest),))
+
+
+# --- workload ---------------------------------------------------------------------------------
+
+
+def workload_image() -> tuple[Layer, ImageConfig]:
+    """The demo's clients and servers: a static Go program and busybox, and no libc at all.
+
+    This is the "container without libc" that the upload mode must be able to capture in:
+    busybox's tar unpacks the bundle, and nothing in the image could load a shared library.
+    """
+    layer = Layer()
+    layer.copy("usr/local/bin/workload", go_binary(HERE / "workload", "workload"), mode=0o755)
+    add_base_files(layer)
+    add_busybox(layer)
+    config = ImageConfig(entrypoint=("/usr/local/bin/workload",), cmd=("http-serve",))
+    return layer, config
+
+
 # --- the list ---------------------------------------------------------------------------------
 
 
@@ -168,6 +313,8 @@ RECIPES: dict[str, Recipe] = {
     for r in [
         Recipe("pause", "1", pause_image, "the pod sandbox: sleeps, reaps, exits on SIGTERM"),
         Recipe("coredns", "1", coredns_image, "CoreDNS answering demo.test. only, no forward"),
+        Recipe("tools", "1", tools_image, "tcpdump, nsenter, ip and a busybox shell"),
+        Recipe("workload", "1", workload_image, "demo traffic: busybox + a static Go program"),
     ]
 }
 

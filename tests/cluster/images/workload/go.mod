@@ -1,0 +1,3 @@
+module multisniff.local/workload
+
+go 1.26.0
