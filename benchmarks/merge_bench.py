@@ -299,8 +299,9 @@ print(time.perf_counter() - started, usage.ru_maxrss, os.waitstatus_to_exitcode(
 
 Linux counts the memory of the process that called exec into the child's ru_maxrss, so a child
 started straight from this script would report at least this script's own peak (tens of MiB after
-generating inputs). This launcher is a fresh `python -I -S` of about 8 MiB: that is the floor,
-measured at start-up by launching `true` and printed with the results.
+generating inputs). This launcher is a fresh `python -I -S` of a few MiB: that is the floor,
+measured at start-up by launching `true` and printed with the results. Wall time is taken in
+the launcher too, from fork to reap, so its own start-up is not counted for either tool.
 """
 
 
