@@ -7,6 +7,7 @@ directories bottom-up, so that a later up starts from nothing.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -46,10 +47,8 @@ def kill_everything_inside(*, timeout: float = 10.0) -> set[int]:
     deadline = time.monotonic() + timeout
     while (pids := pids_inside()) and time.monotonic() < deadline:
         for pid in pids:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         time.sleep(0.1)
     return pids_inside()
 

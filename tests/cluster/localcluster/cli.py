@@ -1,8 +1,12 @@
-"""clusterctl's commands. Exit codes: 0 done, 1 failed, 2 usage, 3 status: not up, 4 compare: differ."""
+"""clusterctl's commands.
+
+Exit codes: 0 done, 1 failed, 2 usage, 3 (status) not up, 4 (compare) snapshots differ.
+"""
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import sys
 import time
@@ -36,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     layout = Layout.from_environment()
 
+    if args.command in ("build", "up", "down", "demo"):
+        # One of these at a time: two test sessions starting the cluster at once would fight.
+        layout.state.mkdir(parents=True, exist_ok=True)
+        lock = open(layout.state / "clusterctl.lock", "w")  # noqa: SIM115 (held until exit)
+        fcntl.flock(lock, fcntl.LOCK_EX)
     try:
         return _dispatch(args, layout)
     except (cluster.ClusterError, StartError, build.BuildError, images.ImageError) as exc:

@@ -19,7 +19,7 @@ from pathlib import Path
 from . import cgroups, configs, images, network, pki, processes
 from .apiclient import ApiClient
 from .layout import COMPONENTS, Layout
-from .processes import Daemon, StartError
+from .processes import Daemon
 
 # What the kubelet insists on setting on the whole machine (vm.overcommit_memory=1,
 # kernel.panic=10, kernel.panic_on_oops=1) is not ours to change on a shared host: the kubelet
@@ -341,8 +341,8 @@ def apply_workload(layout: Layout, *, timeout: float = 60) -> None:
     for ns in sorted(namespaces):
         remaining = max(1.0, deadline - time.monotonic())
         # Pods from Deployments appear a moment after the apply; wait until some exist.
-        while not json.loads(kubectl(layout, "get", "pods", "-n", ns, "-o", "json").stdout)["items"]:
-            if time.monotonic() > deadline:
+        while time.monotonic() < deadline:
+            if json.loads(kubectl(layout, "get", "pods", "-n", ns, "-o", "json").stdout)["items"]:
                 break
             time.sleep(0.5)
         result = kubectl(layout, "wait", "pods", "--all", "-n", ns, "--for=condition=Ready",
@@ -372,7 +372,8 @@ def down(layout: Layout, *, quiet: bool = False) -> list[str]:
     left = cgroups.kill_everything_inside()
     if left:
         problems.append(f"processes {sorted(left)} in kubepods cgroups would not die")
-    shims_and_containerd = by_name.get("containerd-shim-runc-v2", []) + by_name.get("containerd", [])
+    shims_and_containerd = [*by_name.get("containerd-shim-runc-v2", []),
+                            *by_name.get("containerd", [])]
     if shims_and_containerd:
         processes.terminate(shims_and_containerd, grace=10)
         say("stopped containerd and its shims")
@@ -395,9 +396,6 @@ def down(layout: Layout, *, quiet: bool = False) -> list[str]:
         shutil.rmtree(path, ignore_errors=True)
         if path.exists():
             problems.append(f"{path} could not be removed")
-    # libcni's result cache is at a fixed place; remove only our network's entries.
-    for cached in Path("/var/lib/cni/results").glob(f"{layout.cni_network}-*"):
-        cached.unlink(missing_ok=True)
     if not quiet:
         log("down" + ("" if not problems else " with problems:\n  " + "\n  ".join(problems)))
     return problems

@@ -8,6 +8,7 @@ service range into a blackhole. Nothing is masqueraded.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 from pathlib import Path
@@ -25,18 +26,24 @@ def _link_exists(name: str) -> bool:
     return _run("ip", "link", "show", "dev", name, check=False).returncode == 0
 
 
-def _saved_sysctls(layout: Layout) -> Path:
+CNI_CACHE = Path("/var/lib/cni")  # libcni's result cache; containerd 1.6 cannot move it
+
+
+def _host_before(layout: Layout) -> Path:
     # Kept outside run/ so that a crash between up and down cannot lose the original values.
-    return layout.state / "host-sysctls.json"
+    return layout.state / "host-before.json"
 
 
 def set_up(layout: Layout) -> None:
-    # The CNI bridge plugin turns on IP forwarding when it sets up a gateway; remember the values
-    # found so that down restores them.
-    saved = _saved_sysctls(layout)
+    # The CNI bridge plugin turns on IP forwarding when it sets up a gateway, and libcni creates
+    # its cache directory: remember how the host was, so that down puts it back.
+    saved = _host_before(layout)
     if not saved.exists():
-        values = {k: Path("/proc/sys", k).read_text().strip() for k in FORWARDING_SYSCTLS}
-        saved.write_text(json.dumps(values) + "\n")
+        before = {
+            "sysctls": {k: Path("/proc/sys", k).read_text().strip() for k in FORWARDING_SYSCTLS},
+            "cni_cache_existed": CNI_CACHE.exists(),
+        }
+        saved.write_text(json.dumps(before) + "\n")
 
     if not _link_exists(layout.node_interface):
         # A bridge with no ports: this kernel has no dummy interfaces, and an address on a
@@ -106,9 +113,26 @@ def tear_down(layout: Layout) -> list[str]:
             problems.append(f"interface {name} is still there (ip link del {name})")
     _run("ip", "route", "del", "blackhole", layout.service_cidr, check=False)
 
-    saved = _saved_sysctls(layout)
+    _forget_cni_results(layout)
+    saved = _host_before(layout)
     if saved.exists():
-        for key, value in json.loads(saved.read_text()).items():
+        before = json.loads(saved.read_text())
+        for key, value in before["sysctls"].items():
             Path("/proc/sys", key).write_text(value + "\n")
+        if not before["cni_cache_existed"]:
+            for d in (CNI_CACHE / "results", CNI_CACHE):
+                with contextlib.suppress(OSError):  # not ours alone any more, or already gone
+                    d.rmdir()
         saved.unlink()
     return problems
+
+
+def _forget_cni_results(layout: Layout) -> None:
+    """Remove libcni's cached results for our sandboxes: NETWORK-ID-eth0 and cni-loopback-ID-lo."""
+    results = CNI_CACHE / "results"
+    prefix = f"{layout.cni_network}-"
+    for cached in results.glob(f"{prefix}*"):
+        sandbox = cached.name[len(prefix):].rsplit("-", 1)[0]
+        for loopback in results.glob(f"cni-loopback-{sandbox}-*"):
+            loopback.unlink(missing_ok=True)
+        cached.unlink(missing_ok=True)

@@ -14,7 +14,7 @@ import re
 import subprocess
 from pathlib import Path
 
-from . import cgroups, processes
+from . import cgroups, network, processes
 from .layout import Layout
 
 SYSCTLS = (
@@ -83,11 +83,21 @@ def _routes() -> list[str]:
 
 
 def _rules(tool: str) -> list[str]:
-    lines = []
+    """Rules by table, without counters. A table with no rules and every policy ACCEPT filters
+    nothing, so it counts as absent: iptables-nft creates such a table on first use and has no
+    command to delete it again."""
+    lines: list[str] = []
+    table: list[str] = []
     for line in _out(tool).splitlines():
         if line.startswith("#"):
             continue
-        lines.append(re.sub(r"\[\d+:\d+\]", "", line).rstrip())  # chain counters
+        line = re.sub(r"\[\d+:\d+\]", "", line).rstrip()  # chain counters
+        table.append(line)
+        if line == "COMMIT":
+            name, body = table[0], table[1:-1]
+            if any(not (t.startswith(":") and t.endswith("ACCEPT")) for t in body):
+                lines += [f"{name} {t}" for t in body]
+            table = []
     return sorted(lines)
 
 
@@ -117,9 +127,8 @@ def take(layout: Layout) -> dict[str, list[str]]:
         "ip6tables": _rules("ip6tables-save"),
         "kubepods-cgroups": _cgroups(),
         "sysctls": _sysctls(),
-        "cni-cache": sorted(str(p) for p in Path("/var/lib/cni").rglob("*")
-                            if layout.cni_network in p.name)
-        if Path("/var/lib/cni").is_dir() else [],
+        "cni-cache": sorted(str(p) for p in [network.CNI_CACHE, *network.CNI_CACHE.rglob("*")]
+                            if p.exists()),
     }
 
 
