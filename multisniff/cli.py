@@ -31,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_offline_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """`merge` and `inspect`: work on capture files, no cluster needed."""
-    # Filled in by the pcap core (issue 2).
+    from multisniff import offline  # imports only the pcap core, never the Kubernetes client
+
+    offline.add_commands(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,353 @@
+"""One timeline from many capture streams: the merger behind `multisniff merge` and the engine.
+
+Sans-IO: sources are added and removed, bytes are fed per source as they arrive, and the merged
+pcapng comes out of `pull()`. Two modes share all of the machinery:
+
+- exact (offline files): packets come out in the order mergecap gives, by comparing the next
+  packet of every source (a source whose own timestamps go backwards keeps its file order). The
+  merger says which source it needs bytes from next (`wanted()`), so memory holds about one chunk
+  per source whatever the input size.
+- live (the capture engine): a packet comes out once no source can still send an earlier one
+  (every source has sent later packets, been marked caught up to a later time, or ended) or once
+  it is `reorder_window` older than the newest time known. A packet that arrives after packets
+  later than it were written is "late": it is counted and written at once.
+
+Speed matters (a merge of 2 million packets should be close to mergecap): readers hand out
+packets already encoded as EPB pieces, nothing is done per packet here except through C-level
+builtins. Each release step cuts every source's pending packets at the horizon with `bisect`;
+when one source is alone below the horizon its run is copied with one list slice; otherwise the
+runs are merged by sorting integer tags ``key << bits | n`` (ties therefore go to the source
+added first, then to file order, as in mergecap).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from bisect import bisect_left, bisect_right
+from itertools import accumulate, chain, islice, repeat
+from operator import and_, lshift, or_
+
+from multisniff.pcap.blocks import InterfaceInfo, InterfaceStatistics
+from multisniff.pcap.reading import Batch, CaptureError, CaptureReader, Packet
+from multisniff.pcap.writing import PcapngWriter, encode_isb, encode_nrb
+
+
+@dataclasses.dataclass(eq=False)
+class Source:
+    """One input stream of the merger; created by `TimelineMerger.add_source`."""
+
+    label: str
+    index: int
+    multi_interface: bool
+    reader: CaptureReader = dataclasses.field(repr=False)
+    keys: list[int] = dataclasses.field(default_factory=list, repr=False)
+    packets: list[Packet] = dataclasses.field(default_factory=list, repr=False)
+    head: int = 0
+    """keys[head:] and packets[head:] are waiting to be written."""
+    last_key: int | None = None
+    """Exact mode: the highest key received. Live mode: the newest key received."""
+    caught_up: int | None = None
+    ended: bool = False
+    error: CaptureError | None = None
+    received: int = 0
+    late: int = 0
+    interface_ids: list[int] = dataclasses.field(default_factory=list)
+    """Output interface id of each interface this source declared, in order."""
+
+    @property
+    def pending(self) -> int:
+        return len(self.keys) - self.head
+
+
+class TimelineMerger:
+    """Merge capture streams into one pcapng section. See the module docstring for the modes.
+
+    `reorder_window` (in key units, nanoseconds by default) selects live mode; None is exact
+    mode. `max_pending` bounds the packets held in live mode: beyond it the oldest are written
+    even if inside the window (counted as released early, `forced`).
+    """
+
+    def __init__(
+        self,
+        *,
+        reorder_window: int | None = None,
+        key_resolution: int = 1_000_000_000,
+        shb: bytes | None = None,
+        max_pending: int = 200_000,
+    ) -> None:
+        self.live = reorder_window is not None
+        self.reorder_window = reorder_window or 0
+        self.key_resolution = key_resolution
+        self.max_pending = max_pending
+        self.writer = PcapngWriter(shb=shb)
+        self.sources: list[Source] = []
+        self._names: set[str] = set()
+        self._released: int | None = None  # live: everything up to this key has been written
+        self._newest: int | None = None  # live: newest key seen or clock time given
+        self.forced = 0
+        self.packets_written = 0
+
+    # --- sources ------------------------------------------------------------------------------
+
+    def add_source(self, label: str, *, multi_interface: bool = False) -> Source:
+        """A new input. Its interfaces are named `label` (a single-interface source) or
+        `label:IFNAME` / `label:N` (one that has several); names are made unique with `#2`..."""
+        holder: list[Source] = []
+        reader = CaptureReader(
+            key_resolution=self.key_resolution,
+            assign_interface=lambda info: self._add_interface(holder[0], info),
+        )
+        source = Source(label=label, index=len(self.sources), multi_interface=multi_interface,
+                        reader=reader)
+        holder.append(source)
+        self.sources.append(source)
+        return source
+
+    def _unique(self, name: str) -> str:
+        candidate, number = name, 1
+        while candidate in self._names:
+            number += 1
+            candidate = f"{name}#{number}"
+        self._names.add(candidate)
+        return candidate
+
+    def _add_interface(self, source: Source, info: InterfaceInfo) -> int:
+        number = len(source.interface_ids)
+        if source.multi_interface or number > 0:
+            name = f"{source.label}:{info.name if info.name else number}"
+        else:
+            name = source.label
+        renamed = dataclasses.replace(
+            info, name=self._unique(name), description=info.description or info.name)
+        oid = self.writer.add_interface(renamed)
+        source.interface_ids.append(oid)
+        return oid
+
+    def feed(self, source: Source, data: bytes) -> None:
+        """Bytes of one source, in any chunking. Damage ends the source (see `Source.error`)."""
+        if source.ended:
+            return
+        batch = source.reader.feed(data)
+        self._take_batch(source, batch)
+        if source.reader.error is not None:
+            source.error = source.reader.error
+            source.ended = True
+
+    def end_source(self, source: Source) -> CaptureError | None:
+        """The source's stream has ended (or the source leaves): None if it ended cleanly."""
+        if not source.ended:
+            source.ended = True
+            source.error = source.reader.finish()
+        return source.error
+
+    remove_source = end_source
+
+    def mark_caught_up(self, source: Source, key: int) -> None:
+        """Live mode: the source will send nothing earlier than `key` (it is idle until then)."""
+        if source.caught_up is None or key > source.caught_up:
+            source.caught_up = key
+        self._note_newest(key)
+
+    def advance(self, now: int) -> None:
+        """Live mode: the current time in key units, so that an idle session still releases."""
+        self._note_newest(now)
+
+    def add_statistics(self, source: Source, local_interface: int,
+                       stats: InterfaceStatistics) -> None:
+        """Write an ISB for the source's `local_interface`-th interface (the engine's own)."""
+        oid = source.interface_ids[local_interface]
+        self.writer.add_block(encode_isb(dataclasses.replace(stats, interface_id=oid)))
+
+    def wanted(self) -> Source | None:
+        """Exact mode: the source whose bytes are needed before more can be written; None when
+        every source has ended. Live mode: always None (sources push)."""
+        if self.live:
+            return None
+        best: Source | None = None
+        for source in self.sources:
+            if source.ended:
+                continue
+            if source.last_key is None:
+                return source
+            if best is None or source.last_key < best.last_key:  # type: ignore[operator]
+                best = source
+        return best
+
+    # --- output -------------------------------------------------------------------------------
+
+    def pull(self) -> bytes:
+        """The merged bytes that are ready: SHB and IDBs first, then blocks in timeline order."""
+        self._release()
+        return self.writer.take()
+
+    def finish(self) -> bytes:
+        """End every source and write everything that is still held."""
+        for source in self.sources:
+            self.end_source(source)
+        self._release()
+        return self.writer.take()
+
+    @property
+    def late_packets(self) -> int:
+        return sum(source.late for source in self.sources)
+
+    # --- internals ----------------------------------------------------------------------------
+
+    def _note_newest(self, key: int) -> None:
+        if self._newest is None or key > self._newest:
+            self._newest = key
+
+    def _take_batch(self, source: Source, batch: Batch) -> None:
+        writer = self.writer
+        for stats in batch.statistics:
+            writer.add_block(encode_isb(stats))
+        for names in batch.names:
+            writer.add_block(encode_nrb(names))
+        writer.add_blocks(batch.blocks)
+        keys = batch.keys
+        if not keys:
+            return
+        source.received += len(keys)
+        if source.head and source.head * 2 > len(source.keys):
+            del source.keys[: source.head]
+            del source.packets[: source.head]
+            source.head = 0
+        if self.live:
+            self._take_live(source, keys, batch.packets)
+            return
+        last = source.last_key
+        if (last is not None and keys[0] < last) or keys != sorted(keys):
+            # A source whose timestamps go backwards: each packet waits for the highest key
+            # before it, which reproduces mergecap's next-packet-of-every-input comparison.
+            start = keys[0] if last is None else last
+            keys = list(accumulate(keys, max, initial=start))[1:]
+        source.keys.extend(keys)
+        source.packets.extend(batch.packets)
+        source.last_key = keys[-1]
+
+    def _take_live(self, source: Source, keys: list[int], packets: list[Packet]) -> None:
+        if keys != sorted(keys):
+            order = sorted(range(len(keys)), key=keys.__getitem__)
+            keys = [keys[i] for i in order]
+            packets = [packets[i] for i in order]
+        if self._released is not None and keys[0] < self._released:
+            source.late += bisect_left(keys, self._released)
+        pending_keys = source.keys
+        if source.pending and keys[0] < pending_keys[-1]:
+            merged_keys = pending_keys[source.head :] + keys
+            merged_packets = source.packets[source.head :] + packets
+            order = sorted(range(len(merged_keys)), key=merged_keys.__getitem__)
+            source.keys = [merged_keys[i] for i in order]
+            source.packets = [merged_packets[i] for i in order]
+            source.head = 0
+        else:
+            pending_keys.extend(keys)
+            source.packets.extend(packets)
+        if source.last_key is None or keys[-1] > source.last_key:
+            source.last_key = keys[-1]
+        self._note_newest(keys[-1])
+
+    def _horizon(self) -> tuple[int | None, int]:
+        """(H, m): packets with key < H may be written, and key == H from sources with index
+        <= m. H None: nothing may be written yet. Returns (None, -1) when blocked."""
+        active = [source for source in self.sources if not source.ended]
+        if not active:
+            return _INFINITY, len(self.sources)
+        if not self.live:
+            best: tuple[int, int] | None = None
+            for source in active:
+                if source.last_key is None:
+                    return None, -1
+                candidate = (source.last_key, source.index)
+                if best is None or candidate < best:
+                    best = candidate
+            assert best is not None
+            return best
+        horizon: int | None = None
+        for source in active:
+            frontier = source.last_key
+            if source.caught_up is not None and (frontier is None or source.caught_up > frontier):
+                frontier = source.caught_up
+            if frontier is None:
+                horizon = None
+                break
+            if horizon is None or frontier < horizon:
+                horizon = frontier
+        if self._newest is not None:
+            windowed = self._newest - self.reorder_window
+            if horizon is None or windowed > horizon:
+                horizon = windowed
+        return horizon, len(self.sources)
+
+    def _release(self) -> None:
+        horizon, last_index = self._horizon()
+        if horizon is None:
+            return
+        if self.live:
+            horizon = self._bounded(horizon)
+        cuts: list[tuple[Source, int]] = []
+        for source in self.sources:
+            if source.head >= len(source.keys):
+                continue
+            if horizon is _INFINITY:
+                cut = len(source.keys)
+            elif source.index <= last_index:
+                cut = bisect_right(source.keys, horizon, source.head)
+            else:
+                cut = bisect_left(source.keys, horizon, source.head)
+            if cut > source.head:
+                cuts.append((source, cut))
+        if (self.live and horizon is not _INFINITY
+                and (self._released is None or horizon > self._released)):
+            self._released = horizon
+        if not cuts:
+            return
+        if len(cuts) == 1:
+            source, cut = cuts[0]
+            self._emit_run(source, cut)
+        else:
+            self._emit_merged(cuts)
+
+    def _bounded(self, horizon: int) -> int:
+        """Live mode: raise the horizon until at most max_pending packets stay held."""
+        while True:
+            held = sum(
+                len(source.keys) - bisect_right(source.keys, horizon, source.head)
+                for source in self.sources
+            )
+            if held <= self.max_pending:
+                return horizon
+            fullest = max(self.sources, key=lambda source: source.pending)
+            middle = fullest.head + fullest.pending // 2
+            self.forced += 1
+            horizon = max(horizon, fullest.keys[middle])
+
+    def _emit_run(self, source: Source, cut: int) -> None:
+        self.writer.add_blocks(chain.from_iterable(islice(source.packets, source.head, cut)))
+        self.packets_written += cut - source.head
+        source.head = cut
+
+    def _emit_merged(self, cuts: list[tuple[Source, int]]) -> None:
+        total = sum(cut - source.head for source, cut in cuts)
+        bits = total.bit_length()
+        mask = (1 << bits) - 1
+        tags: list[int] = []
+        packets: list[Packet] = []
+        for source, cut in cuts:
+            head = source.head
+            start = len(packets)
+            tags.extend(map(or_, map(lshift, islice(source.keys, head, cut), repeat(bits)),
+                            range(start, start + cut - head)))
+            packets.extend(islice(source.packets, head, cut))
+            source.head = cut
+        tags.sort()
+        self.writer.add_blocks(
+            chain.from_iterable(map(packets.__getitem__, map(and_, tags, repeat(mask)))))
+        self.packets_written += total
+
+
+class _Infinity(int):
+    """Greater than every key: the horizon once every source has ended."""
+
+
+_INFINITY: int = _Infinity(1 << 200)
