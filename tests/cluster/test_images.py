@@ -307,3 +307,14 @@ def test_the_workload_runs_and_its_tar_unpacks_the_bundle(
         env={},
     )
     assert ran.returncode == 0 and "tcpdump version" in ran.stdout, ran.stderr
+
+
+def test_the_workload_program_passes_its_own_tests() -> None:
+    if shutil.which("go") is None:
+        pytest.skip("needs the Go toolchain")
+    env = dict(os.environ, GOTOOLCHAIN="local", CGO_ENABLED="0", GOFLAGS="-mod=readonly")
+    for argv in (["go", "vet", "./..."], ["go", "test", "-p", "1", "-count", "1", "./..."]):
+        result = subprocess.run(
+            argv, cwd=IMAGES_DIR / "workload", env=env, capture_output=True, text=True, timeout=600
+        )
+        assert result.returncode == 0, f"{' '.join(argv)}:\n{result.stdout}{result.stderr}"
