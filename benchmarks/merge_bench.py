@@ -602,7 +602,18 @@ def describe_machine() -> dict:
     mergecap = subprocess.run(
         ["mergecap", "--version"], capture_output=True, text=True, check=False
     ).stdout.splitlines()
+    git = ["git", "-C", str(REPO)]
+    commit = subprocess.run(
+        [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    changed = subprocess.run(
+        [*git, "status", "--porcelain", "--", "multisniff"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
     return {
+        "commit": (commit or "unknown") + ("+uncommitted" if changed else ""),
         "python": platform.python_version(),
         "mergecap": mergecap[0] if mergecap else "?",
         "cpus": os.cpu_count(),
@@ -701,8 +712,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         fcntl.flock(lock, fcntl.LOCK_EX)
     machine = describe_machine()
     print(
-        f"{machine['date_utc']}  {machine['mergecap']}  Python {machine['python']}  "
-        f"{machine['cpus']} CPUs  load {machine['loadavg_start'][0]:.2f}"
+        f"{machine['date_utc']}  multisniff {machine['commit']}  {machine['mergecap']}  "
+        f"Python {machine['python']}  {machine['cpus']} CPUs  "
+        f"load {machine['loadavg_start'][0]:.2f}"
     )
     _, floor_kib = run_child(["true"], what="true")
     machine["rss_floor_mib"] = floor_kib / 1024
