@@ -103,7 +103,7 @@ def test_long_interleaved_and_bursty_timelines() -> None:
 def test_interface_names_are_labels_or_label_and_name_and_unique() -> None:
     multi = cf.shb() + cf.idb(name="eth0") + cf.idb() + cf.epb(1, 5, b"x")
     files = [cf.pcap_file([(1, 0, b"a", 1)]), cf.pcap_file([(1, 1, b"b", 1)]), multi]
-    merged, merger, _ = merge_exact(files, 100, labels=["web", "web", "db"],
+    merged, _, _ = merge_exact(files, 100, labels=["web", "web", "db"],
                                     multi=[False, False, True])
     reader, _ = read_all(merged)
     assert [i.name for i in reader.interfaces] == ["web", "web#2", "db:eth0", "db:1"]

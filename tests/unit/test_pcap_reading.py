@@ -82,7 +82,7 @@ def test_classic_pcap_linktype_field_carries_the_fcs_length() -> None:
 
 def test_packets_longer_than_the_tail_table_are_transcoded() -> None:
     big = bytes(range(256)) * 200  # 51200 bytes, beyond the initial table
-    reader, batches = read_all(cf.pcap_file([(1, 2, big, 60000), (1, 3, b"x", 1)]))
+    _, batches = read_all(cf.pcap_file([(1, 2, big, 60000), (1, 3, b"x", 1)]))
     assert [p[2] for p in packets_of(batches)] == [big, b"x"]
     assert [key for batch in batches for key in batch.keys] == [1_000_002_000, 1_000_003_000]
 
