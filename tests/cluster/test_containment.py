@@ -34,13 +34,17 @@ def test_pod_has_no_route_off_the_cluster(cluster, namespace, run_pod, tools_ima
     assert inside.returncode == 0
 
 
-def test_pod_is_given_no_resolver(cluster, namespace, run_pod, tools_image):
+def test_pod_is_given_no_resolver_but_its_own_loopback(cluster, namespace, run_pod, tools_image):
     run_pod("pod", namespace=namespace, image=tools_image, command=["sleep", "3600"])
 
     resolv = cluster.kubectl("exec", "pod", "-n", namespace, "--", "cat",
-                             "/etc/resolv.conf", check=False).stdout.decode()
+                             "/etc/resolv.conf").stdout.decode()
+    servers = [line.split()[1] for line in resolv.splitlines() if line.startswith("nameserver")]
 
-    assert "nameserver" not in resolv
+    # With no resolver configured, the kubelet points pods at their own loopback (where nothing
+    # answers) rather than at the host's resolver, which is off this machine.
+    assert servers, resolv
+    assert all(ipaddress.ip_address(s).is_loopback for s in servers), resolv
 
 
 def _host(*argv: str) -> str:

@@ -20,10 +20,12 @@ def test_viewer_may_list_and_watch_pods_and_nothing_more(cluster):
     assert can_i("list", "pods", "--all-namespaces")
     assert can_i("watch", "pods", "-n", "kube-system")
     assert not can_i("create", "pods")
-    assert not can_i("create", "pods/exec")
-    assert not can_i("get", "pods/exec")
-    assert not can_i("patch", "pods/ephemeralcontainers")
     assert not can_i("delete", "pods")
+    # "pods/exec" would mean the pod named exec; subresources go in their own flag.
+    assert not can_i("create", "pods", "--subresource=exec")
+    assert not can_i("get", "pods", "--subresource=exec")
+    assert not can_i("patch", "pods", "--subresource=ephemeralcontainers")
+    assert can_i("get", "pods")
 
 
 def test_viewer_is_refused_exec_create_and_debug(cluster, namespace, run_pod):

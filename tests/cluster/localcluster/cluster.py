@@ -335,8 +335,9 @@ def apply_workload(layout: Layout, *, timeout: float = 60) -> None:
     for manifest in manifests:
         kubectl(layout, "apply", "-f", str(manifest))
     out = kubectl(layout, "get", "-f", str(layout.manifests_dir), "-o", "json").stdout
-    namespaces = {item["metadata"].get("namespace", "default")
-                  for item in json.loads(out).get("items", [])}
+    # Namespaced objects only: a Namespace itself has no metadata.namespace.
+    namespaces = {item["metadata"]["namespace"] for item in json.loads(out).get("items", [])
+                  if "namespace" in item["metadata"]}
     deadline = time.monotonic() + timeout
     for ns in sorted(namespaces):
         remaining = max(1.0, deadline - time.monotonic())
