@@ -1,8 +1,9 @@
 """Nothing from a pod can leave this machine, proved without sending anything anywhere.
 
-Pods have routes to the pod and service ranges only; the host drops forwarded pod traffic that
-is not for the pod range, blackholes the service range, and masquerades nothing; pods are given
-no resolver. Every check reads state (routes, rules, files); none sends a packet.
+Pods have routes to the pod and service ranges and the node's own address only; the host drops
+forwarded pod traffic that is not for the pod range, blackholes the service range, and
+masquerades nothing; pods get a resolver on their own loopback only. Every check reads state
+(routes, rules, files); none sends a packet.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ def test_pod_has_no_route_off_the_cluster(cluster, namespace, run_pod, tools_ima
 
     assert "default" not in routes
     destinations = {line.split()[0] for line in routes.splitlines()}
-    assert destinations == {cluster.node_pod_cidr, cluster.pod_cidr, cluster.service_cidr}
+    # The node IP is the host's own address (the API server listens there): delivered locally.
+    assert destinations == {cluster.node_pod_cidr, cluster.pod_cidr, cluster.service_cidr,
+                            cluster.node_ip}
     assert outside.returncode != 0
     assert b"unreachable" in outside.stderr.lower(), outside.stderr
     assert inside.returncode == 0

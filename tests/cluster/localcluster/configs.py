@@ -105,7 +105,8 @@ disabled_plugins = [
 def cni_conflist(layout: Layout) -> str:
     # isGateway gives the bridge the first address so pods can reach the node; no
     # isDefaultGateway, no ipMasq, no portmap: pods get routes to the pod and service ranges
-    # only, and nothing of theirs is ever translated to the host's address.
+    # and to the node's own IP (where the API server listens: a local address of the host, so
+    # nothing is forwarded), and nothing of theirs is ever translated to the host's address.
     conf = {
         "cniVersion": "1.0.0",
         "name": layout.cni_network,
@@ -120,7 +121,11 @@ def cni_conflist(layout: Layout) -> str:
                 "type": "host-local",
                 "dataDir": str(layout.cni_ipam_dir),
                 "ranges": [[{"subnet": layout.node_pod_cidr, "gateway": layout.bridge_ip}]],
-                "routes": [{"dst": layout.pod_cidr}, {"dst": layout.service_cidr}],
+                "routes": [
+                    {"dst": layout.pod_cidr},
+                    {"dst": layout.service_cidr},
+                    {"dst": f"{layout.node_ip}/32"},
+                ],
             },
         }],
     }

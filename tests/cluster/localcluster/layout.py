@@ -5,7 +5,7 @@ The address plan keeps the cluster away from anything else on the machine:
 - the node's IP sits on an interface of its own, a bridge without ports (the API server and the
   kubelet need an address that is not loopback, and we must not use the machine's real one);
 - pods get addresses from ``pod_cidr`` on a bridge of our own, with routes to the pod and service
-  ranges only: no default route, so a pod cannot even try to reach the outside;
+  ranges and the node IP only: no default route, so a pod cannot even try to reach the outside;
 - the service range is a blackhole on the host, since there is no kube-proxy to translate it.
 """
 
