@@ -61,17 +61,21 @@ def test_host_forward_path_drops_pod_traffic_to_anywhere_else(cluster):
     rules6 = _host("ip6tables", "-w", "-S", "MULTISNIFF-FWD").splitlines()
     forward6 = _host("ip6tables", "-w", "-S", "FORWARD").splitlines()
 
+    # Where the host forwarded nothing before up, the chain ends by dropping everything else.
+    drop_rest = [[], ["-A MULTISNIFF-FWD -j DROP"]]
     assert forward[1] == "-A FORWARD -j MULTISNIFF-FWD"  # first, before anything that accepts
-    assert rules[1:] == [
+    assert rules[1:4] == [
         f"-A MULTISNIFF-FWD -s {pods} -d {pods} -j ACCEPT",
         f"-A MULTISNIFF-FWD -s {pods} -j DROP",
         f"-A MULTISNIFF-FWD -d {pods} -j DROP",
     ]
+    assert rules[4:] in drop_rest
     assert forward6[1] == "-A FORWARD -j MULTISNIFF-FWD"
-    assert rules6[1:] == [
+    assert rules6[1:3] == [
         "-A MULTISNIFF-FWD -i msniff-br0 -j DROP",
         "-A MULTISNIFF-FWD -o msniff-br0 -j DROP",
     ]
+    assert rules6[3:] in drop_rest
 
 
 def test_host_masquerades_nothing_and_blackholes_services(cluster):

@@ -44,6 +44,7 @@ def set_up(layout: Layout) -> None:
             "cni_cache_existed": CNI_CACHE.exists(),
         }
         saved.write_text(json.dumps(before) + "\n")
+    sysctls_before = json.loads(saved.read_text())["sysctls"]
 
     if not _link_exists(layout.node_interface):
         # A bridge with no ports: this kernel has no dummy interfaces, and an address on a
@@ -55,18 +56,23 @@ def set_up(layout: Layout) -> None:
     _run("ip", "route", "replace", "blackhole", layout.service_cidr)
 
     chain, pods = layout.firewall_chain, layout.pod_cidr
-    for tool, rules in (
+    for tool, rules, forwarding in (
         ("iptables", [
             ["-s", pods, "-d", pods, "-j", "ACCEPT"],
             ["-s", pods, "-j", "DROP"],
             ["-d", pods, "-j", "DROP"],
-        ]),
+        ], sysctls_before["net/ipv4/ip_forward"]),
         # Pods have no IPv6 addresses beyond link-local; nothing of theirs is to be routed.
         ("ip6tables", [
             ["-i", layout.bridge, "-j", "DROP"],
             ["-o", layout.bridge, "-j", "DROP"],
-        ]),
+        ], sysctls_before["net/ipv6/conf/all/forwarding"]),
     ):
+        if forwarding == "0":
+            # The host forwarded nothing before we came; the bridge plugin switching forwarding
+            # on must not change that for anyone. (Pod to pod is bridged, pod to host is local:
+            # neither needs the host to route.)
+            rules = [*rules, ["-j", "DROP"]]
         _remove_chain(tool, chain)
         _run(tool, "-w", "-N", chain)
         for rule in rules:
