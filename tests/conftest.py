@@ -98,8 +98,9 @@ def cluster() -> Iterator[Cluster]:
                     "`sudo tests/cluster/clusterctl up` first.", pytrace=False)
     result = clusterctl("up", timeout=UP_TIMEOUT)
     if result.returncode != 0:
+        clusterctl("down", timeout=120)  # what the failed up did start, it must not leave
         pytest.fail(f"`tests/cluster/clusterctl up` failed (exit {result.returncode}):\n"
-                    f"{result.stderr.strip()}", pytrace=False)
+                    f"{result.stderr.strip()}\nLogs: {facts['state_dir']}/logs/", pytrace=False)
     facts, up = cluster_status()
     if not up:
         pytest.fail(f"`clusterctl up` succeeded but status says {facts['state']}: "
