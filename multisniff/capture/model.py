@@ -1,0 +1,96 @@
+"""The contract between the engine and the capture modes.
+
+A mode (upload, ephemeral) knows how a tcpdump comes to run next to one target and hands back
+its pcap byte stream; the engine knows nothing of bundles or debug containers. The engine's
+unit tests use fakes of `CaptureMode` and `RemoteCapture`.
+
+Every remote tcpdump runs under a watchdog that ends it when its stdin reaches EOF (the exec
+stream closed) and in any case after `CaptureSpec.lifetime` seconds, so nothing outlives a
+capture, even one whose client was killed with -9.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Protocol
+
+from multisniff.kube.model import PodInfo
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One capture: a pod's network namespace, entered through one of its containers."""
+
+    pod: PodInfo
+    container: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.pod.ref.namespace}/{self.pod.ref.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class CaptureSpec:
+    """What every remote tcpdump is asked to do."""
+
+    interface: str = "any"
+    bpf_filter: str = ""
+    snaplen: int = 262144
+    lifetime: float = 3600.0
+    """Hard bound in seconds: the watchdog ends tcpdump then, whatever happens to the stream."""
+    packet_count: int | None = None
+    """tcpdump -c: stop after this many packets (per target)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Assessment:
+    """Whether a mode can capture a target, and why (shown by --dry-run and auto)."""
+
+    usable: bool
+    reason: str
+    creates: Sequence[str] = ()
+    """What the mode would create or change, in words: "ephemeral container msnf-1a2b in ..."."""
+
+
+@dataclass(frozen=True, slots=True)
+class CaptureReport:
+    """How a remote capture ended: tcpdump's exit and its own closing statistics."""
+
+    exit_code: int | None
+    captured: int | None = None
+    """tcpdump's "N packets captured"."""
+    received: int | None = None
+    """"N packets received by filter"."""
+    dropped_by_kernel: int | None = None
+    """"N packets dropped by kernel"."""
+    message: str = ""
+    """The last lines of stderr or the server's message, for the log when it failed."""
+
+
+class RemoteCapture(Protocol):
+    """A tcpdump running next to a target, writing pcap to us."""
+
+    async def read(self) -> bytes:
+        """Next chunk of the pcap stream; b"" at its end. Not reading pauses tcpdump."""
+        ...
+
+    async def stop(self) -> None:
+        """Ask tcpdump to end now (it flushes and prints its statistics); returns at once."""
+        ...
+
+    async def wait(self) -> CaptureReport:
+        """After the stream ended: how tcpdump ended."""
+        ...
+
+
+class CaptureMode(Protocol):
+    name: str
+
+    async def assess(self, target: Target) -> Assessment: ...
+
+    def open(self, target: Target, spec: CaptureSpec) -> AbstractAsyncContextManager[RemoteCapture]:
+        """Start tcpdump next to the target. Leaving the context ends it and removes whatever
+        this mode created there (shielded and bounded; failures are logged with what is left)."""
+        ...
