@@ -49,3 +49,15 @@ class OutputError(MultisniffError):
     """The output cannot be written (disk full, permission, closed pipe)."""
 
     exit_code = ExitCode.NOTHING
+
+
+class RefusedError(MultisniffError):
+    """The cluster said no: RBAC, Pod Security, or a namespace that does not exist."""
+
+    exit_code = ExitCode.REFUSED
+
+
+class ClusterError(MultisniffError):
+    """The cluster cannot be reached, or it failed a request that it did not refuse."""
+
+    exit_code = ExitCode.NOTHING
