@@ -1,0 +1,247 @@
+"""One exec WebSocket as a byte stream: stdout to read, stdin to write, an exit status at the end.
+
+kubernetes-asyncio's own exec helper decodes every frame as text and keeps the whole output in
+memory, which a pcap stream cannot survive. Here the frames stay bytes and are taken off the
+socket only when the reader asks for more: aiohttp stops reading the socket once its small queue
+is full, so a reader that does not call `read()` pauses the remote process (real backpressure).
+
+The frame demultiplexing and the status parsing are sans-IO (`split_frame`, `parse_status`,
+`ExecStream` over a `FrameTransport`), so they are tested with fakes; `open_exec` is the thin
+aiohttp edge that opens the WebSocket and translates its refusals.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, Protocol
+
+import aiohttp
+import anyio
+from kubernetes_asyncio import client as k8s
+
+from multisniff.errors import ClusterError, RefusedError
+from multisniff.kube.model import ExecResult, PodRef
+
+logger = logging.getLogger(__name__)
+
+STDIN, STDOUT, STDERR, STATUS, RESIZE, CLOSE = 0, 1, 2, 3, 4, 255
+V5 = "v5.channel.k8s.io"
+V4 = "v4.channel.k8s.io"
+PROTOCOLS = (V5, V4)
+"""Asked for in this order; only v5 can half-close stdin."""
+
+WRITE_CHUNK = 256 * 1024
+"""Largest stdin frame we send; bigger writes are split so no frame nears a size limit."""
+CLOSE_GRACE = 5.0
+"""Seconds the closing handshake of the WebSocket may take before the connection is dropped."""
+
+
+def split_frame(frame: bytes) -> tuple[int, bytes]:
+    """A binary message of the channel protocol -> (channel, payload). An empty message (the
+    server's first, on some versions) is an empty stdout frame."""
+    if not frame:
+        return STDOUT, b""
+    return frame[0], frame[1:]
+
+
+def parse_status(raw: bytes) -> ExecResult:
+    """The metav1.Status of the status channel -> how the process ended.
+
+    Success is 0; NonZeroExitCode carries the code as the message of the `ExitCode` cause;
+    anything else (the command was not found, the container is gone) has no exit code, and the
+    server's message says why.
+    """
+    try:
+        status = json.loads(raw.decode("utf-8", errors="replace"))
+    except ValueError:
+        text = raw.decode("utf-8", errors="replace").strip()
+        return ExecResult(None, f"the server sent a status that is not JSON: {text[:200]!r}")
+    if not isinstance(status, dict):
+        return ExecResult(None, f"the server sent an unexpected status: {status!r}"[:300])
+    if status.get("status") == "Success":
+        return ExecResult(0)
+    message = str(status.get("message") or "")
+    if status.get("reason") == "NonZeroExitCode":
+        details = status.get("details") or {}
+        for cause in details.get("causes") or ():
+            if cause.get("reason") == "ExitCode":
+                try:
+                    return ExecResult(int(cause.get("message", "")), message)
+                except ValueError:
+                    break
+    return ExecResult(None, message or f"the exec failed: {status!r}"[:300])
+
+
+class FrameTransport(Protocol):
+    """Binary messages in and out: what `ExecStream` needs of a WebSocket."""
+
+    async def receive_frame(self) -> bytes | None:
+        """The next binary message; None once the connection is closed."""
+        ...
+
+    async def send_frame(self, frame: bytes) -> None: ...
+
+
+class ExecStream:
+    """A running exec (`multisniff.kube.model.ExecChannel`) over a `FrameTransport`.
+
+    One task reads (`read`, then `wait`); writing stdin may happen from another task.
+    """
+
+    def __init__(self, transport: FrameTransport, *, protocol: str | None,
+                 on_stderr: Callable[[bytes], None] | None = None) -> None:
+        self._transport = transport
+        self.protocol = protocol
+        self._on_stderr = on_stderr
+        self._status = bytearray()
+        self._ended = False
+        self._stdin_closed = False
+
+    async def read(self) -> bytes:
+        while not self._ended:
+            frame = await self._transport.receive_frame()
+            if frame is None:
+                self._ended = True
+                break
+            channel, payload = split_frame(frame)
+            if channel == STDOUT:
+                if payload:
+                    return payload
+            elif channel == STDERR:
+                if payload and self._on_stderr is not None:
+                    self._on_stderr(payload)
+            elif channel == STATUS:
+                self._status += payload
+            else:
+                logger.debug("exec: ignoring %d bytes on channel %d", len(payload), channel)
+        return b""
+
+    async def write(self, data: bytes) -> None:
+        if self._stdin_closed:
+            raise ClusterError("Cannot write to an exec whose stdin is already closed; "
+                               "this is a bug in multisniff, please report it.")
+        view = memoryview(data)
+        for start in range(0, len(view), WRITE_CHUNK):
+            await self._transport.send_frame(bytes([STDIN]) + view[start:start + WRITE_CHUNK])
+
+    async def close_stdin(self) -> bool:
+        if self.protocol != V5:
+            return False
+        if not self._stdin_closed:
+            self._stdin_closed = True
+            await self._transport.send_frame(bytes([CLOSE, STDIN]))
+        return True
+
+    async def wait(self) -> ExecResult:
+        """Drain what is left of stdout (discarded) and return the status."""
+        while await self.read():
+            pass
+        if not self._status:
+            return ExecResult(None, "the exec stream ended without a status from the server")
+        return parse_status(bytes(self._status))
+
+
+class _AiohttpTransport:
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self._ws = ws
+
+    async def receive_frame(self) -> bytes | None:
+        while True:
+            msg = await self._ws.receive()
+            if msg.type is aiohttp.WSMsgType.BINARY:
+                return bytes(msg.data)
+            if msg.type is aiohttp.WSMsgType.TEXT:  # not sent by Kubernetes in binary protocols
+                return str(msg.data).encode()
+            if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING,
+                            aiohttp.WSMsgType.CLOSED):
+                return None
+            if msg.type is aiohttp.WSMsgType.ERROR:
+                raise ClusterError(f"The exec stream broke: {msg.data}; the pod's node or the "
+                                   "API server may have restarted, try again.")
+
+    async def send_frame(self, frame: bytes) -> None:
+        try:
+            await self._ws.send_bytes(frame)
+        except (aiohttp.ClientError, ConnectionError) as exc:
+            raise ClusterError(f"Cannot send to the exec stream: {exc}; the remote process may "
+                               "have ended already.") from exc
+
+
+def _negotiated(ws: aiohttp.ClientWebSocketResponse) -> str | None:
+    # aiohttp fills `ws.protocol` only when it sent the offer itself, and WsApiClient passes the
+    # offer as a plain header; the server's choice is in the handshake response's headers.
+    response = getattr(ws, "_response", None)
+    headers = getattr(response, "headers", None)
+    if headers is None:
+        return None
+    chosen = headers.get("Sec-WebSocket-Protocol")
+    return chosen.strip() if isinstance(chosen, str) else None
+
+
+def handshake_refusal(status: int, pod: PodRef, container: str, detail: str) -> Exception:
+    """The error for a refused exec handshake, as a sentence with the way out."""
+    if status == 403:
+        return RefusedError(
+            f"You may not create pods/exec in namespace {pod.namespace} (RBAC): ask for `create` "
+            "(and `get`) on `pods/exec` there, or use a kubeconfig that has it.")
+    if status == 401:
+        return RefusedError("The API server did not accept our credentials for exec (401): "
+                            "log in again or check --kubeconfig/--context.")
+    if status == 404:
+        return ClusterError(f"Cannot exec in {pod} container {container}: the pod or container "
+                            "does not exist (any more); check the name and that it runs.")
+    if status == 400:
+        return ClusterError(f"Cannot exec in {pod} container {container}: the server said "
+                            f"{detail or 'bad request'} (400); the container may not be running.")
+    return ClusterError(f"Cannot exec in {pod} container {container}: the server answered "
+                        f"{status} {detail}; try again, or check the API server's health.")
+
+
+@asynccontextmanager
+async def open_exec(
+    api_client: Any,
+    pod: PodRef,
+    container: str,
+    command: Sequence[str],
+    *,
+    stdin: bool = False,
+    on_stderr: Callable[[bytes], None] | None = None,
+    host: str = "",
+) -> AsyncIterator[ExecStream]:
+    """Open an exec through `api_client` (a kubernetes-asyncio WsApiClient); leaving closes it.
+
+    The heartbeat of the client must be off: a stream paused by backpressure answers no pings,
+    and aiohttp would kill it.
+    """
+    # Typed as Any: the generated stubs promise `str` for what WsApiClient makes a WebSocket.
+    api: Any = k8s.CoreV1Api(api_client)
+    try:
+        connecting = await api.connect_get_namespaced_pod_exec(
+            pod.name, pod.namespace, command=list(command), container=container,
+            stdin=stdin, stdout=True, stderr=True, tty=False,
+            _preload_content=False,
+            _headers={"sec-websocket-protocol": ",".join(PROTOCOLS)},
+        )
+        ws = await connecting.__aenter__()
+    except aiohttp.WSServerHandshakeError as exc:
+        raise handshake_refusal(exc.status, pod, container, exc.message) from exc
+    except (aiohttp.ClientConnectionError, OSError) as exc:
+        raise ClusterError(f"Cannot reach the Kubernetes API at {host or 'its address'}: {exc}; "
+                           "check --context/--kubeconfig.") from exc
+    try:
+        yield ExecStream(_AiohttpTransport(ws), protocol=_negotiated(ws), on_stderr=on_stderr)
+    finally:
+        with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(CLOSE_GRACE) as scope:
+                try:
+                    await ws.close()
+                except (aiohttp.ClientError, OSError) as exc:
+                    logger.debug("exec %s: closing the WebSocket failed: %s", pod, exc)
+            if scope.cancelled_caught:
+                logger.debug("exec %s: the WebSocket did not close in %ss; dropped it",
+                             pod, CLOSE_GRACE)
+            # Leaves aiohttp's request context (releases the connection to the pool).
+            await connecting.__aexit__(None, None, None)
