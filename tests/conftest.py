@@ -1,9 +1,10 @@
 """Session fixtures: the local Kubernetes cluster of tests/cluster, for tests marked ``cluster``.
 
 The fixture attaches to a cluster that is already up (``clusterctl status``) or starts one with
-``clusterctl up`` and then stops it again at the end of the session: it stops only what it
-started. It never builds: binaries and images come from ``clusterctl build``, run beforehand,
-because a build can take far longer than any test timeout.
+``clusterctl up``. At the end it stops only a cluster that a test session started, and only when
+no other test session is still using it (several engineers share one machine). It never builds:
+binaries and images come from ``clusterctl build``, run beforehand, because a build can take far
+longer than any test timeout.
 
 ``pytest -m 'not cluster'`` never touches this fixture and runs the fast unit suite alone.
 """
@@ -87,31 +88,79 @@ def _cluster_from(facts: dict, *, started_here: bool) -> Cluster:  # type: ignor
     )
 
 
+class SessionRegistry:
+    """Which test sessions use the cluster, so that one ending does not stop it under another.
+
+    Each session writes ``run/users/PID`` in the state directory while it uses the cluster; the
+    one that started it writes ``run/started-by-tests``. The last live session out stops a
+    cluster that a test session started, and never one that a person started by hand. Both live
+    under run/, which every ``clusterctl down`` and ``up`` wipes.
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        self.users = state_dir / "run" / "users"
+        self.marker = state_dir / "run" / "started-by-tests"
+        self.me = self.users / str(os.getpid())
+
+    def join(self, *, started: bool) -> None:
+        self.users.mkdir(parents=True, exist_ok=True)
+        self.me.touch()
+        if started:
+            self.marker.touch()
+
+    def leave(self) -> bool:
+        """Unregister; True if the cluster should now be stopped."""
+        self.me.unlink(missing_ok=True)
+        others = [p for p in self.users.glob("*") if p.name.isdigit() and _alive(int(p.name))]
+        for stale in set(self.users.glob("*")) - set(others):
+            stale.unlink(missing_ok=True)
+        if others or not self.marker.exists():
+            return False
+        self.marker.unlink(missing_ok=True)
+        return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[Cluster]:
     facts, up = cluster_status()
-    if up:
-        yield _cluster_from(facts, started_here=False)
-        return
-    if os.geteuid() != 0:
-        pytest.fail("No cluster is up and starting one needs root; run "
-                    "`sudo tests/cluster/clusterctl up` first.", pytrace=False)
-    result = clusterctl("up", timeout=UP_TIMEOUT)
-    if result.returncode != 0:
-        clusterctl("down", timeout=120)  # what the failed up did start, it must not leave
-        pytest.fail(f"`tests/cluster/clusterctl up` failed (exit {result.returncode}):\n"
-                    f"{result.stderr.strip()}\nLogs: {facts['state_dir']}/logs/", pytrace=False)
-    facts, up = cluster_status()
+    registry = SessionRegistry(Path(facts["state_dir"]))
     if not up:
-        pytest.fail(f"`clusterctl up` succeeded but status says {facts['state']}: "
-                    f"missing {facts['missing']}.", pytrace=False)
-    try:
-        yield _cluster_from(facts, started_here=True)
-    finally:
-        down = clusterctl("down", timeout=120)
-        if down.returncode != 0:
-            pytest.fail(f"`clusterctl down` left things behind:\n{down.stderr.strip()}",
+        if os.geteuid() != 0:
+            pytest.fail("No cluster is up and starting one needs root; run "
+                        "`sudo tests/cluster/clusterctl up` first.", pytrace=False)
+        result = clusterctl("up", timeout=UP_TIMEOUT)
+        if result.returncode != 0:
+            clusterctl("down", timeout=120)  # what the failed up did start, it must not leave
+            pytest.fail(f"`tests/cluster/clusterctl up` failed (exit {result.returncode}):\n"
+                        f"{result.stderr.strip()}\nLogs: {facts['state_dir']}/logs/",
                         pytrace=False)
+        facts, up = cluster_status()
+        if not up:
+            pytest.fail(f"`clusterctl up` succeeded but status says {facts['state']}: "
+                        f"missing {facts['missing']}.", pytrace=False)
+        registry.join(started=True)
+        started_here = True
+    else:
+        registry.join(started=False)
+        started_here = False
+    try:
+        yield _cluster_from(facts, started_here=started_here)
+    finally:
+        if registry.leave():
+            down = clusterctl("down", timeout=120)
+            if down.returncode != 0:
+                pytest.fail(f"`clusterctl down` left things behind:\n{down.stderr.strip()}",
+                            pytrace=False)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
