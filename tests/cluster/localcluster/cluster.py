@@ -252,7 +252,9 @@ def up(layout: Layout, *, workload: bool = True) -> float:
     _preflight(layout)
     st = status(layout)
     if st.up:
-        log(f"already up (node {layout.node_name} Ready)")
+        log(f"already up (node {layout.node_name} Ready); admin kubeconfig: "
+            f"{layout.admin_kubeconfig}")
+        print(layout.admin_kubeconfig)
         return 0.0
     if not st.down:
         log(f"found a partial cluster (running: {', '.join(st.running) or 'nothing'}); "
