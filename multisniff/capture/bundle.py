@@ -36,7 +36,7 @@ import os
 import posixpath
 import struct
 import tarfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -398,12 +398,16 @@ class Bundle:
 
 
 def build_bundle(
-    *, sysroot: Sysroot | None = None, programs: Sequence[str] = ("tcpdump",)
+    *,
+    sysroot: Sysroot | None = None,
+    programs: Sequence[str] = ("tcpdump",),
+    static_programs: Mapping[str, bytes] | None = None,
 ) -> Bundle:
     """Bundle ``programs`` (tcpdump alone by default) from ``sysroot`` (the host by default).
 
     Programs go to the top of the bundle under their base names, libraries and the loader to
-    ``lib/`` under their sonames.
+    ``lib/`` under their sonames. ``static_programs`` (name -> ELF bytes) go to the top as
+    they are, run directly: they must be static programs for the same machine (the watchdog).
     """
     closure = resolve_closure(sysroot or Sysroot(), programs)
     files: dict[str, BundleFile] = {}
@@ -415,6 +419,18 @@ def build_bundle(
 
     for base, program in closure.programs.items():
         add(base, program.source, 0o755)
+    first = next(iter(closure.programs.values()))
+    for base, data in sorted((static_programs or {}).items()):
+        info = read_elf(data, name=base)
+        if info.interpreter is not None or not info.compatible(first.elf):
+            raise BundleError(
+                f"{base} must be a static program for {first.elf.multiarch}, like "
+                f"{first.path}; it is {'dynamic' if info.interpreter else 'static'} "
+                f"for {info.multiarch}."
+            )
+        if base in files or "/" in base:
+            raise BundleError(f"{base} cannot be a top-level file of the bundle.")
+        files[base] = BundleFile(base, data, 0o755)
     loader = posixpath.join(LIBRARY_DIR, closure.loader_name)
     add(loader, closure.loader.source, 0o755)
     for soname, library in sorted(closure.libraries.items()):
@@ -426,7 +442,6 @@ def build_bundle(
     digest = hashlib.sha256(
         json.dumps([[f.name, f.mode, f.sha256] for f in ordered], separators=(",", ":")).encode()
     ).hexdigest()
-    first = next(iter(closure.programs.values()))
     manifest: dict[str, object] = {
         "format": BUNDLE_FORMAT,
         "digest": digest,
@@ -439,6 +454,7 @@ def build_bundle(
             for base, p in closure.programs.items()
         },
         "files": {f.name: {"sha256": f.sha256, "mode": f"{f.mode:04o}"} for f in ordered},
+        "static_programs": sorted(static_programs or {}),
     }
     manifest_file = BundleFile(
         MANIFEST_NAME, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode(), 0o644
@@ -477,3 +493,41 @@ def _normalised(info: tarfile.TarInfo) -> tarfile.TarInfo:
     info.uid = info.gid = 0
     info.uname = info.gname = ""
     return info
+
+
+def load_bundle(targz: bytes, *, name: str = "<bundle>") -> Bundle:
+    """A bundle read back from the tar.gz that `Bundle.targz` wrote (a cached build)."""
+    try:
+        with tarfile.open(fileobj=io.BytesIO(targz), mode="r:gz") as tar:
+            files = []
+            for member in tar.getmembers():
+                if not member.isfile():
+                    continue
+                extracted = tar.extractfile(member)
+                assert extracted is not None
+                files.append(BundleFile(member.name, extracted.read(), member.mode))
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise BundleError(
+            f"{name} is not a readable bundle ({exc}); delete it to rebuild."
+        ) from exc
+    by_name = {f.name: f for f in files}
+    if MANIFEST_NAME not in by_name:
+        raise BundleError(f"{name} has no {MANIFEST_NAME}; delete it to rebuild.")
+    manifest_file = by_name.pop(MANIFEST_NAME)
+    manifest = json.loads(manifest_file.data)
+    ordered = tuple(by_name[n] for n in sorted(by_name))
+    digest = hashlib.sha256(
+        json.dumps([[f.name, f.mode, f.sha256] for f in ordered], separators=(",", ":")).encode()
+    ).hexdigest()
+    if manifest.get("format") != BUNDLE_FORMAT or manifest.get("digest") != digest:
+        raise BundleError(
+            f"{name} does not match its manifest (digest {digest[:12]}, manifest says "
+            f"{str(manifest.get('digest'))[:12]}); delete it to rebuild."
+        )
+    return Bundle(
+        files=(*ordered, manifest_file),
+        manifest=manifest,
+        digest=digest,
+        loader=str(manifest["loader"]),
+        programs=tuple(manifest["programs"]),
+    )

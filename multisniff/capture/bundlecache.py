@@ -1,0 +1,135 @@
+"""Where upload bundles come from at run time: a cache directory, filled on demand.
+
+A bundle is tcpdump with its libraries and loader (see `bundle`) plus the static watchdog
+compiled from ``watchdog.c`` next to this file. Both are built here, for the architecture of
+the node a target runs on, and kept in ``$MULTISNIFF_BUNDLES`` (default
+``~/.cache/multisniff/bundles``) as ``<arch>/bundle.tar.gz``:
+
+* for the host's own architecture from the host's files (Debian's tcpdump) and ``gcc``;
+* for another architecture from a sysroot of that architecture's unpacked Debian packages in
+  ``<cache>/sysroots/<arch>`` and the Debian cross compiler (``aarch64-linux-gnu-gcc``).
+
+A cached bundle is rebuilt when the watchdog's source changes. Building is blocking work (files,
+gzip, a compiler); callers run it in a worker thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from multisniff.capture.bundle import Bundle, BundleError, Sysroot, build_bundle, load_bundle
+from multisniff.errors import MultisniffError
+
+WATCHDOG_NAME = "msnf-watchdog"
+WATCHDOG_SOURCE = Path(__file__).resolve().with_name("watchdog.c")
+
+_GNU_TRIPLETS = {"amd64": "x86_64-linux-gnu", "arm64": "aarch64-linux-gnu"}
+_MACHINE_TO_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "arm64": "arm64", "amd64": "amd64"}
+
+
+class BundleUnavailable(MultisniffError):
+    """No bundle for a node's architecture exists and none can be built on this machine."""
+
+
+def host_arch() -> str:
+    """The host's architecture in the nodes' (GOARCH) spelling."""
+    machine = platform.machine()
+    return _MACHINE_TO_ARCH.get(machine, machine)
+
+
+def cache_dir() -> Path:
+    configured = os.environ.get("MULTISNIFF_BUNDLES")
+    if configured:
+        return Path(configured)
+    return Path.home() / ".cache" / "multisniff" / "bundles"
+
+
+def sysroot_dir(arch: str) -> Path:
+    return cache_dir() / "sysroots" / arch
+
+
+def compiler_for(arch: str) -> str:
+    """The C compiler that makes static programs for ``arch`` here."""
+    if arch == host_arch():
+        return "gcc"
+    triplet = _GNU_TRIPLETS.get(arch)
+    if triplet is None:
+        raise BundleUnavailable(
+            f"multisniff cannot build a bundle for {arch} nodes: it knows the compilers for "
+            f"{', '.join(sorted(_GNU_TRIPLETS))} only; use the ephemeral mode for those nodes."
+        )
+    return f"{triplet}-gcc"
+
+
+def compile_watchdog(arch: str) -> bytes:
+    """The watchdog as a static, stripped program for ``arch``."""
+    compiler = compiler_for(arch)
+    if shutil.which(compiler) is None:
+        package = "gcc" if arch == host_arch() else f"gcc-{_GNU_TRIPLETS[arch]}"
+        raise BundleUnavailable(
+            f"Building the watchdog for {arch} nodes needs {compiler}, which is not installed "
+            f"here; install it (Debian: apt-get install {package} libc6-dev"
+            f"{'' if arch == host_arch() else '-' + arch + '-cross'}) or use the ephemeral mode."
+        )
+    with tempfile.TemporaryDirectory(prefix="msnf-watchdog-") as tmp:
+        out = Path(tmp) / WATCHDOG_NAME
+        result = subprocess.run(
+            [compiler, "-static", "-Os", "-s", "-Wall", "-o", str(out), str(WATCHDOG_SOURCE)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise BundleUnavailable(
+                f"{compiler} could not build the watchdog for {arch} nodes "
+                f"(exit {result.returncode}): {result.stderr.strip()[-2000:]}"
+            )
+        return out.read_bytes()
+
+
+def _watchdog_source_digest() -> str:
+    return hashlib.sha256(WATCHDOG_SOURCE.read_bytes()).hexdigest()
+
+
+def bundle_for(arch: str) -> Bundle:
+    """The bundle for nodes of ``arch``: from the cache, else built now and cached."""
+    directory = cache_dir() / arch
+    archive = directory / "bundle.tar.gz"
+    stamp = directory / "watchdog.sha256"
+    source_digest = _watchdog_source_digest()
+    if archive.is_file() and stamp.is_file() and stamp.read_text().strip() == source_digest:
+        try:
+            return load_bundle(archive.read_bytes(), name=str(archive))
+        except BundleError:
+            pass  # damaged: rebuilt below
+    if arch == host_arch():
+        sysroot = Sysroot()
+    else:
+        root = sysroot_dir(arch)
+        if not root.is_dir():
+            raise BundleUnavailable(
+                f"There is no tcpdump bundle for {arch} nodes in {directory} and this "
+                f"{host_arch()} machine has no {arch} sysroot to build one from ({root}); "
+                f"unpack tcpdump:{arch} and its libraries there (apt-get download, dpkg-deb -x) or use the ephemeral "
+                f"mode."
+            )
+        sysroot = Sysroot(root)
+    watchdog = compile_watchdog(arch)
+    try:
+        bundle = build_bundle(sysroot=sysroot, static_programs={WATCHDOG_NAME: watchdog})
+    except BundleError as exc:
+        raise BundleUnavailable(
+            f"A tcpdump bundle for {arch} nodes cannot be built here: {exc}"
+        ) from exc
+    directory.mkdir(parents=True, exist_ok=True)
+    for path, data in ((archive, bundle.targz), (stamp, (source_digest + "\n").encode())):
+        partial = path.with_name(f"{path.name}.{os.getpid()}.part")
+        partial.write_bytes(data)
+        partial.replace(path)
+    return bundle
