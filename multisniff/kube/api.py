@@ -1,0 +1,564 @@
+"""The Kubernetes API as multisniff needs it: `connect()` gives a `multisniff.kube.model.Cluster`.
+
+This is the one place that talks to kubernetes-asyncio and aiohttp. Requests go through the
+generated client with `_preload_content=False`, and responses are read as plain JSON: pods become
+`PodInfo` by pure functions (`pod_info`), and every failure becomes a `multisniff.errors` class
+whose message is one sentence naming what was refused and the way out (`api_error`).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import random
+import re
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import anyio
+from kubernetes_asyncio import client as k8s
+from kubernetes_asyncio import config as k8s_config
+from kubernetes_asyncio.client.exceptions import ApiException
+from kubernetes_asyncio.stream import WsApiClient
+
+from multisniff.errors import ClusterError, MultisniffError, RefusedError, UsageError
+from multisniff.kube.execstream import ExecStream, open_exec
+from multisniff.kube.model import (
+    ContainerInfo,
+    NodeInfo,
+    PodEvent,
+    PodEventType,
+    PodInfo,
+    PodList,
+    PodRef,
+    PodSelector,
+)
+
+logger = logging.getLogger(__name__)
+
+WATCH_SECONDS = 290
+"""Server-side bound of one watch request; the watch is then resumed from the last version."""
+CONFLICT_RETRIES = 5
+NOISE_LABELS = frozenset({"pod-template-hash", "controller-revision-hash",
+                          "pod-template-generation"})
+FAILED_WAITING_REASONS = frozenset({
+    "ErrImageNeverPull", "ErrImagePull", "ImagePullBackOff", "InvalidImageName",
+    "CreateContainerError", "CreateContainerConfigError", "RunContainerError",
+    "CrashLoopBackOff", "PreCreateHookError", "PreStartHookError", "PostStartHookError",
+})
+
+
+# --- pure conversions -------------------------------------------------------------------------
+
+def _container_info(spec: Mapping[str, Any], status: Mapping[str, Any] | None,
+                    pod_security: Mapping[str, Any]) -> ContainerInfo:
+    security = spec.get("securityContext") or {}
+    capabilities = security.get("capabilities") or {}
+    run_as_user = security.get("runAsUser", pod_security.get("runAsUser"))
+    run_as_non_root = security.get("runAsNonRoot", pod_security.get("runAsNonRoot"))
+    status = status or {}
+    return ContainerInfo(
+        name=str(spec.get("name", "")),
+        image=str(spec.get("image", "")),
+        running="running" in (status.get("state") or {}),
+        ready=bool(status.get("ready", False)),
+        restart_count=int(status.get("restartCount", 0)),
+        container_id=status.get("containerID") or None,
+        run_as_user=int(run_as_user) if run_as_user is not None else None,
+        run_as_non_root=bool(run_as_non_root),
+        privileged=bool(security.get("privileged", False)),
+        added_capabilities=tuple(capabilities.get("add") or ()),
+        dropped_capabilities=tuple(capabilities.get("drop") or ()),
+    )
+
+
+def _containers(specs: Iterable[Mapping[str, Any]], statuses: Iterable[Mapping[str, Any]],
+                pod_security: Mapping[str, Any]) -> tuple[ContainerInfo, ...]:
+    by_name = {s.get("name"): s for s in statuses}
+    return tuple(_container_info(spec, by_name.get(spec.get("name")), pod_security)
+                 for spec in specs)
+
+
+def pod_info(pod: Mapping[str, Any]) -> PodInfo:
+    """A pod as the API returns it in JSON (camelCase) -> `PodInfo`."""
+    meta = pod.get("metadata") or {}
+    spec = pod.get("spec") or {}
+    status = pod.get("status") or {}
+    pod_security = spec.get("securityContext") or {}
+    return PodInfo(
+        ref=PodRef(str(meta.get("namespace", "")), str(meta.get("name", ""))),
+        uid=str(meta.get("uid", "")),
+        phase=str(status.get("phase") or "Unknown"),
+        node=spec.get("nodeName") or None,
+        ip=status.get("podIP") or None,
+        ips=tuple(str(entry["ip"]) for entry in status.get("podIPs") or () if entry.get("ip")),
+        host_network=bool(spec.get("hostNetwork", False)),
+        labels=dict(meta.get("labels") or {}),
+        containers=_containers(spec.get("containers") or (),
+                               status.get("containerStatuses") or (), pod_security),
+        ephemeral_containers=_containers(spec.get("ephemeralContainers") or (),
+                                         status.get("ephemeralContainerStatuses") or (),
+                                         pod_security),
+        deleting=meta.get("deletionTimestamp") is not None,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerState:
+    """Where a container is in its life, with the kubelet's reason (from containerStatuses)."""
+
+    state: str
+    """running, waiting, terminated, or absent (no status yet)."""
+    reason: str = ""
+    message: str = ""
+    exit_code: int | None = None
+
+
+def container_state(pod: Mapping[str, Any], container: str) -> ContainerState:
+    status = pod.get("status") or {}
+    for entry in (*(status.get("containerStatuses") or ()),
+                  *(status.get("ephemeralContainerStatuses") or ())):
+        if entry.get("name") != container:
+            continue
+        state = entry.get("state") or {}
+        for name in ("running", "terminated", "waiting"):
+            if name in state:
+                detail = state[name] or {}
+                code = detail.get("exitCode")
+                return ContainerState(name, str(detail.get("reason") or ""),
+                                      str(detail.get("message") or ""),
+                                      int(code) if code is not None else None)
+    return ContainerState("absent")
+
+
+def pod_changes(known: Mapping[PodRef, PodInfo],
+                current: Iterable[PodInfo]) -> list[PodEvent]:
+    """The events that turn `known` into `current` (after a watch expired and we re-listed)."""
+    events: list[PodEvent] = []
+    seen: set[PodRef] = set()
+    for pod in current:
+        seen.add(pod.ref)
+        before = known.get(pod.ref)
+        if before is None:
+            events.append(PodEvent(PodEventType.ADDED, pod))
+        elif before.uid != pod.uid:
+            events.append(PodEvent(PodEventType.DELETED, before))
+            events.append(PodEvent(PodEventType.ADDED, pod))
+        elif before != pod:
+            events.append(PodEvent(PodEventType.MODIFIED, pod))
+    events.extend(PodEvent(PodEventType.DELETED, pod)
+                  for ref, pod in known.items() if ref not in seen)
+    return events
+
+
+def top_labels(label_sets: Iterable[Mapping[str, str]]) -> list[str]:
+    counts: collections.Counter[str] = collections.Counter()
+    for labels in label_sets:
+        counts.update(f"{k}={v}" for k, v in labels.items() if k not in NOISE_LABELS)
+    return [label for label, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    """What we asked the API to do, for the error message."""
+
+    verb: str
+    resource: str
+    namespace: str | None = None
+
+    @property
+    def where(self) -> str:
+        return f"in namespace {self.namespace}" if self.namespace else "cluster-wide"
+
+
+_POD_SECURITY = re.compile(r'violates PodSecurity "([^":]+)(?::[^"]*)?":\s*(.*)', re.DOTALL)
+
+
+def api_error(status: int, body: Mapping[str, Any], action: Action) -> MultisniffError:
+    """An API failure (HTTP status and metav1.Status body) -> our error, as one sentence."""
+    message = str(body.get("message") or body.get("reason") or "").strip()
+    if status == 403:
+        security = _POD_SECURITY.search(message)
+        if security:
+            level, why = security.group(1), security.group(2).strip().rstrip(".")
+            return RefusedError(
+                f"Namespace {action.namespace} enforces Pod Security level {level!r}, which "
+                f"refuses this ({why}); use a capture mode that needs no privileges there, or "
+                "ask an admin to label the namespace "
+                "pod-security.kubernetes.io/enforce=privileged.")
+        return RefusedError(
+            f"You may not {action.verb} {action.resource} {action.where} (RBAC): ask for "
+            f"`{action.verb}` on `{action.resource}` there, or use a kubeconfig that has it.")
+    if status == 401:
+        return RefusedError("The API server did not accept our credentials (401 Unauthorized): "
+                            "log in again, or check --kubeconfig/--context.")
+    if status == 404:
+        return ClusterError(f"Cannot {action.verb} {action.resource} {action.where}: "
+                            f"{message or 'not found'}; check the name.")
+    if status == 422:
+        return ClusterError(f"The API server rejected the {action.resource} we sent as invalid: "
+                            f"{message}; this is a bug in multisniff, please report it.")
+    return ClusterError(f"The API server failed to {action.verb} {action.resource} "
+                        f"{action.where} ({status}): {message or 'no reason given'}; try again, "
+                        "or check the API server's health.")
+
+
+def _status_body(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return {"message": raw.decode("utf-8", errors="replace")[:300]}
+    return body if isinstance(body, dict) else {}
+
+
+# --- loading the configuration ----------------------------------------------------------------
+
+def kubeconfig_paths(kubeconfig: str | None, environ: Mapping[str, str]) -> list[Path]:
+    """The files kubectl would read: --kubeconfig, else every path of KUBECONFIG, else
+    ~/.kube/config; only those that exist (an explicit --kubeconfig must exist)."""
+    if kubeconfig:
+        path = Path(kubeconfig).expanduser()
+        if not path.is_file():
+            raise UsageError(f"The kubeconfig {kubeconfig} does not exist; pass an existing "
+                             "file to --kubeconfig.")
+        return [path]
+    listed = environ.get("KUBECONFIG", "")
+    candidates = ([Path(p).expanduser() for p in listed.split(os.pathsep) if p] if listed
+                  else [Path.home() / ".kube" / "config"])
+    return [path for path in candidates if path.is_file()]
+
+
+async def _load_configuration(kubeconfig: str | None, context: str | None) -> k8s.Configuration:
+    configuration = k8s.Configuration()
+    paths = kubeconfig_paths(kubeconfig, os.environ)
+    if not paths:
+        if os.environ.get("KUBERNETES_SERVICE_HOST"):
+            try:
+                k8s_config.load_incluster_config(  # type: ignore[no-untyped-call]
+                    client_configuration=configuration)
+            except k8s_config.ConfigException as exc:
+                raise UsageError(f"Cannot use the in-cluster configuration: {exc}; pass "
+                                 "--kubeconfig.") from exc
+            return configuration
+        where = os.environ.get("KUBECONFIG") or "~/.kube/config"
+        raise UsageError(f"No kubeconfig found at {where}; pass --kubeconfig or set KUBECONFIG.")
+    try:
+        loader = await k8s_config.load_kube_config(
+            config_file=os.pathsep.join(str(p) for p in paths), context=context,
+            client_configuration=configuration, persist_config=False)
+    except k8s_config.ConfigException as exc:
+        raise UsageError(f"Cannot use the kubeconfig {os.pathsep.join(map(str, paths))}"
+                         f"{f' with context {context}' if context else ''}: {exc}; check "
+                         "--context (kubectl config get-contexts lists them).") from exc
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"Cannot read the kubeconfig {os.pathsep.join(map(str, paths))}: "
+                         f"{exc}; check the file or pass another with --kubeconfig.") from exc
+    if hasattr(loader, "exec_plugin_expiry"):
+        # An exec credential plugin gave a token that expires: ask it again before every request
+        # once it has (the loader keeps the token until its expiry and reruns the plugin after).
+        async def refresh(config: k8s.Configuration) -> None:
+            await loader.load_from_exec_plugin()
+            config.api_key["BearerToken"] = loader.token
+
+        configuration.refresh_api_key_hook = refresh
+    return configuration
+
+
+# --- the cluster --------------------------------------------------------------------------------
+
+class KubeCluster:
+    """`multisniff.kube.model.Cluster` over kubernetes-asyncio. Made by `connect()`."""
+
+    def __init__(self, configuration: k8s.Configuration) -> None:
+        self._configuration = configuration
+        self.host = str(configuration.host)
+        self._rest = k8s.ApiClient(configuration=configuration)
+        # No heartbeat: a stream paused by backpressure answers no pings, and aiohttp would
+        # close it ("No PONG received").
+        self._ws = WsApiClient(configuration=configuration, heartbeat=None)
+        self._core: Any = k8s.CoreV1Api(self._rest)
+        self._authz: Any = k8s.AuthorizationV1Api(self._rest)
+        self._listed: dict[PodSelector, PodList] = {}
+
+    async def aclose(self) -> None:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+            await self._ws.close()
+            await self._rest.close()
+
+    # -- requests --
+
+    def _unreachable(self, exc: BaseException) -> ClusterError:
+        return ClusterError(f"Cannot reach the Kubernetes API at {self.host}: {exc}; "
+                            "check --context/--kubeconfig.")
+
+    async def _send(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await call(*args, _preload_content=False, **kwargs)
+        except ApiException as exc:
+            raise api_error(exc.status or 0, _status_body(exc.body or b"{}"),
+                            Action("call", "the API")) from exc
+        except (aiohttp.ClientConnectionError, OSError) as exc:
+            raise self._unreachable(exc) from exc
+
+    async def _request(self, action: Action, call: Callable[..., Any], *args: Any,
+                       allow: Sequence[int] = (), **kwargs: Any) -> tuple[int, dict[str, Any]]:
+        """Send, read the JSON answer, raise for any status outside 2xx and `allow`."""
+        response = await self._send(call, *args, **kwargs)
+        try:
+            raw = await response.read()
+        except (aiohttp.ClientError, OSError) as exc:
+            raise self._unreachable(exc) from exc
+        finally:
+            response.release()
+        body = _status_body(raw)
+        if 200 <= response.status < 300 or response.status in allow:
+            return response.status, body
+        if response.status == 404 and (body.get("details") or {}).get("kind") == "namespaces":
+            raise await self._no_namespace(action.namespace or "")
+        raise api_error(response.status, body, action)
+
+    async def _no_namespace(self, namespace: str) -> RefusedError:
+        try:
+            _, body = await self._request(Action("list", "namespaces"), self._core.list_namespace)
+        except MultisniffError:
+            return RefusedError(f"Namespace {namespace} does not exist; check -n/--namespace.")
+        names = sorted(str(item["metadata"]["name"]) for item in body.get("items") or ())
+        return RefusedError(f"Namespace {namespace} does not exist; namespaces here: "
+                            f"{', '.join(names)}.")
+
+    # -- pods --
+
+    async def list_pods(self, selector: PodSelector) -> PodList:
+        action = Action("list", "pods", selector.namespace)
+        query: dict[str, Any] = {"label_selector": selector.labels,
+                                 "field_selector": selector.fields}
+        if selector.namespace is None:
+            _, body = await self._request(action, self._core.list_pod_for_all_namespaces, **query)
+        else:
+            _, body = await self._request(action, self._core.list_namespaced_pod,
+                                          selector.namespace, **query)
+        listed = PodList(tuple(pod_info(item) for item in body.get("items") or ()),
+                         str((body.get("metadata") or {}).get("resourceVersion", "")))
+        self._listed[selector] = listed
+        return listed
+
+    async def _watch_raw(self, selector: PodSelector, resource_version: str,
+                         timeout_seconds: int) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        """One watch request: (type, object) pairs until the server ends it. A 410 Gone, as
+        the answer or as an ERROR event, is yielded as ("GONE", status)."""
+        action = Action("watch", "pods", selector.namespace)
+        query: dict[str, Any] = {
+            "label_selector": selector.labels, "field_selector": selector.fields,
+            "watch": True, "allow_watch_bookmarks": True, "resource_version": resource_version,
+            "timeout_seconds": timeout_seconds,
+        }
+        if selector.namespace is None:
+            response = await self._send(self._core.list_pod_for_all_namespaces, **query)
+        else:
+            response = await self._send(self._core.list_namespaced_pod, selector.namespace,
+                                        **query)
+        try:
+            if response.status == 410:
+                yield "GONE", _status_body(await response.read())
+                return
+            if not 200 <= response.status < 300:
+                raise api_error(response.status, _status_body(await response.read()), action)
+            while True:
+                try:
+                    line = await response.content.readline()
+                except (aiohttp.ClientError, OSError) as exc:
+                    logger.debug("watch of %s broke: %s; resuming", selector, exc)
+                    return
+                if not line:
+                    return
+                if not line.strip():
+                    continue
+                event = json.loads(line)
+                kind, obj = str(event.get("type")), event.get("object") or {}
+                if kind == "ERROR":
+                    if obj.get("code") == 410:
+                        yield "GONE", obj
+                        return
+                    raise api_error(int(obj.get("code") or 500), obj, action)
+                yield kind, obj
+        finally:
+            response.release()
+
+    async def watch_pods(self, selector: PodSelector,
+                         resource_version: str) -> AsyncIterator[PodEvent]:
+        listed = self._listed.get(selector)
+        known: dict[PodRef, PodInfo] = (
+            {pod.ref: pod for pod in listed.pods}
+            if listed is not None and listed.resource_version == resource_version else {})
+        version = resource_version
+        while True:
+            gone = False
+            # Spread the reconnects of many watchers; the server ends each request then.
+            seconds = WATCH_SECONDS + random.randint(0, 30)
+            async for kind, obj in self._watch_raw(selector, version, seconds):
+                if kind == "GONE":
+                    gone = True
+                    break
+                version = str((obj.get("metadata") or {}).get("resourceVersion") or version)
+                if kind == "BOOKMARK":
+                    continue
+                pod = pod_info(obj)
+                if kind == "DELETED":
+                    known.pop(pod.ref, None)
+                else:
+                    known[pod.ref] = pod
+                yield PodEvent(PodEventType(kind), pod)
+            if gone:
+                logger.debug("watch of %s: version %s expired; re-listing", selector, version)
+                relisted = await self.list_pods(selector)
+                for event in pod_changes(known, relisted.pods):
+                    if event.type is PodEventType.DELETED:
+                        known.pop(event.pod.ref, None)
+                    else:
+                        known[event.pod.ref] = event.pod
+                    yield event
+                version = relisted.resource_version
+
+    async def label_summary(self, namespace: str | None) -> list[str]:
+        listed = await self.list_pods(PodSelector(namespace))
+        return top_labels(pod.labels for pod in listed.pods)
+
+    async def namespace_exists(self, name: str) -> bool:
+        """False only when the API says so; True also when we may not ask (the next request
+        in that namespace then says what is wrong)."""
+        status, _ = await self._request(Action("get", "namespaces"), self._core.read_namespace,
+                                        name, allow=(403, 404))
+        return status != 404
+
+    async def node(self, name: str) -> NodeInfo:
+        _, body = await self._request(Action("get", "nodes"), self._core.read_node, name)
+        status = body.get("status") or {}
+        info = status.get("nodeInfo") or {}
+        internal = [a.get("address") for a in status.get("addresses") or ()
+                    if a.get("type") == "InternalIP"]
+        return NodeInfo(name=name, architecture=str(info.get("architecture", "")),
+                        os=str(info.get("operatingSystem") or "linux"),
+                        internal_ip=internal[0] if internal else None)
+
+    async def can_i(self, verb: str, resource: str, *, namespace: str | None,
+                    subresource: str = "") -> bool:
+        attributes: dict[str, str] = {"verb": verb, "resource": resource}
+        if namespace:
+            attributes["namespace"] = namespace
+        if subresource:
+            attributes["subresource"] = subresource
+        review = {"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
+                  "spec": {"resourceAttributes": attributes}}
+        _, body = await self._request(Action("create", "selfsubjectaccessreviews"),
+                                      self._authz.create_self_subject_access_review, review)
+        return bool((body.get("status") or {}).get("allowed", False))
+
+    def exec(self, pod: PodRef, container: str, command: Sequence[str], *, stdin: bool = False,
+             on_stderr: Callable[[bytes], None] | None = None,
+             ) -> AbstractAsyncContextManager[ExecStream]:
+        return open_exec(self._ws, pod, container, command, stdin=stdin, on_stderr=on_stderr,
+                         host=self.host)
+
+    async def add_ephemeral_container(self, pod: PodRef, spec: Mapping[str, Any]) -> None:
+        action = Action("update", "pods/ephemeralcontainers", pod.namespace)
+        for _ in range(CONFLICT_RETRIES):
+            _, current = await self._request(Action("get", "pods", pod.namespace),
+                                             self._core.read_namespaced_pod,
+                                             pod.name, pod.namespace)
+            current.setdefault("spec", {})
+            current["spec"]["ephemeralContainers"] = [
+                *(current["spec"].get("ephemeralContainers") or ()), dict(spec)]
+            status, _ = await self._request(
+                action, self._core.replace_namespaced_pod_ephemeralcontainers,
+                pod.name, pod.namespace, current, allow=(409,))
+            if status != 409:
+                return
+        raise ClusterError(f"Pod {pod} kept changing while we added an ephemeral container "
+                           f"({CONFLICT_RETRIES} conflicts); try again.")
+
+    async def wait_container_running(self, pod: PodRef, container: str, *,
+                                     timeout: float) -> PodInfo:
+        action = Action("get", "pods", pod.namespace)
+        selector = PodSelector(pod.namespace, fields=f"metadata.name={pod.name}")
+        obj: dict[str, Any] = {}
+        try:
+            with anyio.fail_after(timeout):
+                while True:
+                    status, obj = await self._request(action, self._core.read_namespaced_pod,
+                                                      pod.name, pod.namespace, allow=(404,))
+                    if status == 404:
+                        raise ClusterError(f"Pod {pod} is gone while we waited for its "
+                                           f"container {container}.")
+                    version = str((obj.get("metadata") or {}).get("resourceVersion", ""))
+                    if _settled(obj, pod, container):
+                        return pod_info(obj)
+                    async for kind, event_obj in self._watch_raw(selector, version, 60):
+                        if kind == "GONE":
+                            break
+                        if kind == "DELETED":
+                            raise ClusterError(f"Pod {pod} was deleted while we waited for its "
+                                               f"container {container}.")
+                        if kind != "BOOKMARK":
+                            obj = event_obj
+                            if _settled(obj, pod, container):
+                                return pod_info(obj)
+        except TimeoutError:
+            state = container_state(obj, container)
+            why = f" (it is {state.state}{f': {state.reason}' if state.reason else ''})"
+            raise ClusterError(f"Container {container} of pod {pod} did not start within "
+                               f"{timeout:g} s{why}; check the node with kubectl describe pod "
+                               f"-n {pod.namespace} {pod.name}.") from None
+
+    async def create_pod(self, manifest: Mapping[str, Any]) -> PodRef:
+        namespace = str((manifest.get("metadata") or {}).get("namespace") or "default")
+        _, body = await self._request(Action("create", "pods", namespace),
+                                      self._core.create_namespaced_pod, namespace, dict(manifest))
+        meta = body.get("metadata") or {}
+        return PodRef(str(meta.get("namespace", namespace)), str(meta.get("name", "")))
+
+    async def delete_pod(self, pod: PodRef, *, grace_seconds: int = 0) -> None:
+        await self._request(Action("delete", "pods", pod.namespace),
+                            self._core.delete_namespaced_pod, pod.name, pod.namespace,
+                            grace_period_seconds=grace_seconds, allow=(404,))
+
+
+def _settled(obj: Mapping[str, Any], pod: PodRef, container: str) -> bool:
+    """True when the container runs; raises when it cannot start or has ended."""
+    state = container_state(obj, container)
+    if state.state == "running":
+        return True
+    detail = f": {state.message}" if state.message else ""
+    if state.state == "terminated":
+        raise ClusterError(f"Container {container} of pod {pod} ended ({state.reason or 'exit'}"
+                           f" {state.exit_code}){detail}; see kubectl logs -n {pod.namespace} "
+                           f"{pod.name} -c {container}.")
+    if state.state == "waiting" and state.reason in FAILED_WAITING_REASONS:
+        raise ClusterError(f"Container {container} of pod {pod} cannot start ({state.reason})"
+                           f"{detail}; check its image and security settings.")
+    if (obj.get("metadata") or {}).get("deletionTimestamp"):
+        raise ClusterError(f"Pod {pod} is being deleted while we waited for its container "
+                           f"{container}.")
+    return False
+
+
+@asynccontextmanager
+async def connect(kubeconfig: str | None = None, context: str | None = None, *,
+                  pool_size: int | None = None) -> AsyncIterator[KubeCluster]:
+    """Load the configuration the kubectl way and open the clients; leaving closes them.
+
+    `pool_size` bounds the connections to the API server: every open exec holds one, so give
+    the number of pods plus some room; None means no bound.
+    """
+    configuration = await _load_configuration(kubeconfig, context)
+    configuration.connection_pool_maxsize = pool_size if pool_size else 0  # 0: no bound
+    cluster = KubeCluster(configuration)
+    try:
+        yield cluster
+    finally:
+        await cluster.aclose()
