@@ -116,8 +116,8 @@ def bundle_for(arch: str) -> Bundle:
             raise BundleUnavailable(
                 f"There is no tcpdump bundle for {arch} nodes in {directory} and this "
                 f"{host_arch()} machine has no {arch} sysroot to build one from ({root}); "
-                f"unpack tcpdump:{arch} and its libraries there (apt-get download, dpkg-deb -x) or use the ephemeral "
-                f"mode."
+                f"unpack tcpdump:{arch} and its libraries there (apt-get download, "
+                f"dpkg-deb -x) or use the ephemeral mode."
             )
         sysroot = Sysroot(root)
     watchdog = compile_watchdog(arch)

@@ -1,0 +1,283 @@
+"""Upload mode: carry tcpdump into the target container itself and run it there.
+
+Nothing is added to the pod: the bundle (tcpdump, its libraries and loader, and the static
+watchdog; see `bundle` and `bundlecache`) is unpacked over exec stdin into
+``/tmp/.multisniff-<digest12>`` of the target container, which needs only ``sh``, ``tar`` and an
+``/etc/passwd``, and must run as root with CAP_NET_RAW. An identical bundle already there (its
+manifest names the same digest) is not sent again. Then one exec runs::
+
+    DIR/msnf-watchdog --lifetime L --remove DIR --pidfile DIR/run-X.pid -- \\
+        DIR/lib/ld-linux-... --library-path DIR/lib DIR/tcpdump -Z root -U -w - -i IFACE ...
+
+with stdin open: closing it (or the stream ending, or the client dying) makes the watchdog stop
+tcpdump and delete DIR. The upload goes through a shell that outlives ``tar`` because containerd
+can cut short the stdin of an exec process that reads it itself (containerd#13934), and into a
+side directory renamed into place only once complete, so a manifest in DIR means a whole bundle.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import secrets
+import shlex
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+
+import anyio
+import anyio.to_thread
+
+from multisniff.capture.bundle import MANIFEST_NAME, Bundle
+from multisniff.capture.bundlecache import WATCHDOG_NAME, bundle_for, host_arch
+from multisniff.capture.model import Assessment, CaptureReport, CaptureSpec, Target
+from multisniff.capture.stats import last_lines, parse_statistics
+from multisniff.errors import MultisniffError
+from multisniff.kube.model import Cluster, ExecChannel, PodRef
+
+log = logging.getLogger(__name__)
+
+_CAP_NET_RAW = 1 << 13
+_UPLOAD_CHUNK = 64 * 1024
+_NEEDED_COMMANDS = ("tar", "mkdir", "mv", "rm")
+_PROBE = (
+    'for c in {commands}; do command -v "$c" >/dev/null 2>&1 || echo "missing=$c"; done; '
+    "[ -f /etc/passwd ] || echo nopasswd; "
+    "[ -d {directory} ] && [ -w {directory} ] || echo readonly; "
+    "while read -r k r e rest; do case $k in "
+    'Uid:) echo "uid=$e";; CapEff:) echo "capeff=$r";; esac; done < /proc/self/status'
+)
+
+
+class UploadError(MultisniffError):
+    """The bundle could not be put into a target, or tcpdump not started there."""
+
+
+def capture_arguments(spec: CaptureSpec) -> list[str]:
+    """tcpdump's arguments after ``-Z root`` for a capture spec: pcap to stdout, unbuffered."""
+    args = ["-U", "-w", "-", "-i", spec.interface, "-s", str(spec.snaplen)]
+    if spec.packet_count is not None:
+        args += ["-c", str(spec.packet_count)]
+    if spec.bpf_filter:
+        args.append(spec.bpf_filter)
+    return args
+
+
+def capture_command(bundle: Bundle, directory: str, spec: CaptureSpec, *,
+                    pidfile: str | None = None) -> list[str]:
+    """The argv of the watched tcpdump run from the bundle unpacked at ``directory``."""
+    watchdog = [posixpath.join(directory, WATCHDOG_NAME), "--lifetime", f"{spec.lifetime:g}",
+                "--remove", directory]
+    if pidfile is not None:
+        watchdog += ["--pidfile", pidfile]
+    return [*watchdog, "--",
+            *bundle.command("tcpdump", capture_arguments(spec), root=directory)]
+
+
+class UploadedCapture:
+    """A RemoteCapture over the exec that runs the watched tcpdump."""
+
+    def __init__(self, cluster: Cluster, target: Target, channel: ExecChannel,
+                 stderr: bytearray, pidfile: str) -> None:
+        self._cluster = cluster
+        self._target = target
+        self._channel = channel
+        self._stderr = stderr
+        self._pidfile = pidfile
+        self._stopped = False
+
+    async def read(self) -> bytes:
+        return await self._channel.read()
+
+    async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        if await self._channel.close_stdin():
+            return
+        # A v4 exec cannot close stdin alone: signal the watchdog by the PID it wrote.
+        script = f"read -r p < {shlex.quote(self._pidfile)} && kill -INT \"$p\""
+        with anyio.move_on_after(10):
+            await _run(self._cluster, self._target.pod.ref, self._target.container,
+                       ["sh", "-c", script])
+
+    async def wait(self) -> CaptureReport:
+        result = await self._channel.wait()
+        text = bytes(self._stderr).decode(errors="replace")
+        stats = parse_statistics(text)
+        return CaptureReport(
+            exit_code=result.exit_code,
+            captured=stats.captured,
+            received=stats.received,
+            dropped_by_kernel=stats.dropped_by_kernel,
+            message=last_lines(text) or result.message,
+        )
+
+
+class UploadMode:
+    """Runs tcpdump inside the target container from an uploaded bundle."""
+
+    name = "upload"
+
+    def __init__(
+        self,
+        cluster: Cluster,
+        *,
+        directory: str = "/tmp",
+        bundles: Callable[[str], Bundle] = bundle_for,
+        upload_timeout: float = 120.0,
+        cleanup_timeout: float = 10.0,
+    ) -> None:
+        self._cluster = cluster
+        self._directory = directory
+        self._bundles = bundles
+        self._upload_timeout = upload_timeout
+        self._cleanup_timeout = cleanup_timeout
+        self._bundle_cache: dict[str, Bundle] = {}
+        self._locks: dict[tuple[str, str], anyio.Lock] = {}
+        self.bytes_uploaded = 0
+        """Bytes of bundles sent to targets so far (0 when every target had it already)."""
+
+    async def assess(self, target: Target) -> Assessment:
+        name = target.container
+        container = target.pod.container(name)
+        if container is None:
+            return Assessment(False, f"pod {target.label} has no container {name}")
+        if not container.running:
+            return Assessment(False, f"container {name} is not running")
+        if container.run_as_non_root:
+            return Assessment(False, f"container {name} must run as non-root (runAsNonRoot), "
+                                     f"and capturing needs root")
+        if "NET_RAW" in container.dropped_capabilities or "ALL" in container.dropped_capabilities:
+            return Assessment(False, f"container {name} drops CAP_NET_RAW, which capturing needs")
+        script = _PROBE.format(commands=" ".join(_NEEDED_COMMANDS),
+                               directory=shlex.quote(self._directory))
+        try:
+            code, out, message = await _run(self._cluster, target.pod.ref, name,
+                                            ["sh", "-c", script])
+        except MultisniffError as exc:
+            return Assessment(False, f"container {name} cannot be probed: {exc}")
+        if code != 0:
+            return Assessment(False, f"container {name} has no shell (sh): "
+                                     f"{message or f'the probe exited with {code}'}")
+        facts = dict(line.partition("=")[::2] for line in out.decode(errors="replace").split())
+        missing = [line.partition("=")[2] for line in out.decode(errors="replace").split()
+                   if line.startswith("missing=")]
+        if missing:
+            return Assessment(False, f"container {name} has no {', '.join(missing)}")
+        if "nopasswd" in facts:
+            return Assessment(False, f"container {name} has no /etc/passwd, which tcpdump "
+                                     f"-Z root needs")
+        if "readonly" in facts:
+            return Assessment(False, f"container {name} cannot write to {self._directory}")
+        uid, capeff = facts.get("uid", ""), facts.get("capeff", "")
+        if uid != "0":
+            return Assessment(False, f"container {name} runs as uid {uid or 'unknown'}, "
+                                     f"not root")
+        try:
+            if capeff and not int(capeff, 16) & _CAP_NET_RAW:
+                return Assessment(False, f"container {name} runs as root without CAP_NET_RAW")
+        except ValueError:
+            pass
+        return Assessment(True, f"container {name} has tar and runs as root",
+                          creates=(f"{self._directory}/.multisniff-<digest> in container {name} "
+                                   f"(removed when the capture ends)",))
+
+    async def _bundle(self, target: Target) -> Bundle:
+        arch = host_arch()
+        if target.pod.node:
+            arch = (await self._cluster.node(target.pod.node)).architecture
+        if arch not in self._bundle_cache:
+            self._bundle_cache[arch] = await anyio.to_thread.run_sync(self._bundles, arch)
+        return self._bundle_cache[arch]
+
+    def bundle_directory(self, bundle: Bundle) -> str:
+        return posixpath.join(self._directory, f".multisniff-{bundle.digest[:12]}")
+
+    @asynccontextmanager
+    async def open(self, target: Target, spec: CaptureSpec) -> AsyncIterator[UploadedCapture]:
+        ref, name = target.pod.ref, target.container
+        bundle = await self._bundle(target)
+        directory = self.bundle_directory(bundle)
+        pidfile = posixpath.join(directory, f"run-{secrets.token_hex(4)}.pid")
+        stderr = bytearray()
+        lock = self._locks.setdefault((target.pod.uid, name), anyio.Lock())
+        async with AsyncExitStack() as stack:
+            # One bundle per container: concurrent opens must not upload over each other.
+            async with lock:
+                try:
+                    if not await self._present(ref, name, directory, bundle.digest):
+                        await self._upload(ref, name, directory, bundle)
+                    channel = await stack.enter_async_context(self._cluster.exec(
+                        ref, name, capture_command(bundle, directory, spec, pidfile=pidfile),
+                        stdin=True, on_stderr=stderr.extend))
+                except BaseException:
+                    await self._remove(ref, name, directory)
+                    raise
+            yield UploadedCapture(self._cluster, target, channel, stderr, pidfile)
+            # Leaving the exec closes the stream: the watchdog stops tcpdump and removes DIR.
+
+    async def _present(self, ref: PodRef, container: str, directory: str, digest: str) -> bool:
+        manifest = shlex.quote(posixpath.join(directory, MANIFEST_NAME))
+        # The manifest is sorted JSON with one key a line: "digest" is on line 2.
+        script = f'{{ read -r a; read -r b; }} < {manifest} 2>/dev/null && echo "$b"'
+        code, out, _ = await _run(self._cluster, ref, container, ["sh", "-c", script])
+        return code == 0 and f'"digest": "{digest}"' in out.decode(errors="replace")
+
+    async def _upload(self, ref: PodRef, container: str, directory: str, bundle: Bundle) -> None:
+        final = shlex.quote(directory)
+        manifest = shlex.quote(posixpath.join(directory, MANIFEST_NAME))
+        script = (
+            f'd={final}; t="$d.part.$$"; rm -rf "$t" && mkdir -p "$t" || exit 3; '
+            f'if tar -xzf - -C "$t"; then '
+            f'if [ -f {manifest} ]; then rm -rf "$t"; '
+            f'else rm -rf "$d"; mv "$t" "$d" || {{ rm -rf "$t"; exit 4; }}; fi; '
+            f'else s=$?; rm -rf "$t"; exit $s; fi'
+        )
+        data = bundle.targz
+        with anyio.fail_after(self._upload_timeout):
+            async with self._cluster.exec(ref, container, ["sh", "-c", script],
+                                          stdin=True) as channel:
+                for start in range(0, len(data), _UPLOAD_CHUNK):
+                    await channel.write(data[start:start + _UPLOAD_CHUNK])
+                self.bytes_uploaded += len(data)
+                if await channel.close_stdin():
+                    while await channel.read():
+                        pass
+                    result = await channel.wait()
+                    if result.exit_code != 0:
+                        raise UploadError(
+                            f"Unpacking the tcpdump bundle into {directory} of {ref} container "
+                            f"{container} failed ({result.message or f'exit {result.exit_code}'}"
+                            f"); check that it can write there, or use --mode ephemeral."
+                        )
+            # Without a half-close (v4) the stream's end was tar's EOF: wait for the rename.
+            for _ in range(20):
+                if await self._present(ref, container, directory, bundle.digest):
+                    return
+                await anyio.sleep(0.5)
+        raise UploadError(
+            f"The tcpdump bundle did not arrive whole in {directory} of {ref} container "
+            f"{container}; retry, or use --mode ephemeral."
+        )
+
+    async def _remove(self, ref: PodRef, container: str, directory: str) -> None:
+        try:
+            with anyio.fail_after(self._cleanup_timeout, shield=True):
+                await _run(self._cluster, ref, container, ["rm", "-rf", directory])
+        except Exception as exc:
+            log.warning("Could not remove %s from %s container %s (%s); remove it with: "
+                        "kubectl exec -n %s %s -c %s -- rm -rf %s", directory, ref, container,
+                        exc, ref.namespace, ref.name, container, directory)
+
+
+async def _run(cluster: Cluster, ref: PodRef, container: str,
+               command: list[str]) -> tuple[int | None, bytes, str]:
+    """Run a short command to its end: (exit code, stdout, server message or stderr)."""
+    stderr = bytearray()
+    out = bytearray()
+    async with cluster.exec(ref, container, command, on_stderr=stderr.extend) as channel:
+        while chunk := await channel.read():
+            out += chunk
+        result = await channel.wait()
+    message = result.message or bytes(stderr).decode(errors="replace").strip()
+    return result.exit_code, bytes(out), message
