@@ -1,0 +1,350 @@
+"""The two outputs of a session: a live stream (stdout, Wireshark) and an exactly ordered file.
+
+Both take each run's pcapng stream (see `runs.Transcoder`) in chunks, the names of pod IPs, and
+the end of each run; both write NRBs and one ISB per run.
+
+`LiveOutput`: one bounded memory stream carries every run's chunks to the merger task, which
+owns a live `TimelineMerger` (bounded reorder window, a clock tick so idle pods don't hold the
+output back); the writer task writes what the merger releases to the sink. A slow sink blocks the
+writer, then the merger, then the stream fills and the capture readers stop reading: memory is
+set by `buffer_chunks` and `max_pending`, not by traffic.
+
+`FileOutput`: each run is spooled, as it arrives, to its own pcapng file in OUT.parts/ (awaited
+writes, so a slow disk slows the readers); the spool files are readable up to their last block
+after a crash, and `multisniff merge OUT.parts/*` recovers them. At the end they are merged
+exactly (the exact mode of the same merger as `multisniff merge`) into OUT with NRB and ISBs,
+and removed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from multisniff.engine.runs import CaptureRun
+from multisniff.engine.sinks import ByteSink, SinkClosed
+from multisniff.errors import OutputError
+from multisniff.pcap.blocks import NameBlock, NameRecord
+from multisniff.pcap.merging import Source, TimelineMerger
+from multisniff.pcap.writing import encode_nrb
+
+log = logging.getLogger("multisniff")
+
+CHUNK = 1 << 20
+
+
+class Output(Protocol):
+    async def names(self, records: list[NameRecord]) -> None: ...
+
+    async def write(self, run: CaptureRun, data: bytes) -> None: ...
+
+    async def end(self, run: CaptureRun) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Data:
+    run: CaptureRun
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _End:
+    run: CaptureRun
+
+
+@dataclass(frozen=True, slots=True)
+class _Names:
+    block: NameBlock
+
+
+_Item = _Data | _End | _Names
+
+
+class LiveOutput:
+    def __init__(self, sink: ByteSink, *, buffer_chunks: int, reorder_window: float,
+                 flush_interval: float, max_pending: int, grace: float,
+                 on_closed: Callable[[str], None] | None = None,
+                 clock: Callable[[], int] = time.time_ns) -> None:
+        self.sink = sink
+        self.path = "-" if sink.name == "stdout" else sink.name
+        self.merger = TimelineMerger(reorder_window=int(reorder_window * 1e9),
+                                     max_pending=max_pending)
+        self._send: MemoryObjectSendStream[_Item]
+        self._receive: MemoryObjectReceiveStream[_Item]
+        self._send, self._receive = anyio.create_memory_object_stream[_Item](buffer_chunks)
+        self._out_send: MemoryObjectSendStream[bytes]
+        self._out_receive: MemoryObjectReceiveStream[bytes]
+        self._out_send, self._out_receive = anyio.create_memory_object_stream[bytes](1)
+        self._sources: dict[CaptureRun, Source] = {}
+        self.flush_interval = flush_interval
+        self.grace = grace
+        self.on_closed = on_closed
+        self.clock = clock
+        self.reader_gone: str | None = None
+        self.bytes_written = 0
+        self._finished = False
+
+    @property
+    def buffered(self) -> int:
+        """Items waiting between the readers and the merger (bounded by buffer_chunks)."""
+        return self._send.statistics().current_buffer_used
+
+    # --- the session's side -------------------------------------------------------------------
+
+    async def names(self, records: list[NameRecord]) -> None:
+        if records:
+            await self._send.send(_Names(NameBlock(records=records)))
+
+    async def write(self, run: CaptureRun, data: bytes) -> None:
+        await self._send.send(_Data(run, data))
+
+    async def end(self, run: CaptureRun) -> None:
+        await self._send.send(_End(run))
+
+    # --- merger and writer --------------------------------------------------------------------
+
+    def _handle(self, item: _Item) -> None:
+        merger = self.merger
+        if isinstance(item, _Names):
+            merger.writer.add_block(encode_nrb(item.block))
+            return
+        run = item.run
+        source = self._sources.get(run)
+        if isinstance(item, _Data):
+            if source is None:
+                source = self._sources[run] = merger.add_source(run.label)
+            merger.feed(source, item.data)
+            run.late = source.late
+            return
+        if source is None:
+            return
+        merger.end_source(source)
+        run.late = source.late
+        stats = run.statistics()
+        if stats is not None and source.interface_ids:
+            merger.add_statistics(source, 0, stats)
+
+    async def _merge_loop(self) -> None:
+        last_tick = self.clock()
+        tick = int(self.flush_interval * 1e9)
+        async with self._out_send:
+            while True:
+                ended = False
+                with anyio.move_on_after(self.flush_interval):
+                    try:
+                        item = await self._receive.receive()
+                    except anyio.EndOfStream:
+                        ended = True
+                    else:
+                        self._handle(item)
+                if ended:
+                    break
+                now = self.clock()
+                if now - last_tick >= tick:
+                    self.merger.advance(now)
+                    last_tick = now
+                data = self.merger.pull()
+                if data:
+                    await self._out_send.send(data)
+            self._finished = True
+            data = self.merger.finish()
+            if data:
+                await self._out_send.send(data)
+
+    async def _write(self, data: bytes) -> None:
+        if self.reader_gone is not None:
+            return
+        try:
+            await self.sink.write(data)
+        except SinkClosed as exc:
+            self.reader_gone = str(exc)
+            log.info("%s; stopping the capture.", str(exc).capitalize())
+            if self.on_closed is not None:
+                self.on_closed(self.reader_gone)
+        else:
+            self.bytes_written += len(data)
+
+    async def _write_loop(self) -> None:
+        async for data in self._out_receive:
+            await self._write(data)
+
+    async def _flush_remaining(self) -> None:
+        """After the loops ended (or were cancelled): what is still queued goes out."""
+        while True:
+            try:
+                self._handle(self._receive.receive_nowait())
+            except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                break
+        while True:
+            try:
+                await self._write(self._out_receive.receive_nowait())
+            except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                break
+        if not self._finished:
+            self._finished = True
+            for run in list(self._sources):
+                self._handle(_End(run))
+            await self._write(self.merger.finish())
+
+    @asynccontextmanager
+    async def open(self) -> AsyncIterator[LiveOutput]:
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._merge_loop)
+                tg.start_soon(self._write_loop)
+                try:
+                    yield self
+                finally:
+                    self._send.close()
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(self.grace) as scope:
+                try:
+                    await self._flush_remaining()
+                finally:
+                    self._receive.close()
+                    self._out_receive.close()
+                    await self.sink.aclose()
+            if scope.cancelled_caught:
+                log.error("The output could not be flushed within %.0f s; %s may end early.",
+                          self.grace, self.path)
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+class FileOutput:
+    def __init__(self, path: str, *, grace: float) -> None:
+        self.path = path
+        self.parts = Path(path + ".parts")
+        self.grace = grace
+        self._fds: dict[CaptureRun, int] = {}
+        self._files: list[tuple[CaptureRun, Path]] = []
+        self._names: list[NameRecord] = []
+        self.bytes_written = 0
+        self.reader_gone: str | None = None
+        self.kept_parts = False
+
+    async def names(self, records: list[NameRecord]) -> None:
+        self._names.extend(records)
+
+    def _open_part(self, run: CaptureRun) -> int:
+        name = _UNSAFE.sub("_", f"{run.number:02d}-{run.label.replace('/', '-')}")
+        path = self.parts / f"{name}.pcapng"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            reason = (exc.strerror or str(exc)).lower()
+            raise OutputError(f"Cannot create {path}: {reason}; check the directory and its "
+                              "permissions.") from exc
+        self._files.append((run, path))
+        return fd
+
+    @staticmethod
+    def _write_all(fd: int, data: bytes, name: str) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(fd, view):]
+            except OSError as exc:
+                reason = (exc.strerror or str(exc)).lower()
+                raise OutputError(f"Cannot write {name}: {reason}; free space or choose "
+                                  "another output with -o.") from exc
+
+    async def write(self, run: CaptureRun, data: bytes) -> None:
+        fd = self._fds.get(run)
+        if fd is None:
+            fd = self._fds[run] = self._open_part(run)
+        await anyio.to_thread.run_sync(self._write_all, fd, data, str(self.parts))
+
+    async def end(self, run: CaptureRun) -> None:
+        fd = self._fds.pop(run, None)
+        if fd is not None:
+            os.close(fd)
+
+    def _create_output(self) -> int:
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT: tighten it
+        except OSError as exc:
+            reason = (exc.strerror or str(exc)).lower()
+            raise OutputError(f"Cannot create {self.path}: {reason}; check the directory and "
+                              "its permissions.") from exc
+        return fd
+
+    def _merge(self) -> None:
+        merger = TimelineMerger()
+        if self._names:
+            merger.writer.add_block(encode_nrb(NameBlock(records=self._names)))
+        inputs: list[tuple[CaptureRun, Source, int]] = []
+        out = self._create_output()
+        try:
+            for run, path in self._files:
+                inputs.append((run, merger.add_source(run.label), os.open(path, os.O_RDONLY)))
+            by_index = {source.index: (run, source, fd) for run, source, fd in inputs}
+
+            def step(source: Source, fd: int) -> None:
+                data = os.read(fd, CHUNK)
+                if data:
+                    merger.feed(source, data)
+                else:
+                    merger.end_source(source)
+
+            for _, source, fd in inputs:
+                step(source, fd)
+            while True:
+                self._write_all(out, merger.pull(), self.path)
+                wanted = merger.wanted()
+                if wanted is None:
+                    break
+                _, source, fd = by_index[wanted.index]
+                step(source, fd)
+            for run, source, _ in inputs:
+                stats = run.statistics()
+                if stats is not None and source.interface_ids:
+                    merger.add_statistics(source, 0, stats)
+            data = merger.pull() + merger.finish()
+            self._write_all(out, data, self.path)
+            self.bytes_written = os.fstat(out).st_size
+        finally:
+            os.close(out)
+            for _, _, fd in inputs:
+                os.close(fd)
+
+    @asynccontextmanager
+    async def open(self) -> AsyncIterator[FileOutput]:
+        try:
+            self.parts.mkdir(mode=0o700, exist_ok=True)
+        except OSError as exc:
+            reason = (exc.strerror or str(exc)).lower()
+            raise OutputError(f"Cannot create {self.parts}: {reason}; check the directory and "
+                              "its permissions.") from exc
+        try:
+            yield self
+        finally:
+            with anyio.CancelScope(shield=True):
+                for run in list(self._fds):
+                    await self.end(run)
+                await self._finish()
+
+    async def _finish(self) -> None:
+        try:
+            with anyio.fail_after(self.grace * 4):
+                await anyio.to_thread.run_sync(self._merge)
+        except (OutputError, OSError, TimeoutError) as exc:
+            self.kept_parts = True
+            log.error("Could not merge the capture into %s (%s); the per-pod captures are kept "
+                      "in %s: run `multisniff merge -o %s %s/*`.", self.path, exc, self.parts,
+                      self.path, self.parts)
+            return
+        shutil.rmtree(self.parts, ignore_errors=True)

@@ -1,0 +1,136 @@
+"""One capture of one target, as the session, the outputs and the user interface see it.
+
+A `CaptureRun` is created for each target that is started (a restarted container is a new run)
+and carries its counters; its `Transcoder` turns tcpdump's pcap bytes into a pcapng stream of
+its own (SHB, one IDB named namespace/pod with a description, EPBs) so that both outputs, and a
+spool file read after a crash, see the pod's name and details.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from itertools import chain
+
+from multisniff.capture.model import CaptureReport, Target
+from multisniff.pcap.blocks import InterfaceInfo, InterfaceStatistics, units_per_second
+from multisniff.pcap.reading import CaptureError, CaptureReader
+from multisniff.pcap.writing import PcapngWriter
+
+
+@dataclass(eq=False)
+class CaptureRun:
+    number: int
+    target: Target
+    mode: str
+    reason: str = ""
+    interface: str = "any"
+    bpf_filter: str = ""
+    shared_with: tuple[str, ...] = ()
+    state: str = "starting"
+    """starting, capturing, stopping, done, failed, refused."""
+    packets: int = 0
+    bytes: int = 0
+    cut: int = 0
+    """Packets tcpdump sent that --count/--max-size left out."""
+    late: int = 0
+    error: str = ""
+    report: CaptureReport | None = None
+    started: float = field(default_factory=time.time)
+    ended: float | None = None
+    tsresol: int | None = None
+    """if_tsresol of the run's interface, once tcpdump's header arrived."""
+
+    @property
+    def label(self) -> str:
+        return self.target.label
+
+    @property
+    def description(self) -> str:
+        pod = self.target.pod
+        parts = [f"container {self.target.container}", f"node {pod.node or '?'}",
+                 f"pod IP {pod.ip or '?'}", f"mode {self.mode}", f"interface {self.interface}"]
+        if self.bpf_filter:
+            parts.append(f"filter {self.bpf_filter}")
+        if pod.host_network:
+            parts.append("host network" + (f" (shared with {', '.join(self.shared_with)})"
+                                           if self.shared_with else ""))
+        return ", ".join(parts)
+
+    @property
+    def dropped(self) -> int:
+        """Packets tcpdump saw but that are not in the output: dropped by the kernel, or
+        captured by tcpdump but never delivered to us, or cut by the limits."""
+        report = self.report
+        kernel = (report.dropped_by_kernel or 0) if report else 0
+        undelivered = 0
+        if report is not None and report.captured is not None:
+            undelivered = max(0, report.captured - self.packets - self.cut)
+        return kernel + undelivered + self.cut
+
+    def statistics(self, interface_id: int = 0) -> InterfaceStatistics | None:
+        """The ISB for this run's interface (None before any interface was declared)."""
+        if self.tsresol is None:
+            return None
+        units = units_per_second(self.tsresol)
+        end = self.ended if self.ended is not None else time.time()
+        report = self.report
+        comments = [f"multisniff: mode {self.mode}, {self.packets} packets written, "
+                    f"{self.late} late, {self.dropped} dropped"]
+        if self.error:
+            comments.append(f"multisniff: {self.error}")
+        return InterfaceStatistics(
+            interface_id=interface_id,
+            timestamp=int(end * units),
+            starttime=int(self.started * units),
+            endtime=int(end * units),
+            ifrecv=report.received if report else None,
+            ifdrop=report.dropped_by_kernel if report else None,
+            usrdeliv=report.captured if report else None,
+            comments=tuple(comments),
+        )
+
+
+class Transcoder:
+    """Raw tcpdump bytes of one run -> complete pcapng blocks, cut to a packet budget."""
+
+    def __init__(self, run: CaptureRun) -> None:
+        self.run = run
+        self.writer = PcapngWriter()
+        self.reader = CaptureReader(assign_interface=self._declare)
+
+    def _declare(self, info: InterfaceInfo) -> int:
+        named = dataclasses.replace(info, name=self.run.label, description=self.run.description,
+                                    filter=self.run.bpf_filter or None)
+        if self.run.tsresol is None:
+            self.run.tsresol = info.tsresol
+        return self.writer.add_interface(named)
+
+    def feed(self, data: bytes, *, packets_left: int | None,
+             bytes_left: int | None) -> tuple[bytes, int, int]:
+        """(pcapng bytes, packets, bytes) taken from `data`; packets beyond the budget are
+        counted in `run.cut`."""
+        batch = self.reader.feed(data)
+        packets = batch.packets
+        sizes = [sum(map(len, packet)) for packet in packets]
+        keep = len(packets)
+        if packets_left is not None:
+            keep = min(keep, max(0, packets_left))
+        if bytes_left is not None:
+            total = 0
+            for i in range(keep):
+                total += sizes[i]
+                if total > bytes_left:
+                    keep = i
+                    break
+        self.run.cut += len(packets) - keep
+        self.writer.add_blocks(chain.from_iterable(packets[:keep]))
+        return self.writer.take(), keep, sum(sizes[:keep])
+
+    @property
+    def error(self) -> CaptureError | None:
+        return self.reader.error
+
+    def finish(self) -> CaptureError | None:
+        return self.reader.finish()

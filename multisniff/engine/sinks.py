@@ -1,0 +1,106 @@
+"""Where live pcapng bytes go: a file descriptor (stdout) or Wireshark's stdin.
+
+A sink's `write` returns when the bytes are out; a slow reader makes it slow, which is the
+backpressure the whole session relies on. A reader that went away raises `SinkClosed`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import subprocess
+from typing import Protocol
+
+import anyio
+from anyio.abc import Process
+
+from multisniff.errors import OutputError, UsageError
+
+
+class SinkClosed(Exception):
+    """The reader of the live output went away (closed pipe, Wireshark closed)."""
+
+
+class ByteSink(Protocol):
+    name: str
+
+    async def write(self, data: bytes) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+class FdSink:
+    """Writes to a file descriptor from a worker thread, so that a blocked pipe blocks only
+    this writer. A write cut off by cancellation leaves the stream unusable: later writes are
+    refused instead of interleaving with the abandoned one."""
+
+    def __init__(self, fd: int, name: str, *, close: bool = False) -> None:
+        self.fd = fd
+        self.name = name
+        self._close = close
+        self._broken = False
+
+    def _write_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                written = os.write(self.fd, view)
+            except BrokenPipeError as exc:
+                raise SinkClosed(f"the reader of {self.name} went away") from exc
+            except OSError as exc:
+                if exc.errno in (errno.EPIPE, errno.ECONNRESET):
+                    raise SinkClosed(f"the reader of {self.name} went away") from exc
+                reason = (exc.strerror or str(exc)).lower()
+                raise OutputError(f"Cannot write {self.name}: {reason}; free space or choose "
+                                  "another output with -o.") from exc
+            view = view[written:]
+
+    async def write(self, data: bytes) -> None:
+        if self._broken:
+            raise SinkClosed(f"{self.name} was abandoned in the middle of a write")
+        self._broken = True
+        await anyio.to_thread.run_sync(self._write_all, data, abandon_on_cancel=True)
+        self._broken = False
+
+    async def aclose(self) -> None:
+        if self._close:
+            os.close(self.fd)
+
+
+def wireshark_command(program: str) -> list[str]:
+    # -k: start capturing at once; -i -: read pcapng from stdin; show the NRB names.
+    return [program, "-k", "-i", "-", "-o", "nameres.network_name:TRUE"]
+
+
+class WiresharkSink:
+    """Wireshark reading the live stream on its stdin; its closing ends the capture."""
+
+    name = "Wireshark"
+
+    def __init__(self, process: Process) -> None:
+        self.process = process
+
+    @classmethod
+    async def start(cls) -> WiresharkSink:
+        program = shutil.which("wireshark")
+        if program is None:
+            raise UsageError("--wireshark needs the wireshark program, which is not on PATH; "
+                             "install it or write to a file with -o.")
+        process = await anyio.open_process(wireshark_command(program), stdin=subprocess.PIPE,
+                                           stdout=subprocess.DEVNULL)
+        return cls(process)
+
+    async def write(self, data: bytes) -> None:
+        assert self.process.stdin is not None
+        try:
+            await self.process.stdin.send(data)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            raise SinkClosed("Wireshark was closed") from exc
+
+    async def aclose(self) -> None:
+        # Wireshark keeps showing what it got; we only end its input.
+        if self.process.stdin is not None:
+            with contextlib.suppress(anyio.BrokenResourceError, OSError):
+                await self.process.stdin.aclose()

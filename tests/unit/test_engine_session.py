@@ -1,0 +1,358 @@
+"""The capture session with fakes of our own interfaces: fan-out, merge, limits, churn,
+backpressure and teardown. Outputs are read back with our reader and, where it matters, tshark."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+from enginefakes import FakeCapture, FakeMode, MemorySink, WatchedCluster
+from fakes import FakeCluster, make_pod
+
+from multisniff.capture.model import Target
+from multisniff.engine.output import FileOutput, LiveOutput
+from multisniff.engine.session import NothingMatches, Session, dry_run
+from multisniff.errors import ExitCode
+from multisniff.kube.model import ContainerInfo, PodEvent, PodEventType
+from multisniff.pcap.reading import CaptureReader, packet_fields
+from multisniff.profiles import Profile
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def read_capture(data: bytes) -> tuple[list[str], list[tuple[str, bytes]], CaptureReader]:
+    """(interface names, [(interface name, payload)] in file order, the reader)."""
+    reader = CaptureReader()
+    batch = reader.feed(data)
+    assert reader.finish() is None
+    names = [info.name or "" for info in reader.interfaces]
+    packets = []
+    for packet in batch.packets:
+        oid, _, caplen, _ = packet_fields(packet)
+        raw = b"".join(packet)
+        packets.append((names[oid], raw[28:28 + caplen]))
+    return names, packets, reader
+
+
+def cluster_with(*names: str, namespace: str = "shop") -> FakeCluster:
+    cluster = FakeCluster()
+    for i, name in enumerate(names):
+        cluster.add_pod(make_pod(name, namespace=namespace, labels={"app": "web"},
+                                 ip=f"10.1.0.{i + 10}"))
+    return cluster
+
+
+def mode_with(counts: dict[str, int], **kwargs: object) -> FakeMode:
+    def make(target: Target) -> FakeCapture:
+        name = target.pod.ref.name
+        index = sorted(counts).index(name) if name in counts else 0
+        return FakeCapture(name=name, total=counts.get(name, 10), offset_us=index * 333,
+                           **kwargs)  # type: ignore[arg-type]
+    return FakeMode(make=make)
+
+
+PROFILE = Profile(labels="app=web", namespace="shop", follow=False, stop_grace=5)
+
+
+def live(sink: MemorySink, **kwargs: object) -> LiveOutput:
+    options: dict[str, object] = dict(buffer_chunks=4, reorder_window=0.5, flush_interval=0.05,
+                                      max_pending=1000, grace=5)
+    options.update(kwargs)
+    return LiveOutput(sink, **options)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def out(tmp_path: Path) -> Iterator[Path]:
+    yield tmp_path / "out.pcapng"
+
+
+async def test_file_output_has_every_packet_once_in_time_order(out: Path) -> None:
+    counts = {"web-a": 50, "web-b": 30, "web-c": 41}
+    cluster = cluster_with(*counts)
+    mode = mode_with(counts)
+    session = Session(cluster, mode, PROFILE, FileOutput(str(out), grace=5))
+    result = await session.run()
+    assert result.exit_code == ExitCode.OK
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    assert not Path(str(out) + ".parts").exists()
+    names, packets, reader = read_capture(out.read_bytes())
+    assert sorted(names) == ["shop/web-a", "shop/web-b", "shop/web-c"]
+    for info in reader.interfaces:
+        assert "container app" in (info.description or "")
+        assert "mode fake" in (info.description or "")
+    for pod, count in counts.items():
+        got = [data for name, data in packets if name == f"shop/{pod}"]
+        assert [data[: len(pod) + 7] for data in got] == [
+            f"{pod}#{seq:06d}".encode() for seq in range(count)]
+    assert all(capture.closed for capture in mode.opened)
+    assert [run.packets for run in result.runs] == [50, 30, 41]
+
+
+@pytest.mark.skipif(shutil.which("tshark") is None, reason="needs tshark")
+async def test_tshark_reads_interfaces_names_and_statistics(out: Path) -> None:
+    counts = {"web-a": 5, "web-b": 7}
+    session = Session(cluster_with(*counts), mode_with(counts), PROFILE,
+                      FileOutput(str(out), grace=5))
+    await session.run()
+    fields = subprocess.run(
+        ["tshark", "-r", str(out), "-T", "fields", "-e", "frame.interface_name",
+         "-e", "frame.time_epoch"], capture_output=True, text=True, check=True).stdout
+    rows = [line.split("\t") for line in fields.splitlines()]
+    assert sorted({name for name, _ in rows}) == ["shop/web-a", "shop/web-b"]
+    times = [float(t) for _, t in rows]
+    assert times == sorted(times) and len(rows) == 12
+    data = out.read_bytes()
+    reader = CaptureReader()
+    batch = reader.feed(data)
+    assert len(batch.statistics) == 2
+    assert {s.ifrecv for s in batch.statistics} == {5, 7}
+    assert [record.names for block in batch.names for record in block.records] == [
+        ("shop/web-a",), ("shop/web-b",)]
+
+
+async def test_live_output_has_every_packet_once() -> None:
+    counts = {"web-a": 40, "web-b": 25}
+    sink = MemorySink()
+    session = Session(cluster_with(*counts), mode_with(counts), PROFILE, live(sink))
+    result = await session.run()
+    assert result.exit_code == ExitCode.OK
+    assert sink.closed
+    names, packets, _reader = read_capture(bytes(sink.data))
+    assert sorted(names) == ["shop/web-a", "shop/web-b"]
+    assert len(packets) == 65
+    assert len({data for _, data in packets}) == 65
+    for name, data in packets:
+        assert data.startswith(name.split("/")[1].encode())
+
+
+async def test_count_is_a_total_over_all_pods(out: Path) -> None:
+    counts = {"web-a": 100, "web-b": 100}
+    profile = PROFILE.replace(count=37)
+    session = Session(cluster_with(*counts), mode_with(counts, forever=True), profile,
+                      FileOutput(str(out), grace=5))
+    result = await session.run()
+    _, packets, _ = read_capture(out.read_bytes())
+    assert len(packets) == 37
+    assert result.packets == 37
+    assert "--count" in result.stop_reason
+    assert result.exit_code == ExitCode.OK
+
+
+async def test_max_size_is_a_total(out: Path) -> None:
+    counts = {"web-a": 100, "web-b": 100}
+    profile = PROFILE.replace(max_size=10_000)
+    session = Session(cluster_with(*counts), mode_with(counts, forever=True), profile,
+                      FileOutput(str(out), grace=5))
+    result = await session.run()
+    assert 0 < sum(run.bytes for run in result.runs) <= 10_000
+    assert "--max-size" in result.stop_reason
+
+
+async def test_duration_stops_endless_captures(out: Path) -> None:
+    counts = {"web-a": 1, "web-b": 1}
+    mode = mode_with(counts, interval=0.01, forever=True)
+    session = Session(cluster_with(*counts), mode, PROFILE.replace(duration=0.3),
+                      FileOutput(str(out), grace=5))
+    with anyio.fail_after(10):
+        result = await session.run()
+    assert "--duration" in result.stop_reason
+    assert all(capture.stopped and capture.closed for capture in mode.opened)
+    assert result.exit_code == ExitCode.OK
+    assert mode.specs[0].lifetime == pytest.approx(0.3 + PROFILE.lifetime_margin, abs=1)
+
+
+async def test_stalled_sink_bounds_memory_and_counts_drops() -> None:
+    counts = {"web-a": 1, "web-b": 1, "web-c": 1}
+    mode = mode_with(counts, interval=0.002, forever=True, kernel_buffer=8)
+    sink = MemorySink()
+    sink.gate = anyio.Event()
+    output = live(sink, buffer_chunks=3)
+    session = Session(cluster_with(*counts), mode, PROFILE.replace(max_pending=50), output)
+    most = 0
+
+    async def watch_buffer() -> None:
+        nonlocal most
+        while True:
+            most = max(most, output.buffered)
+            await anyio.sleep(0.005)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch_buffer)
+
+        async def stall_then_stop() -> None:
+            await anyio.sleep(0.5)
+            assert sum(capture.dropped for capture in mode.opened) > 0
+            session.stop("test over")
+            assert sink.gate is not None
+            sink.gate.set()
+
+        tg.start_soon(stall_then_stop)
+        with anyio.fail_after(20):
+            result = await session.run()
+        tg.cancel_scope.cancel()
+    assert most <= 3
+    _, packets, _ = read_capture(bytes(sink.data))
+    produced = sum(capture.produced for capture in mode.opened)
+    written = len(packets)
+    dropped = sum(run.dropped for run in result.runs)
+    assert written == result.packets
+    assert written + dropped == produced
+    assert dropped > 0
+
+
+async def test_cancel_leaves_no_task_and_closes_every_capture(out: Path) -> None:
+    counts = {"web-a": 1, "web-b": 1}
+    mode = mode_with(counts, interval=0.01, forever=True)
+    session = Session(cluster_with(*counts), mode, PROFILE, FileOutput(str(out), grace=5))
+    before = len(anyio.get_running_tasks())  # type: ignore[attr-defined]
+    with anyio.move_on_after(0.3):
+        await session.run()
+    assert len(mode.opened) == 2
+    assert all(capture.closed for capture in mode.opened)
+    assert len(anyio.get_running_tasks()) == before  # type: ignore[attr-defined]
+    _, packets, _ = read_capture(out.read_bytes())
+    assert len(packets) > 0
+
+
+async def test_stop_like_ctrl_c_is_interrupted_and_keeps_packets(out: Path) -> None:
+    counts = {"web-a": 1, "web-b": 1}
+    mode = mode_with(counts, interval=0.01, forever=True)
+    session = Session(cluster_with(*counts), mode, PROFILE, FileOutput(str(out), grace=5))
+    async with anyio.create_task_group() as tg:
+        async def interrupt() -> None:
+            await anyio.sleep(0.3)
+            session.stop("interrupted (SIGINT)", interrupted=True)
+        tg.start_soon(interrupt)
+        result = await session.run()
+    assert result.exit_code == ExitCode.INTERRUPTED
+    assert all(capture.stopped and capture.closed for capture in mode.opened)
+    _, packets, _reader = read_capture(out.read_bytes())
+    assert len(packets) == result.packets > 0
+
+
+async def test_reader_going_away_ends_the_capture_cleanly() -> None:
+    class GoneSink(MemorySink):
+        async def write(self, data: bytes) -> None:
+            from multisniff.engine.sinks import SinkClosed
+            if self.writes >= 2:
+                raise SinkClosed("the reader of memory went away")
+            await super().write(data)
+
+    counts = {"web-a": 1}
+    mode = mode_with(counts, interval=0.005, forever=True)
+    session = Session(cluster_with(*counts), mode, PROFILE, output := live(GoneSink()))
+    output.on_closed = lambda why: session.stop(why)
+    with anyio.fail_after(10):
+        result = await session.run()
+    assert "went away" in result.stop_reason
+    assert result.exit_code == ExitCode.OK
+    assert all(capture.closed for capture in mode.opened)
+
+
+async def test_some_pods_failing_is_partial_and_all_is_nothing(out: Path) -> None:
+    counts = {"web-a": 5, "web-b": 5, "web-c": 5}
+    mode = mode_with(counts)
+    mode.refuse = {"web-b"}
+    mode.fail_open = {"web-c"}
+    result = await Session(cluster_with(*counts), mode, PROFILE,
+                           FileOutput(str(out), grace=5)).run()
+    assert result.exit_code == ExitCode.PARTIAL
+    states = {run.label: (run.state, run.error) for run in result.runs}
+    assert states["shop/web-b"] == ("refused", "the fake refuses it")
+    assert states["shop/web-c"][0] == "failed" and "cannot exec" in states["shop/web-c"][1]
+    mode.refuse = set(counts)
+    result = await Session(cluster_with(*counts), mode, PROFILE,
+                           FileOutput(str(out), grace=5)).run()
+    assert result.exit_code == ExitCode.NOTHING
+
+
+async def test_nothing_matches_names_the_labels_that_exist(out: Path) -> None:
+    cluster = cluster_with("web-a")
+    profile = PROFILE.replace(labels="app=wbe")
+    with pytest.raises(NothingMatches, match="No pod in namespace shop matches app=wbe; pods "
+                                             "there have app=web"):
+        await Session(cluster, mode_with({}), profile, FileOutput(str(out), grace=5)).run()
+    assert not out.exists()
+
+
+async def test_follow_starts_new_pods_and_restarts_and_ends_deleted_ones(out: Path) -> None:
+    cluster = WatchedCluster()
+    first = cluster.add_pod(make_pod("web-a", namespace="shop", labels={"app": "web"}))
+    mode = mode_with({"web-a": 1, "web-b": 1}, interval=0.005, forever=True)
+    session = Session(cluster, mode, PROFILE.replace(follow=True), FileOutput(str(out), grace=5))
+
+    async def churn() -> None:
+        await anyio.sleep(0.2)
+        added = make_pod("web-b", namespace="shop", labels={"app": "web"}, ip="10.1.0.99")
+        await cluster.send_event.send(PodEvent(PodEventType.ADDED, added))
+        await anyio.sleep(0.2)
+        restarted = ContainerInfo("app", "app:1", running=True, container_id="containerd://2")
+        from dataclasses import replace
+        await cluster.send_event.send(PodEvent(PodEventType.MODIFIED,
+                                               replace(first, containers=(restarted,))))
+        await anyio.sleep(0.2)
+        await cluster.send_event.send(PodEvent(PodEventType.DELETED, added))
+        await anyio.sleep(0.2)
+        session.stop("test over")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(churn)
+        with anyio.fail_after(10):
+            result = await session.run()
+    cluster.close()
+    labels = [run.label for run in result.runs]
+    assert labels == ["shop/web-a", "shop/web-b", "shop/web-a"]
+    assert all(run.state == "done" and run.packets > 0 for run in result.runs)
+    names, packets, reader = read_capture(out.read_bytes())
+    assert sorted(names) == ["shop/web-a", "shop/web-a#2", "shop/web-b"]
+    assert len(packets) == result.packets
+    assert len(reader.interfaces) == 3
+    assert all(capture.closed for capture in mode.opened)
+
+
+async def test_host_network_pods_on_one_node_are_captured_once(out: Path) -> None:
+    from dataclasses import replace
+    cluster = FakeCluster()
+    for name in ("proxy-a", "proxy-b"):
+        cluster.add_pod(replace(make_pod(name, namespace="shop", labels={"app": "web"}),
+                                host_network=True))
+    mode = mode_with({"proxy-a": 3, "proxy-b": 3})
+    result = await Session(cluster, mode, PROFILE, FileOutput(str(out), grace=5)).run()
+    assert [run.label for run in result.runs] == ["shop/proxy-a"]
+    assert "host network of node node-1" in result.skipped[0].reason
+    assert "shared with shop/proxy-b" in result.runs[0].description
+
+
+async def test_dry_run_lists_pods_modes_and_what_is_created() -> None:
+    cluster = cluster_with("web-a", "web-b")
+    mode = mode_with({})
+    mode.refuse = {"web-b"}
+    lines = await dry_run(cluster, mode, PROFILE)
+    text = "\n".join(lines)
+    assert "2 pods in namespace shop match app=web" in text
+    assert "shop/web-a: would capture with mode fake" in text
+    assert "would create: nothing in shop/web-a" in text
+    assert "shop/web-b: cannot capture with mode fake" in text
+    assert not mode.opened
+
+
+def test_spool_files_are_private(tmp_path: Path) -> None:
+    # The parts directory is created 0700 and holds the captures while they run.
+    output = FileOutput(str(tmp_path / "x.pcapng"), grace=1)
+
+    async def main() -> None:
+        async with output.open():
+            assert stat.S_IMODE(os.stat(output.parts).st_mode) == 0o700
+
+    anyio.run(main, backend="asyncio")
