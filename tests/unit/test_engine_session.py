@@ -356,3 +356,26 @@ def test_spool_files_are_private(tmp_path: Path) -> None:
             assert stat.S_IMODE(os.stat(output.parts).st_mode) == 0o700
 
     anyio.run(main, backend="asyncio")
+
+
+async def test_summary_json_shape(out: Path) -> None:
+    from multisniff import ui
+
+    counts = {"web-a": 5, "web-b": 5}
+    mode = mode_with(counts)
+    mode.refuse = {"web-b"}
+    result = await Session(cluster_with(*counts), mode, PROFILE,
+                           FileOutput(str(out), grace=5)).run()
+    summary = ui.summary_json(result, exit_code=result.exit_code, output=str(out))
+    assert summary["exit_code"] == ExitCode.PARTIAL
+    assert summary["output"] == str(out)
+    assert summary["totals"] == {"pods": 2, "captured": 1, "failed": 1, "packets": 5,
+                                 "bytes": summary["totals"]["bytes"], "dropped": 0, "late": 0}
+    pod = summary["pods"][0]
+    assert set(pod) == {"namespace", "pod", "node", "container", "interface", "mode", "reason",
+                        "state", "error", "packets", "bytes", "dropped", "late"}
+    assert (pod["namespace"], pod["pod"], pod["state"]) == ("shop", "web-a", "done")
+    assert summary["pods"][1]["error"] == "the fake refuses it"
+    assert isinstance(summary["duration"], float)
+    lines = ui.summary_lines(result)
+    assert lines[-1].startswith("5 packets from 2 captures written to")
