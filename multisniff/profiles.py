@@ -64,6 +64,8 @@ class Profile:
     """Seconds added to --duration for the remote tcpdump's own bound."""
     stop_grace: float = 15.0
     """Seconds allowed for stopping, draining and cleaning up before work is cut off."""
+    startup_timeout: float = 120.0
+    """--duration starts once the pods found at the start capture, or after this at most."""
 
     def replace(self, **changes: Any) -> Profile:
         return dataclasses.replace(self, **changes)
@@ -91,6 +93,7 @@ _KEY_TYPES: dict[str, tuple[type, ...]] = {
     "max_lifetime": (int, float, str),
     "lifetime_margin": (int, float),
     "stop_grace": (int, float),
+    "startup_timeout": (int, float),
 }
 
 _TYPE_WORDS = {str: "a string", bool: "true or false", int: "an integer", float: "a number"}
@@ -167,7 +170,8 @@ def _convert(key: str, value: Any) -> Any:
         raise ValueError(f"{value!r} is not a mode; use one of {', '.join(MODES)}")
     if key in ("snaplen", "count", "buffer_chunks", "max_pending") and value <= 0:
         raise ValueError("must be more than 0")
-    if key in ("reorder_window", "flush_interval", "lifetime_margin", "stop_grace"):
+    if key in ("reorder_window", "flush_interval", "lifetime_margin", "stop_grace",
+               "startup_timeout"):
         if value < 0 or (key == "flush_interval" and value == 0):
             raise ValueError("must be a positive number of seconds")
         return float(value)

@@ -102,6 +102,9 @@ class Session:
         self._watch_scope = anyio.CancelScope()
         self._started_at = 0.0
         self._stopping = False
+        self._starting: set[CaptureRun] = set()
+        """Runs of the pods found at the start that are not capturing (or over) yet."""
+        self._all_started = anyio.Event()
 
     # --- control ------------------------------------------------------------------------------
 
@@ -119,11 +122,17 @@ class Session:
             self._tg.cancel_scope.cancel()
 
     def _lifetime(self) -> float:
+        """The remote tcpdump's own bound, counted from its start: the duration timer starts
+        at most `startup_timeout` later."""
         profile = self.profile
         if profile.duration is None:
             return profile.max_lifetime
-        left = profile.duration - (self.wall_clock() - self._started_at)
-        return max(left, 0.0) + profile.lifetime_margin
+        return profile.duration + profile.startup_timeout + profile.lifetime_margin
+
+    def _started(self, run: CaptureRun) -> None:
+        self._starting.discard(run)
+        if not self._starting:
+            self._all_started.set()
 
     def _spec(self) -> CaptureSpec:
         profile = self.profile
@@ -149,6 +158,9 @@ class Session:
                     await self._names(pod_list.pods)
                     for item in plan(pod_list.pods, self.profile.container):
                         self._start(item)
+                    self._starting = {run for run, _ in self.active.values()}
+                    if not self._starting:
+                        self._all_started.set()
                     if self.profile.follow:
                         tg.start_soon(self._watch, pod_list.resource_version)
                     elif not self.active:
@@ -161,6 +173,13 @@ class Session:
         return self._result()
 
     async def _duration_timer(self, seconds: float) -> None:
+        """--duration counts from when the pods found at the start are all capturing (or
+        failed), so that slow starts (uploads, image pulls) do not eat it; a start that takes
+        longer than startup_timeout starts the clock anyway."""
+        with anyio.move_on_after(self.profile.startup_timeout):
+            await self._all_started.wait()
+        if self.runs:
+            log.info("Capturing for %gs from now.", seconds)
         await anyio.sleep(seconds)
         self.stop(f"--duration {seconds:g}s reached")
 
@@ -273,10 +292,12 @@ class Session:
             async with self.mode.open(run.target, self._spec()) as capture:
                 self.active[key] = (run, capture)
                 if run.state == "stopping" or self._stopping:
+                    run.state = "stopping"
                     await capture.stop()
                 else:
                     run.state = "capturing"
                     log.info("Capturing %s (%s).", run.label, run.description)
+                self._started(run)
                 await self._copy(run, capture)
                 with anyio.move_on_after(self.profile.stop_grace):
                     run.report = await capture.wait()
@@ -300,6 +321,7 @@ class Session:
             run.state, run.error = "failed", f"{type(exc).__name__}: {exc}"
             log.error("Capture of %s failed: %s", run.label, run.error, exc_info=True)
         finally:
+            self._started(run)
             run.ended = self.wall_clock()
             with anyio.CancelScope(shield=True), anyio.move_on_after(self.profile.stop_grace):
                 await self.output.end(run)
@@ -343,7 +365,10 @@ class Session:
                 self.stop(f"--max-size {self.profile.max_size} bytes reached")
         problem = transcoder.finish()
         if problem is not None and not run.error:
-            run.error = f"its capture stream was cut off: {problem}"
+            if transcoder.reader.format is None and run.state == "stopping":
+                run.error = "it was stopped before its tcpdump had started"
+            else:
+                run.error = f"its capture stream was cut off: {problem}"
 
     # --- the end ------------------------------------------------------------------------------
 

@@ -123,6 +123,8 @@ class FakeMode:
     name: str = "fake"
     refuse: set[str] = field(default_factory=set)
     fail_open: set[str] = field(default_factory=set)
+    open_delay: dict[str, float] = field(default_factory=dict)
+    """Seconds that starting the capture of a pod takes (an upload, an image pull)."""
     opened: list[FakeCapture] = field(default_factory=list)
     specs: list[CaptureSpec] = field(default_factory=list)
 
@@ -137,6 +139,7 @@ class FakeMode:
 
         if target.pod.ref.name in self.fail_open:
             raise ClusterError(f"The fake cannot exec into {target.label}; it said so.")
+        await anyio.sleep(self.open_delay.get(target.pod.ref.name, 0))
         capture = self.make(target)
         self.opened.append(capture)
         self.specs.append(spec)

@@ -169,7 +169,20 @@ async def test_duration_stops_endless_captures(out: Path) -> None:
     assert "--duration" in result.stop_reason
     assert all(capture.stopped and capture.closed for capture in mode.opened)
     assert result.exit_code == ExitCode.OK
-    assert mode.specs[0].lifetime == pytest.approx(0.3 + PROFILE.lifetime_margin, abs=1)
+    assert mode.specs[0].lifetime == (
+        0.3 + PROFILE.startup_timeout + PROFILE.lifetime_margin)
+
+
+async def test_duration_counts_from_when_the_slowest_start_is_done(out: Path) -> None:
+    counts = {"web-a": 1, "web-b": 1}
+    mode = mode_with(counts, interval=0.01, forever=True)
+    mode.open_delay = {"web-b": 0.6}
+    session = Session(cluster_with(*counts), mode, PROFILE.replace(duration=0.3),
+                      FileOutput(str(out), grace=5))
+    with anyio.fail_after(10):
+        result = await session.run()
+    assert [run.state for run in result.runs] == ["done", "done"]
+    assert all(run.packets > 5 for run in result.runs)
 
 
 async def test_stalled_sink_bounds_memory_and_counts_drops() -> None:
