@@ -29,10 +29,10 @@ import anyio.to_thread
 
 from multisniff.capture.bundle import MANIFEST_NAME, Bundle
 from multisniff.capture.bundlecache import WATCHDOG_NAME, bundle_for, host_arch
-from multisniff.capture.model import Assessment, CaptureReport, CaptureSpec, Target
-from multisniff.capture.stats import last_lines, parse_statistics
+from multisniff.capture.execcapture import ExecCapture, run_to_end
+from multisniff.capture.model import Assessment, CaptureSpec, Target
 from multisniff.errors import MultisniffError
-from multisniff.kube.model import Cluster, ExecChannel, PodRef
+from multisniff.kube.model import Cluster, PodRef
 
 log = logging.getLogger(__name__)
 
@@ -71,46 +71,6 @@ def capture_command(bundle: Bundle, directory: str, spec: CaptureSpec, *,
         watchdog += ["--pidfile", pidfile]
     return [*watchdog, "--",
             *bundle.command("tcpdump", capture_arguments(spec), root=directory)]
-
-
-class UploadedCapture:
-    """A RemoteCapture over the exec that runs the watched tcpdump."""
-
-    def __init__(self, cluster: Cluster, target: Target, channel: ExecChannel,
-                 stderr: bytearray, pidfile: str) -> None:
-        self._cluster = cluster
-        self._target = target
-        self._channel = channel
-        self._stderr = stderr
-        self._pidfile = pidfile
-        self._stopped = False
-
-    async def read(self) -> bytes:
-        return await self._channel.read()
-
-    async def stop(self) -> None:
-        if self._stopped:
-            return
-        self._stopped = True
-        if await self._channel.close_stdin():
-            return
-        # A v4 exec cannot close stdin alone: signal the watchdog by the PID it wrote.
-        script = f"read -r p < {shlex.quote(self._pidfile)} && kill -INT \"$p\""
-        with anyio.move_on_after(10):
-            await _run(self._cluster, self._target.pod.ref, self._target.container,
-                       ["sh", "-c", script])
-
-    async def wait(self) -> CaptureReport:
-        result = await self._channel.wait()
-        text = bytes(self._stderr).decode(errors="replace")
-        stats = parse_statistics(text)
-        return CaptureReport(
-            exit_code=result.exit_code,
-            captured=stats.captured,
-            received=stats.received,
-            dropped_by_kernel=stats.dropped_by_kernel,
-            message=last_lines(text) or result.message,
-        )
 
 
 class UploadMode:
@@ -152,7 +112,7 @@ class UploadMode:
         script = _PROBE.format(commands=" ".join(_NEEDED_COMMANDS),
                                directory=shlex.quote(self._directory))
         try:
-            code, out, message = await _run(self._cluster, target.pod.ref, name,
+            code, out, message = await run_to_end(self._cluster, target.pod.ref, name,
                                             ["sh", "-c", script])
         except MultisniffError as exc:
             return Assessment(False, f"container {name} cannot be probed: {exc}")
@@ -194,7 +154,7 @@ class UploadMode:
         return posixpath.join(self._directory, f".multisniff-{bundle.digest[:12]}")
 
     @asynccontextmanager
-    async def open(self, target: Target, spec: CaptureSpec) -> AsyncIterator[UploadedCapture]:
+    async def open(self, target: Target, spec: CaptureSpec) -> AsyncIterator[ExecCapture]:
         ref, name = target.pod.ref, target.container
         bundle = await self._bundle(target)
         directory = self.bundle_directory(bundle)
@@ -213,14 +173,16 @@ class UploadMode:
                 except BaseException:
                     await self._remove(ref, name, directory)
                     raise
-            yield UploadedCapture(self._cluster, target, channel, stderr, pidfile)
+            # A v4 exec cannot close stdin alone: then signal the watchdog by its PID file.
+            stop = ["sh", "-c", f'read -r p < {shlex.quote(pidfile)} && kill -INT "$p"']
+            yield ExecCapture(self._cluster, ref, name, channel, stderr, stop_command=stop)
             # Leaving the exec closes the stream: the watchdog stops tcpdump and removes DIR.
 
     async def _present(self, ref: PodRef, container: str, directory: str, digest: str) -> bool:
         manifest = shlex.quote(posixpath.join(directory, MANIFEST_NAME))
         # The manifest is sorted JSON with one key a line: "digest" is on line 2.
         script = f'{{ read -r a; read -r b; }} < {manifest} 2>/dev/null && echo "$b"'
-        code, out, _ = await _run(self._cluster, ref, container, ["sh", "-c", script])
+        code, out, _ = await run_to_end(self._cluster, ref, container, ["sh", "-c", script])
         return code == 0 and f'"digest": "{digest}"' in out.decode(errors="replace")
 
     async def _upload(self, ref: PodRef, container: str, directory: str, bundle: Bundle) -> None:
@@ -263,21 +225,8 @@ class UploadMode:
     async def _remove(self, ref: PodRef, container: str, directory: str) -> None:
         try:
             with anyio.fail_after(self._cleanup_timeout, shield=True):
-                await _run(self._cluster, ref, container, ["rm", "-rf", directory])
+                await run_to_end(self._cluster, ref, container, ["rm", "-rf", directory])
         except Exception as exc:
             log.warning("Could not remove %s from %s container %s (%s); remove it with: "
                         "kubectl exec -n %s %s -c %s -- rm -rf %s", directory, ref, container,
                         exc, ref.namespace, ref.name, container, directory)
-
-
-async def _run(cluster: Cluster, ref: PodRef, container: str,
-               command: list[str]) -> tuple[int | None, bytes, str]:
-    """Run a short command to its end: (exit code, stdout, server message or stderr)."""
-    stderr = bytearray()
-    out = bytearray()
-    async with cluster.exec(ref, container, command, on_stderr=stderr.extend) as channel:
-        while chunk := await channel.read():
-            out += chunk
-        result = await channel.wait()
-    message = result.message or bytes(stderr).decode(errors="replace").strip()
-    return result.exit_code, bytes(out), message

@@ -20,6 +20,7 @@ import anyio
 import pytest
 from kubenamespace import throwaway_namespace
 
+from multisniff.capture.ephemeral import EphemeralMode
 from multisniff.capture.model import CaptureSpec, Target
 from multisniff.capture.upload import UploadMode
 from multisniff.kube.api import connect
@@ -196,3 +197,58 @@ def test_a_client_killed_with_sigkill_leaves_nothing_after_the_lifetime(
             client.stdout.close()
     time.sleep(10 + 5 + 1)  # lifetime + the watchdog's grace + a second
     assert leftovers(cluster, namespace, "sink", "app") == ""
+
+
+def ephemeral_states(cluster: Any, namespace: str, pod: str) -> dict[str, dict[str, Any]]:
+    obj = cluster.kubectl_json("get", "pod", pod, "-n", namespace)
+    return {s["name"]: s.get("state", {})
+            for s in obj["status"].get("ephemeralContainerStatuses", [])}
+
+
+def send_queries(cluster: Any, namespace: str, ip: str, count: int) -> None:
+    cluster.kubectl("exec", "sender", "-n", namespace, "--", "workload", "dns",
+                    "-targets", f"{ip}:53", "-count", str(count), "-rate", "20",
+                    "-report", "0", timeout=60, check=False)
+
+
+@pytest.mark.anyio
+async def test_ephemeral_captures_next_to_a_container_without_shell_and_ends(
+        cluster: Any, pods: dict[str, Any], tmp_path: Path) -> None:
+    namespace = pods["namespace"]
+    dns_ip = cluster.kubectl_json("get", "pod", "dns", "-n", namespace)["status"]["podIP"]
+    before = set(ephemeral_states(cluster, namespace, "dns"))
+    async with connect(str(cluster.kubeconfig)) as kube:
+        mode = EphemeralMode(kube, image=TOOLS_IMAGE)
+        target = await _target(kube, namespace, "dns", "coredns")
+        assessment = await mode.assess(target)
+        assert assessment.usable, assessment.reason
+        spec = CaptureSpec(interface="any", bpf_filter="udp port 53", packet_count=4,
+                           lifetime=120)
+        async with mode.open(target, spec) as capture:
+            await anyio.sleep(2)
+            await anyio.to_thread.run_sync(send_queries, cluster, namespace, dns_ip, 2)
+            pcap = bytearray()
+            with anyio.fail_after(30):
+                while chunk := await capture.read():
+                    pcap += chunk
+            report = await capture.wait()
+
+    assert report.exit_code == 0, report.message
+    assert report.captured == 4
+    path = tmp_path / "dns.pcap"
+    path.write_bytes(pcap)
+    out = subprocess.run(["tshark", "-r", str(path), "-Y", "dns", "-T", "fields",
+                          "-e", "dns.flags.response"], capture_output=True, text=True,
+                         check=True, timeout=60).stdout.split()
+    assert sorted(out) in (["0", "0", "1", "1"], ["False", "False", "True", "True"]), out
+    added = set(ephemeral_states(cluster, namespace, "dns")) - before
+    assert len(added) == 1
+    (name,) = added
+    deadline = time.monotonic() + 30
+    while "terminated" not in ephemeral_states(cluster, namespace, "dns")[name]:
+        assert time.monotonic() < deadline, ephemeral_states(cluster, namespace, "dns")
+        time.sleep(0.5)
+    # The target container was never signalled.
+    status = cluster.kubectl_json("get", "pod", "dns", "-n", namespace)["status"]
+    assert status["containerStatuses"][0]["restartCount"] == 0
+    assert "running" in status["containerStatuses"][0]["state"]

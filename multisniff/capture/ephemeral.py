@@ -1,0 +1,152 @@
+"""Ephemeral mode: run tcpdump in an ephemeral container added to the target's pod.
+
+For targets the upload mode cannot use (no shell or tar, not root, a read-only /tmp), an
+ephemeral container ``msnf-<random6>`` joins the pod's network namespace and, through
+``targetContainerName``, the target container's PID namespace. It gets CAP_NET_ADMIN and
+CAP_NET_RAW and nothing else (never privileged), and its own process is only a sleeper
+(``sleep LIFETIME``) that ends by itself when the capture's lifetime is over. tcpdump runs by
+exec in it under a POSIX shell watchdog: tcpdump in the background (under ``timeout`` where the
+image has it), the shell waits for its stdin to reach EOF (stream closed, client gone) and
+then sends tcpdump SIGTERM, which makes it flush and print its statistics.
+
+An ephemeral container cannot be removed from a pod spec: it stays listed, terminated, until
+the pod is deleted. At the end we end its process instead: the sleeper wrote its PID into the
+ephemeral container's own /tmp, and we kill exactly that PID. Never ``kill 1``: in the shared
+PID namespace that is the target container's process.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import shlex
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+
+from multisniff.capture.execcapture import ExecCapture, run_to_end
+from multisniff.capture.model import Assessment, CaptureSpec, Target
+from multisniff.capture.upload import capture_arguments
+from multisniff.errors import MultisniffError
+from multisniff.kube.model import Cluster
+
+log = logging.getLogger(__name__)
+
+# A widely used troubleshooting image with tcpdump, a POSIX sh and timeout, multi-arch (amd64
+# and arm64); pinned so that every capture runs the same tcpdump. Override with image=.
+DEFAULT_IMAGE = "docker.io/nicolaka/netshoot:v0.13"
+SLEEPER_PID_FILE = "/tmp/msnf-sleeper.pid"
+CAPTURE_PID_FILE = "/tmp/msnf-capture.pid"
+START_MARGIN = 120.0
+"""Seconds the sleeper lives beyond the capture's lifetime: time to start and to flush."""
+
+
+class EphemeralError(MultisniffError):
+    """The ephemeral container could not be added or did not start."""
+
+
+def sleeper_command(lifetime: float) -> list[str]:
+    seconds = int(lifetime + START_MARGIN)
+    # "$$$$": Kubernetes expands $(VAR) in a container's command and turns $$ into $.
+    return ["sh", "-c", f"echo $$$$ > {SLEEPER_PID_FILE} && exec sleep {seconds}"]
+
+
+def capture_script(spec: CaptureSpec) -> str:
+    """The shell watchdog around tcpdump (see the module docstring)."""
+    tcpdump = shlex.join(["tcpdump", "-Z", "root", *capture_arguments(spec)])
+    lifetime = max(1, int(spec.lifetime))
+    return (
+        "exec 3<&0; "
+        # A background job of a non-interactive shell ignores SIGINT: tcpdump is sent SIGTERM.
+        f"if command -v timeout >/dev/null 2>&1; then timeout {lifetime} {tcpdump} & "
+        f"else {tcpdump} & fi; "
+        f"p=$!; echo $p > {CAPTURE_PID_FILE}; "
+        '( read -r _ <&3; kill -TERM "$p" ) >/dev/null 2>&1 & w=$!; '
+        'wait "$p"; s=$?; kill "$w" 2>/dev/null; '
+        f"rm -f {CAPTURE_PID_FILE}; exit $s"
+    )
+
+
+class EphemeralMode:
+    """Runs tcpdump in an ephemeral container next to the target container."""
+
+    name = "ephemeral"
+
+    def __init__(self, cluster: Cluster, *, image: str = DEFAULT_IMAGE,
+                 start_timeout: float = 120.0, cleanup_timeout: float = 10.0) -> None:
+        self._cluster = cluster
+        self._image = image
+        self._start_timeout = start_timeout
+        self._cleanup_timeout = cleanup_timeout
+
+    async def assess(self, target: Target) -> Assessment:
+        pod, name = target.pod, target.container
+        container = pod.container(name)
+        if container is None:
+            return Assessment(False, f"pod {target.label} has no container {name}")
+        if pod.phase != "Running" or not container.running:
+            return Assessment(False, f"container {name} is not running")
+        namespace = pod.ref.namespace
+        if not await self._cluster.can_i("update", "pods", namespace=namespace,
+                                         subresource="ephemeralcontainers"):
+            return Assessment(False, f"you may not add ephemeral containers to pods in "
+                                     f"namespace {namespace} (update pods/ephemeralcontainers)")
+        if not await self._cluster.can_i("create", "pods", namespace=namespace,
+                                         subresource="exec"):
+            return Assessment(False, f"you may not exec into pods in namespace {namespace}")
+        return Assessment(
+            True,
+            f"may add an ephemeral container with {self._image} next to container {name} "
+            f"(namespace {namespace}'s Pod Security must allow NET_ADMIN and NET_RAW)",
+            creates=(f"ephemeral container msnf-<random6> in pod {target.label} "
+                     f"(stays listed, terminated, until the pod is deleted)",),
+        )
+
+    def container_spec(self, name: str, target: Target, spec: CaptureSpec) -> dict[str, Any]:
+        return {
+            "name": name,
+            "image": self._image,
+            "imagePullPolicy": "IfNotPresent",
+            "targetContainerName": target.container,
+            "command": sleeper_command(spec.lifetime),
+            "stdin": False,
+            "tty": False,
+            "securityContext": {
+                "privileged": False,
+                "capabilities": {"add": ["NET_ADMIN", "NET_RAW"]},
+            },
+        }
+
+    @asynccontextmanager
+    async def open(self, target: Target, spec: CaptureSpec) -> AsyncIterator[ExecCapture]:
+        ref = target.pod.ref
+        name = f"msnf-{secrets.token_hex(3)}"
+        container_spec: Mapping[str, Any] = self.container_spec(name, target, spec)
+        await self._cluster.add_ephemeral_container(ref, container_spec)
+        try:
+            await self._cluster.wait_container_running(ref, name, timeout=self._start_timeout)
+            stderr = bytearray()
+            stop = ["sh", "-c", f'read -r p < {CAPTURE_PID_FILE} && kill -TERM "$p"']
+            async with self._cluster.exec(ref, name, ["sh", "-c", capture_script(spec)],
+                                          stdin=True, on_stderr=stderr.extend) as channel:
+                yield ExecCapture(self._cluster, ref, name, channel, stderr, stop_command=stop)
+        finally:
+            await self._end_sleeper(target, name)
+
+    async def _end_sleeper(self, target: Target, name: str) -> None:
+        ref = target.pod.ref
+        script = (f'read -r p < {SLEEPER_PID_FILE} || exit 3; '
+                  'case "$p" in ""|*[!0-9]*|1) exit 3;; esac; kill -TERM "$p"')
+        try:
+            with anyio.fail_after(self._cleanup_timeout, shield=True):
+                code, _, message = await run_to_end(self._cluster, ref, name,
+                                                    ["sh", "-c", script])
+            if code != 0:
+                raise EphemeralError(message or f"exit {code}")
+        except Exception as exc:
+            log.warning(
+                "Could not end ephemeral container %s of pod %s (%s); it ends by itself at "
+                "its lifetime, or now with: kubectl exec -n %s %s -c %s -- sh -c %s",
+                name, ref, exc, ref.namespace, ref.name, name, shlex.quote(script))

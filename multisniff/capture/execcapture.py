@@ -1,0 +1,70 @@
+"""A remote tcpdump over one exec stream, as every mode runs it.
+
+The exec's stdout is the pcap stream and its stderr ends with tcpdump's statistics; the process
+on the other end (the watchdog, or the ephemeral mode's shell) stops tcpdump when its stdin
+reaches EOF. `stop()` half-closes stdin; where the exec protocol cannot (v4) it runs the mode's
+`stop_command` in the same container instead, which signals the watchdog by a PID file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import anyio
+
+from multisniff.capture.model import CaptureReport
+from multisniff.capture.stats import last_lines, parse_statistics
+from multisniff.kube.model import Cluster, ExecChannel, PodRef
+
+STOP_TIMEOUT = 10.0
+
+
+class ExecCapture:
+    """A RemoteCapture over the exec that runs a watched tcpdump."""
+
+    def __init__(self, cluster: Cluster, pod: PodRef, container: str, channel: ExecChannel,
+                 stderr: bytearray, *, stop_command: Sequence[str]) -> None:
+        self._cluster = cluster
+        self._pod = pod
+        self._container = container
+        self._channel = channel
+        self._stderr = stderr
+        self._stop_command = list(stop_command)
+        self._stopped = False
+
+    async def read(self) -> bytes:
+        return await self._channel.read()
+
+    async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        if await self._channel.close_stdin():
+            return
+        with anyio.move_on_after(STOP_TIMEOUT):
+            await run_to_end(self._cluster, self._pod, self._container, self._stop_command)
+
+    async def wait(self) -> CaptureReport:
+        result = await self._channel.wait()
+        text = bytes(self._stderr).decode(errors="replace")
+        stats = parse_statistics(text)
+        return CaptureReport(
+            exit_code=result.exit_code,
+            captured=stats.captured,
+            received=stats.received,
+            dropped_by_kernel=stats.dropped_by_kernel,
+            message=last_lines(text) or result.message,
+        )
+
+
+async def run_to_end(cluster: Cluster, ref: PodRef, container: str,
+                     command: Sequence[str]) -> tuple[int | None, bytes, str]:
+    """Run a short command to its end: (exit code, stdout, server message or stderr)."""
+    stderr = bytearray()
+    out = bytearray()
+    async with cluster.exec(ref, container, command, on_stderr=stderr.extend) as channel:
+        while chunk := await channel.read():
+            out += chunk
+        result = await channel.wait()
+    message = result.message or bytes(stderr).decode(errors="replace").strip()
+    return result.exit_code, bytes(out), message
