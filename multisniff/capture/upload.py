@@ -116,9 +116,11 @@ class UploadMode:
                                             ["sh", "-c", script])
         except MultisniffError as exc:
             return Assessment(False, f"container {name} cannot be probed: {exc}")
+        if code is None and ("not found" in message or "no such file" in message.lower()):
+            return Assessment(False, f"container {name} has no shell (sh)")
         if code != 0:
-            return Assessment(False, f"container {name} has no shell (sh): "
-                                     f"{message or f'the probe exited with {code}'}")
+            return Assessment(False, f"container {name} could not run the probe: "
+                                     f"{message or f'sh exited with {code}'}")
         facts = dict(line.partition("=")[::2] for line in out.decode(errors="replace").split())
         missing = [line.partition("=")[2] for line in out.decode(errors="replace").split()
                    if line.startswith("missing=")]

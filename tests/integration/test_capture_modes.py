@@ -20,6 +20,7 @@ import anyio
 import pytest
 from kubenamespace import throwaway_namespace
 
+from multisniff.capture.auto import AutoMode
 from multisniff.capture.ephemeral import EphemeralMode
 from multisniff.capture.model import CaptureSpec, Target
 from multisniff.capture.upload import UploadMode
@@ -252,3 +253,17 @@ async def test_ephemeral_captures_next_to_a_container_without_shell_and_ends(
     status = cluster.kubectl_json("get", "pod", "dns", "-n", namespace)["status"]
     assert status["containerStatuses"][0]["restartCount"] == 0
     assert "running" in status["containerStatuses"][0]["state"]
+
+
+@pytest.mark.anyio
+async def test_auto_picks_upload_for_the_workload_and_ephemeral_for_coredns(
+        cluster: Any, pods: dict[str, Any]) -> None:
+    namespace = pods["namespace"]
+    async with connect(str(cluster.kubeconfig)) as kube:
+        auto = AutoMode(UploadMode(kube), EphemeralMode(kube, image=TOOLS_IMAGE))
+        sink = await auto.assess(await _target(kube, namespace, "sink", "app"))
+        dns = await auto.assess(await _target(kube, namespace, "dns", "coredns"))
+
+    assert sink.reason == "upload: container app has tar and runs as root"
+    assert dns.usable
+    assert dns.reason == "ephemeral: container coredns has no shell (sh)"
