@@ -1,0 +1,148 @@
+"""Ephemeral and auto modes against a FakeCluster whose exec runs locally: the ephemeral
+container's sleeper and the shell watchdog around a real tcpdump on lo run on this machine,
+with their /tmp files moved into a temporary directory."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from fakes import FakeCluster, make_pod
+
+from multisniff.capture.auto import AutoMode, NoUsableMode
+from multisniff.capture.ephemeral import EphemeralMode
+from multisniff.capture.model import CaptureSpec, Target
+from multisniff.capture.upload import UploadMode
+from multisniff.kube.model import PodRef
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class SleeperCluster(FakeCluster):
+    """Starts an added ephemeral container's command locally, as Kubernetes would run it."""
+
+    sleepers: list[subprocess.Popen[bytes]]
+
+    async def add_ephemeral_container(self, pod: PodRef, spec: Mapping[str, Any]) -> None:
+        await super().add_ephemeral_container(pod, spec)
+        # Kubernetes turns $$ into $ in a container's command.
+        argv = [a.replace("$$", "$") for a in spec["command"]]
+        assert self.rewrite is not None
+        self.sleepers.append(subprocess.Popen(list(self.rewrite(pod, spec["name"], argv))))
+        await anyio.sleep(0.2)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[SleeperCluster]:
+    def rewrite(pod: PodRef, container: str, argv: Sequence[str]) -> list[str]:
+        return [a.replace("/tmp/msnf-", f"{tmp_path}/msnf-") for a in argv]
+
+    fake = SleeperCluster(rewrite=rewrite)
+    fake.sleepers = []
+    fake.add_pod(make_pod())
+    yield fake
+    for sleeper in fake.sleepers:
+        if sleeper.poll() is None:
+            sleeper.kill()
+        sleeper.wait()
+
+
+def _send_udp(port: int, count: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for i in range(count):
+            s.sendto(f"MSNF eph {i}".encode(), ("127.0.0.1", port))
+
+
+@pytest.mark.skipif(shutil.which("tcpdump") is None or os.geteuid() != 0,
+                    reason="needs tcpdump and root (captures on lo)")
+@pytest.mark.anyio
+async def test_capture_runs_in_the_ephemeral_container_and_its_sleeper_is_ended(
+        cluster: SleeperCluster) -> None:
+    target = Target(cluster.pods[PodRef("default", "app-0")], "app")
+    mode = EphemeralMode(cluster, image="tools:1")
+    port = 48000 + os.getpid() % 1000
+    spec = CaptureSpec(interface="lo", bpf_filter=f"udp port {port}", packet_count=3,
+                       lifetime=30)
+
+    async with mode.open(target, spec) as capture:
+        await anyio.sleep(1)
+        await anyio.to_thread.run_sync(_send_udp, port, 3)
+        pcap = bytearray()
+        with anyio.fail_after(20):
+            while chunk := await capture.read():
+                pcap += chunk
+        report = await capture.wait()
+
+    assert report.exit_code == 0, report.message
+    assert report.captured == 3
+    assert pcap.count(b"MSNF eph") == 3
+    (sleeper,) = cluster.sleepers
+    assert sleeper.wait(timeout=5) == -signal.SIGTERM
+    ((_pod, added),) = cluster.ephemeral_specs
+    assert re.fullmatch(r"msnf-[0-9a-f]{6}", added["name"])
+    assert added["targetContainerName"] == "app"
+    assert added["securityContext"] == {"privileged": False,
+                                        "capabilities": {"add": ["NET_ADMIN", "NET_RAW"]}}
+
+
+@pytest.mark.anyio
+async def test_the_sleeper_is_never_pid_1(cluster: SleeperCluster, tmp_path: Path,
+                                         caplog: pytest.LogCaptureFixture) -> None:
+    target = Target(cluster.pods[PodRef("default", "app-0")], "app")
+    mode = EphemeralMode(cluster, image="tools:1")
+    (tmp_path / "msnf-sleeper.pid").write_text("1\n")
+
+    with caplog.at_level(logging.WARNING):
+        await mode._end_sleeper(target, "msnf-abcdef")
+
+    assert "Could not end ephemeral container msnf-abcdef" in caplog.text
+    assert cluster.execs[-1].result is not None and cluster.execs[-1].result.exit_code == 3
+
+
+@pytest.mark.anyio
+async def test_assess_names_the_missing_permission(cluster: SleeperCluster) -> None:
+    cluster.allowed = {("create", "pods", "exec")}
+    target = Target(cluster.pods[PodRef("default", "app-0")], "app")
+
+    assessment = await EphemeralMode(cluster).assess(target)
+
+    assert not assessment.usable
+    assert assessment.reason == ("you may not add ephemeral containers to pods in namespace "
+                                 "default (update pods/ephemeralcontainers)")
+
+
+@pytest.mark.anyio
+async def test_auto_falls_back_to_ephemeral_and_says_why(tmp_path: Path) -> None:
+    shbin = tmp_path / "bin"
+    shbin.mkdir()
+    (shbin / "sh").symlink_to(shutil.which("sh") or "/bin/sh")
+    cluster = FakeCluster(rewrite=lambda pod, c, argv: ["env", f"PATH={shbin}", *argv])
+    target = Target(cluster.add_pod(make_pod()), "app")
+    auto = AutoMode(UploadMode(cluster, directory=str(tmp_path)), EphemeralMode(cluster))
+
+    mode, assessment = await auto.choose(target)
+
+    assert mode is not None and mode.name == "ephemeral"
+    assert assessment.reason == "ephemeral: container app has no tar, mkdir, mv, rm"
+
+    cluster.allowed = set()
+    other = Target(cluster.add_pod(make_pod("app-1")), "app")
+    assessment = await auto.assess(other)
+    assert not assessment.usable
+    assert assessment.reason.startswith("upload: container app has no tar")
+    with pytest.raises(NoUsableMode, match=r"^Pod default/app-1 cannot be captured: upload:"):
+        async with auto.open(other, CaptureSpec()):
+            pass
