@@ -139,6 +139,8 @@ def build_capture_parser() -> argparse.ArgumentParser:
                       help="bytes kept of each packet")
     what.add_argument("--mode", choices=("auto", "upload", "ephemeral"),
                       help="how tcpdump comes to run next to a pod (default: auto)")
+    what.add_argument("--ephemeral-image", metavar="IMAGE",
+                      help="image with tcpdump for the ephemeral mode's debug container")
     what.add_argument("--profile", metavar="NAME|PATH",
                       help="settings from a profile; flags override it")
     out = parser.add_argument_group("output and limits")
@@ -169,7 +171,7 @@ def profile_from_args(args: argparse.Namespace) -> Profile:
     profile, _ = resolve(args.profile)
     changes: dict[str, object] = {}
     for name in ("labels", "field_selector", "namespace", "all_namespaces", "container",
-                 "interface", "filter", "snaplen", "mode", "count", "follow"):
+                 "interface", "filter", "snaplen", "mode", "count", "follow", "ephemeral_image"):
         value = getattr(args, name)
         if value is not None:
             changes[name] = value
@@ -221,7 +223,7 @@ async def _capture(args: argparse.Namespace, profile: Profile) -> int:
     output_name = "wireshark" if args.wireshark else args.output
     try:
         async with connect(args.kubeconfig, args.context) as cluster:
-            mode = build_mode(profile.mode, cluster)
+            mode = build_mode(profile, cluster)
             if args.dry_run:
                 from multisniff.engine.session import dry_run
 
@@ -243,24 +245,22 @@ async def _capture(args: argparse.Namespace, profile: Profile) -> int:
     return result.exit_code
 
 
-def build_mode(name: str, cluster: Cluster) -> CaptureMode:
+def build_mode(profile: Profile, cluster: Cluster) -> CaptureMode:
     """The CaptureMode of --mode, over the connected cluster."""
-    if name == "upload":
-        from multisniff.capture.upload import UploadMode
+    from multisniff.capture.auto import AutoMode
+    from multisniff.capture.ephemeral import EphemeralMode
+    from multisniff.capture.upload import UploadMode
 
+    def ephemeral() -> EphemeralMode:
+        if profile.ephemeral_image:
+            return EphemeralMode(cluster, image=profile.ephemeral_image)
+        return EphemeralMode(cluster)
+
+    if profile.mode == "upload":
         return UploadMode(cluster)
-    import importlib
-
-    # The ephemeral and auto modes are being written alongside; until they are in the package
-    # they are refused with a sentence instead of a traceback.
-    class_name = {"ephemeral": "EphemeralMode", "auto": "AutoMode"}[name]
-    try:
-        module = importlib.import_module(f"multisniff.capture.{name}")
-    except ImportError as exc:
-        raise UsageError(f"--mode {name} is not available in this version of multisniff; use "
-                         "--mode upload.") from exc
-    mode: CaptureMode = getattr(module, class_name)(cluster)
-    return mode
+    if profile.mode == "ephemeral":
+        return ephemeral()
+    return AutoMode(UploadMode(cluster), ephemeral())
 
 
 async def _capture_session(args: argparse.Namespace, profile: Profile, cluster: Cluster,
@@ -297,8 +297,9 @@ async def _capture_session(args: argparse.Namespace, profile: Profile, cluster: 
                     log.warning("%s again: cutting the capture off now.", name)
                     session.abort()
                 else:
-                    session.stop(f"interrupted ({name}); press Ctrl-C again to cut off "
-                                 "at once", interrupted=True)
+                    log.info("%s: stopping the captures; press Ctrl-C again to cut them off "
+                             "at once.", name)
+                    session.stop(f"interrupted ({name})", interrupted=True)
 
     console = Console(stderr=True)
     table = console.is_terminal and not args.debug

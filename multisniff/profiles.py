@@ -45,6 +45,8 @@ class Profile:
     filter: str = ""
     snaplen: int = 262144
     mode: str = "auto"
+    ephemeral_image: str | None = None
+    """Image with tcpdump for the ephemeral mode (None: the mode's default)."""
     duration: float | None = None
     count: int | None = None
     max_size: int | None = None
@@ -82,6 +84,7 @@ _KEY_TYPES: dict[str, tuple[type, ...]] = {
     "filter": (str,),
     "snaplen": (int,),
     "mode": (str,),
+    "ephemeral_image": (str,),
     "duration": (int, float, str),
     "count": (int,),
     "max_size": (int, str),

@@ -40,6 +40,15 @@ class NothingMatches(MultisniffError):
     exit_code = ExitCode.NOTHING
 
 
+def chosen_mode(mode: CaptureMode, reason: str) -> str:
+    """The mode a target gets: a mode that chooses per target (auto) starts its reason with
+    the name of the one it chose ("upload: ...")."""
+    name, sep, _ = reason.partition(": ")
+    if sep and name in ("upload", "ephemeral") and mode.name not in ("upload", "ephemeral"):
+        return name
+    return mode.name
+
+
 def selector_of(profile: Profile) -> PodSelector:
     namespace = None if profile.all_namespaces else (profile.namespace or "default")
     return PodSelector(namespace=namespace, labels=profile.labels, fields=profile.field_selector)
@@ -284,6 +293,7 @@ class Session:
         try:
             assessment = await self.mode.assess(run.target)
             run.reason = assessment.reason
+            run.mode = chosen_mode(self.mode, assessment.reason)
             if not assessment.usable:
                 run.state = "refused"
                 run.error = assessment.reason
@@ -405,7 +415,8 @@ async def dry_run(cluster: Cluster, mode: CaptureMode, profile: Profile) -> list
             continue
         assessment = await mode.assess(item.target)
         verdict = "would capture" if assessment.usable else "cannot capture"
-        lines.append(f"  {item.pod.ref}: {verdict} with mode {mode.name} via container "
+        name = chosen_mode(mode, assessment.reason) if assessment.usable else mode.name
+        lines.append(f"  {item.pod.ref}: {verdict} with mode {name} via container "
                      f"{item.target.container} on node {item.pod.node}: {assessment.reason}")
         lines.extend(f"    would create: {thing}" for thing in assessment.creates)
         if item.shared_with:
