@@ -1,0 +1,85 @@
+"""The whole capture command on the local cluster: three CoreDNS pods for a few seconds, to a
+file and live to stdout, judged by tshark; nothing keeps running afterwards."""
+
+from __future__ import annotations
+
+import json
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.cluster
+
+TOOLS_IMAGE = "multisniff.local/tools:1"
+
+
+def multisniff(cluster: Any, *args: str,
+               timeout: float = 180) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "multisniff", "--kubeconfig", str(cluster.kubeconfig),
+         "-l", "app=coredns", "-n", "kube-system", "--ephemeral-image", TOOLS_IMAGE, *args],
+        capture_output=True, timeout=timeout)
+
+
+def coredns_pods(cluster: Any) -> list[str]:
+    pods = cluster.kubectl_json("get", "pods", "-n", "kube-system", "-l", "app=coredns")
+    return sorted(f"kube-system/{pod['metadata']['name']}" for pod in pods["items"])
+
+
+def interface_names(capture: Path | bytes) -> dict[str, int]:
+    argv = ["tshark", "-r", "-" if isinstance(capture, bytes) else str(capture), "-T", "fields",
+            "-e", "frame.interface_name"]
+    result = subprocess.run(argv, input=capture if isinstance(capture, bytes) else None,
+                            capture_output=True, check=True, timeout=60)
+    counts: dict[str, int] = {}
+    for name in result.stdout.decode().split():
+        counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def no_capture_left_running(cluster: Any) -> bool:
+    pods = cluster.kubectl_json("get", "pods", "-n", "kube-system", "-l", "app=coredns")
+    for pod in pods["items"]:
+        for status in pod["status"].get("ephemeralContainerStatuses", []):
+            if "terminated" not in status.get("state", {}):
+                return False
+    return True
+
+
+def test_three_coredns_pods_to_a_file(cluster: Any, tmp_path: Path) -> None:
+    out = tmp_path / "dns.pcapng"
+    summary = tmp_path / "summary.json"
+    result = multisniff(cluster, "--duration", "4s", "-o", str(out), "--summary-json",
+                        str(summary))
+    assert result.returncode == 0, result.stderr.decode()
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    assert not Path(str(out) + ".parts").exists()
+    pods = coredns_pods(cluster)
+    assert len(pods) == 3
+    counts = interface_names(out)
+    assert sorted(counts) == pods
+    data = json.loads(summary.read_text())
+    assert data["exit_code"] == 0
+    assert sorted(f"{p['namespace']}/{p['pod']}" for p in data["pods"]) == pods
+    assert all(p["state"] == "done" and p["mode"] in ("upload", "ephemeral")
+               for p in data["pods"])
+    assert data["totals"]["packets"] == sum(counts.values())
+    capinfos = subprocess.run(["capinfos", "-o", str(out)], capture_output=True, text=True,
+                              check=True).stdout
+    assert "True" in capinfos  # strict time order
+    deadline = time.monotonic() + 30
+    while not no_capture_left_running(cluster):
+        assert time.monotonic() < deadline, "an ephemeral capture container is still running"
+        time.sleep(1)
+
+
+def test_live_stream_on_stdout(cluster: Any) -> None:
+    result = multisniff(cluster, "--duration", "3s", "-o", "-")
+    assert result.returncode == 0, result.stderr.decode()
+    counts = interface_names(result.stdout)
+    assert sorted(counts) == coredns_pods(cluster)
