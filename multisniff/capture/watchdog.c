@@ -111,7 +111,7 @@ int main(int argc, char **argv) {
         int null = open("/dev/null", O_RDONLY);
         if (null < 0 || dup2(null, 0) < 0) { perror("msnf-watchdog: /dev/null"); _exit(126); }
         if (null > 0) close(null);
-        execv(argv[i], &argv[i]);
+        execvp(argv[i], &argv[i]);
         fprintf(stderr, "msnf-watchdog: cannot run %s: %s\n", argv[i], strerror(errno));
         _exit(errno == ENOENT ? 127 : 126);
     }
