@@ -80,12 +80,11 @@ class LiveOutput:
         self.path = "-" if sink.name == "stdout" else sink.name
         self.merger = TimelineMerger(reorder_window=int(reorder_window * 1e9),
                                      max_pending=max_pending)
+        self.buffer_chunks = buffer_chunks
         self._send: MemoryObjectSendStream[_Item]
         self._receive: MemoryObjectReceiveStream[_Item]
-        self._send, self._receive = anyio.create_memory_object_stream[_Item](buffer_chunks)
         self._out_send: MemoryObjectSendStream[bytes]
         self._out_receive: MemoryObjectReceiveStream[bytes]
-        self._out_send, self._out_receive = anyio.create_memory_object_stream[bytes](1)
         self._sources: dict[CaptureRun, Source] = {}
         self.flush_interval = flush_interval
         self.grace = grace
@@ -199,6 +198,10 @@ class LiveOutput:
 
     @asynccontextmanager
     async def open(self) -> AsyncIterator[LiveOutput]:
+        # The streams exist only while open, so that a session that fails before has none
+        # to leak.
+        self._send, self._receive = anyio.create_memory_object_stream[_Item](self.buffer_chunks)
+        self._out_send, self._out_receive = anyio.create_memory_object_stream[bytes](1)
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._merge_loop)
@@ -213,6 +216,7 @@ class LiveOutput:
                     await self._flush_remaining()
                 finally:
                     self._receive.close()
+                    self._out_send.close()
                     self._out_receive.close()
                     await self.sink.aclose()
             if scope.cancelled_caught:
