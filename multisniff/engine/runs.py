@@ -70,7 +70,11 @@ class CaptureRun:
         return kernel + undelivered + self.cut
 
     def statistics(self, interface_id: int = 0) -> InterfaceStatistics | None:
-        """The ISB for this run's interface (None before any interface was declared)."""
+        """The ISB for this run's interface (None before any interface was declared).
+
+        From tcpdump's closing statistics: isb_ifrecv = "received by filter", isb_osdrop =
+        "dropped by kernel" (the OS's buffer was full), isb_usrdeliv = "captured" (delivered
+        to tcpdump); a comment adds what multisniff wrote, late and dropped in all."""
         if self.tsresol is None:
             return None
         units = units_per_second(self.tsresol)
@@ -86,7 +90,7 @@ class CaptureRun:
             starttime=int(self.started * units),
             endtime=int(end * units),
             ifrecv=report.received if report else None,
-            ifdrop=report.dropped_by_kernel if report else None,
+            osdrop=report.dropped_by_kernel if report else None,
             usrdeliv=report.captured if report else None,
             comments=tuple(comments),
         )

@@ -290,6 +290,7 @@ class Session:
     # --- one capture --------------------------------------------------------------------------
 
     async def _capture(self, key: tuple[str, ...], run: CaptureRun) -> None:
+        cancelled = False
         try:
             assessment = await self.mode.assess(run.target)
             run.reason = assessment.reason
@@ -324,6 +325,7 @@ class Session:
             run.state, run.error = "failed", str(exc)
             log.error("Capture of %s failed: %s", run.label, exc)
         except anyio.get_cancelled_exc_class():
+            cancelled = True
             run.state = "failed" if not run.packets else "done"
             run.error = run.error or "cut off while stopping"
             raise
@@ -333,8 +335,10 @@ class Session:
         finally:
             self._started(run)
             run.ended = self.wall_clock()
-            with anyio.CancelScope(shield=True), anyio.move_on_after(self.profile.stop_grace):
-                await self.output.end(run)
+            if not cancelled:
+                # When cancelled, the output's own shielded flush ends every run it has.
+                with anyio.move_on_after(self.profile.stop_grace):
+                    await self.output.end(run)
             self.active.pop(key, None)
             log.info("%s: %s, %d packets, %d dropped.", run.label, run.state, run.packets,
                      run.dropped)
@@ -395,8 +399,11 @@ class Session:
             code = ExitCode.PARTIAL
         else:
             code = ExitCode.OK
+        captured_uids = {run.target.pod.uid for run in self.runs}
         return SessionResult(
-            runs=self.runs, skipped=self.skipped, exit_code=code, output=self.output.path,
+            runs=self.runs,
+            skipped=[item for item in self.skipped if item.pod.uid not in captured_uids],
+            exit_code=code, output=self.output.path,
             started=self._started_at, ended=self.wall_clock(), stop_reason=self.stop_reason,
             output_bytes=self.output.bytes_written)
 

@@ -222,19 +222,33 @@ async def test_stalled_sink_bounds_memory_and_counts_drops() -> None:
     assert written == result.packets
     assert written + dropped == produced
     assert dropped > 0
+    statistics = CaptureReader().feed(bytes(sink.data)).statistics
+    assert sum(isb.osdrop or 0 for isb in statistics) == sum(c.dropped for c in mode.opened)
+    assert sum(isb.ifrecv or 0 for isb in statistics) == produced
 
 
-async def test_cancel_leaves_no_task_and_closes_every_capture(out: Path) -> None:
+@pytest.mark.parametrize("kind", ["file", "live", "live-stalled"])
+async def test_cancel_leaves_no_task_and_closes_every_capture(out: Path, kind: str) -> None:
     counts = {"web-a": 1, "web-b": 1}
-    mode = mode_with(counts, interval=0.01, forever=True)
-    session = Session(cluster_with(*counts), mode, PROFILE, FileOutput(str(out), grace=5))
+    mode = mode_with(counts, interval=0.002, forever=True)
+    sink = MemorySink()
+    if kind == "live-stalled":
+        sink.gate = anyio.Event()  # never set: the reader is gone for good
+    output = FileOutput(str(out), grace=5) if kind == "file" else live(sink, grace=0.5)
+    session = Session(cluster_with(*counts), mode, PROFILE, output)
     before = len(anyio.get_running_tasks())  # type: ignore[attr-defined]
+    started = anyio.current_time()
     with anyio.move_on_after(0.3):
         await session.run()
+    assert anyio.current_time() - started < 3
     assert len(mode.opened) == 2
     assert all(capture.closed for capture in mode.opened)
     assert len(anyio.get_running_tasks()) == before  # type: ignore[attr-defined]
-    _, packets, _ = read_capture(out.read_bytes())
+    data = out.read_bytes() if kind == "file" else bytes(sink.data)
+    if kind == "live-stalled":
+        assert data == b""
+        return
+    _, packets, _ = read_capture(data)
     assert len(packets) > 0
 
 
