@@ -83,3 +83,54 @@ def test_live_stream_on_stdout(cluster: Any) -> None:
     assert result.returncode == 0, result.stderr.decode()
     counts = interface_names(result.stdout)
     assert sorted(counts) == coredns_pods(cluster)
+
+
+def test_follow_churn_and_ctrl_c(cluster: Any, tmp_path: Path) -> None:
+    """Pods added and deleted during the capture become and end interfaces; SIGINT ends the
+    run with 130 and keeps everything; nothing is left in the pods."""
+    import signal
+
+    from kubenamespace import sleeper, throwaway_namespace
+
+    out = tmp_path / "churn.pcapng"
+    with throwaway_namespace(cluster, "msnf-engine") as namespace:
+        def pod(name: str) -> dict[str, Any]:
+            manifest = sleeper(name, namespace)
+            manifest["metadata"]["labels"] = {"group": "churn"}
+            return manifest
+
+        def apply(name: str) -> None:
+            cluster.kubectl("apply", "-f", "-", input=json.dumps(pod(name)).encode())
+            cluster.kubectl("wait", "--for=condition=Ready", f"pod/{name}", "-n", namespace,
+                            "--timeout=60s")
+
+        apply("first")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "multisniff", "--kubeconfig", str(cluster.kubeconfig),
+             "-l", "group=churn", "-n", namespace, "--mode", "upload", "-o", str(out)],
+            stderr=subprocess.PIPE)
+        try:
+            time.sleep(8)
+            apply("second")
+            time.sleep(8)
+            cluster.kubectl("delete", "pod", "first", "-n", namespace, "--wait=true",
+                            "--timeout=60s")
+            time.sleep(3)
+            process.send_signal(signal.SIGINT)
+            _, stderr = process.communicate(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        assert process.returncode == 130, stderr.decode()
+        log = stderr.decode()
+        assert "went away; ending its capture" in log
+        assert "Starting a capture of" in log
+        inspect = subprocess.run(
+            [sys.executable, "-m", "multisniff", "inspect", "--json", str(out)],
+            capture_output=True, text=True, check=True)
+        interfaces = [item["name"] for item in json.loads(inspect.stdout)["interfaces"]]
+        assert sorted(interfaces) == [f"{namespace}/first", f"{namespace}/second"]
+        left = cluster.kubectl("exec", "-n", namespace, "second", "--", "sh", "-c",
+                               "ls -a /tmp").stdout.decode()
+        assert ".multisniff" not in left
