@@ -16,16 +16,15 @@ Speed matters (a merge of 2 million packets should be close to mergecap): reader
 packets already encoded as EPB pieces, nothing is done per packet here except through C-level
 builtins. Each release step cuts every source's pending packets at the horizon with `bisect`;
 when one source is alone below the horizon its run is copied with one list slice; otherwise the
-runs are merged by sorting integer tags ``key << bits | n`` (ties therefore go to the source
-added first, then to file order, as in mergecap).
+runs are merged by a stable sort of their positions by key (ties therefore go to the source added
+first, then to file order, as in mergecap).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from bisect import bisect_left, bisect_right
-from itertools import accumulate, chain, islice, repeat
-from operator import and_, lshift, or_
+from itertools import accumulate, chain, islice
 
 from multisniff.pcap.blocks import InterfaceInfo, InterfaceStatistics
 from multisniff.pcap.reading import Batch, CaptureError, CaptureReader, Packet
@@ -328,22 +327,16 @@ class TimelineMerger:
         source.head = cut
 
     def _emit_merged(self, cuts: list[tuple[Source, int]]) -> None:
-        total = sum(cut - source.head for source, cut in cuts)
-        bits = total.bit_length()
-        mask = (1 << bits) - 1
-        tags: list[int] = []
+        keys: list[int] = []
         packets: list[Packet] = []
         for source, cut in cuts:
-            head = source.head
-            start = len(packets)
-            tags.extend(map(or_, map(lshift, islice(source.keys, head, cut), repeat(bits)),
-                            range(start, start + cut - head)))
-            packets.extend(islice(source.packets, head, cut))
+            keys.extend(islice(source.keys, source.head, cut))
+            packets.extend(islice(source.packets, source.head, cut))
             source.head = cut
-        tags.sort()
-        self.writer.add_blocks(
-            chain.from_iterable(map(packets.__getitem__, map(and_, tags, repeat(mask)))))
-        self.packets_written += total
+        # A stable sort by key: ties keep the order above (source added first, then file order).
+        order = sorted(range(len(keys)), key=keys.__getitem__)
+        self.writer.add_blocks(chain.from_iterable(map(packets.__getitem__, order)))
+        self.packets_written += len(keys)
 
 
 class _Infinity(int):
