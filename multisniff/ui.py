@@ -125,9 +125,10 @@ class LiveTable:
 
     def render(self) -> Table:
         table = Table(box=None, pad_edge=False)
-        for column in ("pod", "state", "mode", "packets", "bytes", "rate", "drops"):
-            table.add_column(column, justify="right" if column in (
-                "packets", "bytes", "rate", "drops") else "left")
+        table.add_column("pod", overflow="fold")  # the whole name, wrapped if need be
+        for column in ("state", "mode", "packets", "bytes", "rate", "drops"):
+            table.add_column(column, no_wrap=True, justify="left" if column in (
+                "state", "mode") else "right")
         now = time.monotonic()
         for run in self.session.runs:
             then, before = self._last.get(run.number, (now, run.bytes))
