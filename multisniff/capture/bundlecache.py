@@ -7,7 +7,10 @@ the node a target runs on, and kept in ``$MULTISNIFF_BUNDLES`` (default
 
 * for the host's own architecture from the host's files (Debian's tcpdump) and ``gcc``;
 * for another architecture from a sysroot of that architecture's unpacked Debian packages in
-  ``<cache>/sysroots/<arch>`` and the Debian cross compiler (``aarch64-linux-gnu-gcc``).
+  ``<cache>/sysroots/<arch>`` and the Debian cross compiler (``aarch64-linux-gnu-gcc``). Where
+  dpkg knows the architecture (``dpkg --add-architecture``), the sysroot is made here: tcpdump
+  and its dependency closure are fetched with ``apt-get download`` and unpacked with
+  ``dpkg-deb -x``, nothing is installed.
 
 A cached bundle is rebuilt when the watchdog's source changes. Building is blocking work (files,
 gzip, a compiler); callers run it in a worker thread.
@@ -112,12 +115,14 @@ def bundle_for(arch: str) -> Bundle:
         sysroot = Sysroot()
     else:
         root = sysroot_dir(arch)
+        if not root.is_dir() and arch in foreign_architectures():
+            prepare_sysroot(arch)
         if not root.is_dir():
             raise BundleUnavailable(
                 f"There is no tcpdump bundle for {arch} nodes in {directory} and this "
                 f"{host_arch()} machine has no {arch} sysroot to build one from ({root}); "
-                f"unpack tcpdump:{arch} and its libraries there (apt-get download, "
-                f"dpkg-deb -x) or use the ephemeral mode."
+                f"let multisniff make one from Debian's packages (dpkg --add-architecture "
+                f"{arch} && apt-get update) or use the ephemeral mode."
             )
         sysroot = Sysroot(root)
     watchdog = compile_watchdog(arch)
@@ -133,3 +138,46 @@ def bundle_for(arch: str) -> Bundle:
         partial.write_bytes(data)
         partial.replace(path)
     return bundle
+
+
+def foreign_architectures() -> list[str]:
+    """The architectures dpkg was told about besides its own (none where there is no dpkg)."""
+    if shutil.which("dpkg") is None:
+        return []
+    result = subprocess.run(["dpkg", "--print-foreign-architectures"], capture_output=True,
+                            text=True, check=False)
+    return result.stdout.split() if result.returncode == 0 else []
+
+
+def _step(argv: list[str], *, cwd: Path | None = None) -> str:
+    result = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise BundleUnavailable(
+            f"Making a sysroot failed at `{' '.join(argv)}` (exit {result.returncode}): "
+            f"{result.stderr.strip()[-1500:]}"
+        )
+    return result.stdout
+
+
+def prepare_sysroot(arch: str, *, program: str = "tcpdump") -> Path:
+    """Unpack ``program:arch`` and every package it depends on into `sysroot_dir(arch)`."""
+    listing = _step(["apt-cache", "depends", "--recurse", "--no-recommends", "--no-suggests",
+                     "--no-conflicts", "--no-breaks", "--no-replaces", "--no-enhances",
+                     f"{program}:{arch}"])
+    # Top-level lines name packages; <virtual> ones have no file, and packages without the
+    # :arch suffix are the host's (Multi-Arch: foreign, no libraries of this architecture).
+    packages = sorted({line.strip() for line in listing.splitlines()
+                       if line and not line.startswith((" ", "<")) and line.endswith(f":{arch}")})
+    root = sysroot_dir(arch)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f"msnf-sysroot-{arch}-",
+                                     dir=root.parent) as tmp:
+        downloads = Path(tmp) / "debs"
+        unpacked = Path(tmp) / "root"
+        downloads.mkdir()
+        unpacked.mkdir()
+        _step(["apt-get", "download", "-q", *packages], cwd=downloads)
+        for deb in sorted(downloads.glob("*.deb")):
+            _step(["dpkg-deb", "-x", str(deb), str(unpacked)])
+        unpacked.rename(root)
+    return root

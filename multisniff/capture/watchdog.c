@@ -111,7 +111,10 @@ int main(int argc, char **argv) {
         int null = open("/dev/null", O_RDONLY);
         if (null < 0 || dup2(null, 0) < 0) { perror("msnf-watchdog: /dev/null"); _exit(126); }
         if (null > 0) close(null);
-        execvp(argv[i], &argv[i]);
+        /* execvp would hand a file the kernel cannot run to /bin/sh as a script: for a path,
+         * exec exactly that file. */
+        if (strchr(argv[i], '/') != NULL) execv(argv[i], &argv[i]);
+        else execvp(argv[i], &argv[i]);
         fprintf(stderr, "msnf-watchdog: cannot run %s: %s\n", argv[i], strerror(errno));
         _exit(errno == ENOENT ? 127 : 126);
     }
