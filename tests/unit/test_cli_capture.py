@@ -92,3 +92,35 @@ def test_summary_json_on_an_early_error(tmp_path: Path) -> None:
     assert data["exit_code"] == ExitCode.USAGE
     assert data["error"] and data["pods"] == [] and data["totals"]["packets"] == 0
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_sigint_stops_the_session_with_130(tmp_path: Path, anyio_backend: str) -> None:
+    import os
+    import signal
+
+    import anyio
+    from enginefakes import FakeCapture, FakeMode
+    from fakes import FakeCluster, make_pod
+
+    cluster = FakeCluster()
+    cluster.add_pod(make_pod("web-a", namespace="shop", labels={"app": "web"}))
+    mode = FakeMode(make=lambda target: FakeCapture(name=target.pod.ref.name, total=1,
+                                                    interval=0.005, forever=True))
+    out = tmp_path / "o.pcapng"
+    args = args_of("-l", "app=web", "-n", "shop", "-o", str(out))
+    profile = cli.profile_from_args(args)
+
+    async def interrupt() -> None:
+        await anyio.sleep(0.4)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(interrupt)
+        with anyio.fail_after(20):
+            result = await cli._capture_session(args, profile, cluster, mode)
+    assert result.exit_code == ExitCode.INTERRUPTED
+    assert result.stop_reason == "interrupted (SIGINT)"
+    assert all(capture.closed for capture in mode.opened)
+    assert out.stat().st_size > 0
