@@ -94,10 +94,40 @@ def write_all(fd: int, data: bytes, target: str) -> None:
         except BrokenPipeError:
             raise
         except OSError as exc:
-            reason = (exc.strerror or str(exc)).lower()
-            raise OutputError(f"Cannot write {target}: {reason}; free space or choose another "
-                              "output with -o.") from exc
+            raise _write_error(target, exc) from exc
         view = view[written:]
+
+
+def _write_error(target: str, exc: OSError) -> OutputError:
+    reason = (exc.strerror or str(exc)).lower()
+    return OutputError(f"Cannot write {target}: {reason}; free space or choose another output "
+                       "with -o.")
+
+
+IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+
+
+def write_blocks(fd: int, blocks: list[bytes], target: str) -> None:
+    """Write blocks with vectored writes: no joined copy of them in between."""
+    start = 0
+    while start < len(blocks):
+        group = blocks[start : start + IOV_MAX]
+        try:
+            written = os.writev(fd, group)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise _write_error(target, exc) from exc
+        if written == sum(map(len, group)):
+            start += len(group)
+            continue
+        for block in group:  # a short write: go on from inside the block it stopped in
+            if written < len(block):
+                write_all(fd, block[written:], target)
+                start += 1
+                break
+            written -= len(block)
+            start += 1
 
 
 # --- a quick look at each input before merging ------------------------------------------------
@@ -287,7 +317,7 @@ def _merge_files(inputs: Sequence[str], labels: Sequence[str], fds: Sequence[int
     for i in range(len(sources)):
         step(i)
     while True:
-        write_all(out_fd, merger.pull(), target)
+        write_blocks(out_fd, merger.pull_blocks(), target)
         source = merger.wanted()
         if source is None:
             break

@@ -179,6 +179,11 @@ class TimelineMerger:
         self._release()
         return self.writer.take()
 
+    def pull_blocks(self) -> list[bytes]:
+        """`pull()` as the list of blocks (and pieces of blocks) that it would join."""
+        self._release()
+        return self.writer.take_blocks()
+
     def finish(self) -> bytes:
         """End every source and write everything that is still held."""
         for source in self.sources:

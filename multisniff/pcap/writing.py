@@ -230,6 +230,12 @@ class PcapngWriter:
     def add_names(self, block: NameBlock) -> None:
         self._pending.append(encode_nrb(block))
 
+    def take_blocks(self) -> list[bytes]:
+        """Like `take`, but the queued blocks as they are, for a vectored write."""
+        pending = self._pending
+        self._pending = []
+        return pending
+
     def take(self) -> bytes:
         """Everything queued since the last call, in order."""
         if not self._pending:

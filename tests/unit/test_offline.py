@@ -185,3 +185,44 @@ def test_merge_to_stdout(two_inputs: tuple[Path, Path]) -> None:
                              "-o", "-"], capture_output=True, check=True,
                             env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert len(order_of(result.stdout)) == 100
+
+
+def test_write_blocks_writes_everything_in_order_through_short_writes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from multisniff import offline
+
+    blocks = [bytes([n % 251]) * (n % 37) for n in range(3 * offline.IOV_MAX + 5)]
+    real_writev = os.writev
+
+    def short_writev(fd: int, buffers: list[bytes]) -> int:
+        # at most 1000 bytes per call, often ending inside a block
+        taken: list[bytes] = []
+        room = 1000
+        for buffer in buffers:
+            taken.append(buffer[:room])
+            room -= len(taken[-1])
+            if not room:
+                break
+        return real_writev(fd, taken)
+
+    out = tmp_path / "out"
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT)
+    try:
+        offline.write_blocks(fd, blocks, str(out))
+        monkeypatch.setattr(os, "writev", short_writev)
+        offline.write_blocks(fd, blocks, str(out))
+    finally:
+        os.close(fd)
+    assert out.read_bytes() == b"".join(blocks) * 2
+
+
+def test_write_blocks_to_a_full_device_is_one_sentence() -> None:
+    from multisniff import offline
+    from multisniff.errors import OutputError
+
+    fd = os.open("/dev/full", os.O_WRONLY)
+    try:
+        with pytest.raises(OutputError, match="Cannot write /dev/full: no space left on device"):
+            offline.write_blocks(fd, [b"x" * 100], "/dev/full")
+    finally:
+        os.close(fd)

@@ -187,3 +187,19 @@ def test_live_mode_memory_is_bounded_by_max_pending() -> None:
     assert merger.forced > 0
     merger.finish()
     assert merger.packets_written == 1000
+
+
+@settings(max_examples=50, deadline=None)
+@given(timelines, st.integers(min_value=1, max_value=200))
+def test_pull_blocks_are_the_pieces_of_pull(streams: list[list[int]], chunk: int) -> None:
+    files = [source_file(i, [10**6 + ts for ts in stream]) for i, stream in enumerate(streams)]
+    merged, _, _ = merge_exact(files, chunk)
+    merger = TimelineMerger(key_resolution=10**6)
+    sources = [merger.add_source(f"in{i}") for i in range(len(files))]
+    pieces: list[bytes] = []
+    for source, data in zip(sources, files, strict=True):
+        for start in range(0, len(data), chunk):
+            merger.feed(source, data[start : start + chunk])
+            pieces.extend(merger.pull_blocks())
+    pieces.append(merger.finish())
+    assert b"".join(pieces) == merged
