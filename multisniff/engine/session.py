@@ -49,8 +49,10 @@ def chosen_mode(mode: CaptureMode, reason: str) -> str:
     return mode.name
 
 
-def selector_of(profile: Profile) -> PodSelector:
-    namespace = None if profile.all_namespaces else (profile.namespace or "default")
+def selector_of(profile: Profile, default_namespace: str) -> PodSelector:
+    """The pods the profile asks for; without -n or -A, those of `default_namespace` (the
+    kubeconfig context's namespace, as kubectl does)."""
+    namespace = None if profile.all_namespaces else (profile.namespace or default_namespace)
     return PodSelector(namespace=namespace, labels=profile.labels, fields=profile.field_selector)
 
 
@@ -93,7 +95,7 @@ class Session:
         self.mode = mode
         self.profile = profile
         self.output = output
-        self.selector = selector_of(profile)
+        self.selector = selector_of(profile, cluster.default_namespace)
         self.wall_clock = wall_clock
         self.runs: list[CaptureRun] = []
         self.skipped: list[Candidate] = []
@@ -410,7 +412,7 @@ class Session:
 
 async def dry_run(cluster: Cluster, mode: CaptureMode, profile: Profile) -> list[str]:
     """What a capture would do: matched pods, the mode each would get and why, what it creates."""
-    selector = selector_of(profile)
+    selector = selector_of(profile, cluster.default_namespace)
     pods = (await cluster.list_pods(selector)).pods
     if not pods:
         return [await no_match_message(cluster, selector)]

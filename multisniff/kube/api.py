@@ -234,7 +234,19 @@ def kubeconfig_paths(kubeconfig: str | None, environ: Mapping[str, str]) -> list
     return [path for path in candidates if path.is_file()]
 
 
-async def _load_configuration(kubeconfig: str | None, context: str | None) -> k8s.Configuration:
+SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+
+
+def context_namespace(context: Mapping[str, Any] | None) -> str:
+    """The namespace of a kubeconfig context entry ({"name": ..., "context": {...}}), else
+    "default", as kubectl picks it."""
+    body = (context or {}).get("context") or {}
+    return str(body.get("namespace") or "default")
+
+
+async def _load_configuration(kubeconfig: str | None,
+                              context: str | None) -> tuple[k8s.Configuration, str]:
+    """The client configuration and the namespace that commands without -n use."""
     configuration = k8s.Configuration()
     paths = kubeconfig_paths(kubeconfig, os.environ)
     if not paths:
@@ -245,7 +257,11 @@ async def _load_configuration(kubeconfig: str | None, context: str | None) -> k8
             except k8s_config.ConfigException as exc:
                 raise UsageError(f"Cannot use the in-cluster configuration: {exc}; pass "
                                  "--kubeconfig.") from exc
-            return configuration
+            try:
+                namespace = SERVICE_ACCOUNT_NAMESPACE.read_text().strip()
+            except OSError:
+                namespace = ""
+            return configuration, namespace or "default"
         where = os.environ.get("KUBECONFIG") or "~/.kube/config"
         raise UsageError(f"No kubeconfig found at {where}; pass --kubeconfig or set KUBECONFIG.")
     try:
@@ -267,7 +283,7 @@ async def _load_configuration(kubeconfig: str | None, context: str | None) -> k8
             config.api_key["BearerToken"] = loader.token
 
         configuration.refresh_api_key_hook = refresh
-    return configuration
+    return configuration, context_namespace(loader.current_context)
 
 
 # --- the cluster --------------------------------------------------------------------------------
@@ -275,8 +291,10 @@ async def _load_configuration(kubeconfig: str | None, context: str | None) -> k8
 class KubeCluster:
     """`multisniff.kube.model.Cluster` over kubernetes-asyncio. Made by `connect()`."""
 
-    def __init__(self, configuration: k8s.Configuration) -> None:
+    def __init__(self, configuration: k8s.Configuration, *,
+                 default_namespace: str = "default") -> None:
         self._configuration = configuration
+        self.default_namespace = default_namespace
         self.host = str(configuration.host)
         self._rest = k8s.ApiClient(configuration=configuration)
         # No heartbeat: a stream paused by backpressure answers no pings, and aiohttp would
@@ -555,9 +573,9 @@ async def connect(kubeconfig: str | None = None, context: str | None = None, *,
     `pool_size` bounds the connections to the API server: every open exec holds one, so give
     the number of pods plus some room; None means no bound.
     """
-    configuration = await _load_configuration(kubeconfig, context)
+    configuration, namespace = await _load_configuration(kubeconfig, context)
     configuration.connection_pool_maxsize = pool_size if pool_size else 0  # 0: no bound
-    cluster = KubeCluster(configuration)
+    cluster = KubeCluster(configuration, default_namespace=namespace)
     try:
         yield cluster
     finally:

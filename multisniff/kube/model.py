@@ -146,6 +146,10 @@ class Cluster(Protocol):
     messages name the verb, resource and namespace refused and the way out; nobody above
     `kube/` sees ApiException or aiohttp."""
 
+    default_namespace: str
+    """The namespace of the kubeconfig's (or --context's) context, else "default": where a
+    command without -n or -A looks, as kubectl does."""
+
     async def list_pods(self, selector: PodSelector) -> PodList: ...
 
     def watch_pods(self, selector: PodSelector, resource_version: str) -> AsyncIterator[PodEvent]:

@@ -95,6 +95,7 @@ class FakeCluster:
     created: list[dict[str, Any]] = field(default_factory=list)
     deleted: list[PodRef] = field(default_factory=list)
     resource_version: int = 1
+    default_namespace: str = "default"
 
     def add_pod(self, pod: PodInfo) -> PodInfo:
         self.pods[pod.ref] = pod
