@@ -33,7 +33,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from multisniff.engine.runs import CaptureRun
-from multisniff.engine.sinks import ByteSink, SinkClosed
+from multisniff.engine.sinks import ByteSink, SinkClosed, WiresharkSink
 from multisniff.errors import OutputError
 from multisniff.pcap.blocks import NameBlock, NameRecord
 from multisniff.pcap.merging import Source, TimelineMerger
@@ -161,18 +161,28 @@ class LiveOutput:
             if data:
                 await self._out_send.send(data)
 
+    def _reader_went_away(self, why: str) -> None:
+        if self.reader_gone is not None:
+            return
+        self.reader_gone = why
+        log.info("%s; stopping the capture.", why.capitalize())
+        if self.on_closed is not None:
+            self.on_closed(why)
+
     async def _write(self, data: bytes) -> None:
         if self.reader_gone is not None:
             return
         try:
             await self.sink.write(data)
         except SinkClosed as exc:
-            self.reader_gone = str(exc)
-            log.info("%s; stopping the capture.", str(exc).capitalize())
-            if self.on_closed is not None:
-                self.on_closed(self.reader_gone)
+            self._reader_went_away(str(exc))
         else:
             self.bytes_written += len(data)
+
+    async def _watch_reader(self, sink: WiresharkSink, scope: anyio.CancelScope) -> None:
+        with scope:
+            await sink.wait_closed()
+            self._reader_went_away("Wireshark was closed")
 
     async def _write_loop(self) -> None:
         async for data in self._out_receive:
@@ -206,9 +216,13 @@ class LiveOutput:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._merge_loop)
                 tg.start_soon(self._write_loop)
+                watch_scope = anyio.CancelScope()
+                if isinstance(self.sink, WiresharkSink):
+                    tg.start_soon(self._watch_reader, self.sink, watch_scope)
                 try:
                     yield self
                 finally:
+                    watch_scope.cancel()
                     self._send.close()
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(self.grace) as scope:

@@ -99,6 +99,11 @@ class WiresharkSink:
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
             raise SinkClosed("Wireshark was closed") from exc
 
+    async def wait_closed(self) -> None:
+        """Returns when Wireshark has exited: closing it must end the capture even when no
+        write comes to notice it (idle pods, or a capture whose traffic is over)."""
+        await self.process.wait()
+
     async def aclose(self) -> None:
         # Wireshark keeps showing what it got; we only end its input.
         if self.process.stdin is not None:
