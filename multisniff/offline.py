@@ -35,6 +35,7 @@ from multisniff.pcap.reading import (
     TruncatedCaptureError,
     packet_fields,
 )
+from multisniff.pcap.writing import Block
 
 log = logging.getLogger("multisniff")
 
@@ -86,7 +87,7 @@ def read_chunks(fd: int, path: str) -> Iterator[bytes]:
         yield data
 
 
-def write_all(fd: int, data: bytes, target: str) -> None:
+def write_all(fd: int, data: Block, target: str) -> None:
     view = memoryview(data)
     while view:
         try:
@@ -107,7 +108,7 @@ def _write_error(target: str, exc: OSError) -> OutputError:
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
 
-def write_blocks(fd: int, blocks: list[bytes], target: str) -> None:
+def write_blocks(fd: int, blocks: list[Block], target: str) -> None:
     """Write blocks with vectored writes: no joined copy of them in between."""
     start = 0
     while start < len(blocks):

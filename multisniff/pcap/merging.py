@@ -14,21 +14,27 @@ pcapng comes out of `pull()`. Two modes share all of the machinery:
 
 Speed matters (a merge of 2 million packets should be close to mergecap): readers hand out
 packets already encoded as EPB pieces, nothing is done per packet here except through C-level
-builtins. Each release step cuts every source's pending packets at the horizon with `bisect`;
-when one source is alone below the horizon its run is copied with one list slice; otherwise the
-runs are merged by a stable sort of their positions by key (ties therefore go to the source added
-first, then to file order, as in mergecap).
+builtins. In exact mode every batch is joined into one bytes object as it arrives (with the end
+offset of every EPB in it), so that a run of packets from one source is written as one slice of
+it without touching a per-packet object. Each release step cuts every source's pending packets
+at the horizon with `bisect`; when one source is alone below the horizon its run is written at
+once; otherwise runs are taken from the source with the lowest next packet up to the next packet
+of the others (ties go to the source added first, then to file order, as in mergecap), and when
+those runs turn out short, the rest is merged by a stable sort of positions by key.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from bisect import bisect_left, bisect_right
-from itertools import accumulate, chain, islice
+from collections.abc import Iterable
+from heapq import heapify, heappop, heapreplace
+from itertools import accumulate, chain, islice, repeat
+from operator import add, sub
 
 from multisniff.pcap.blocks import InterfaceInfo, InterfaceStatistics
 from multisniff.pcap.reading import Batch, CaptureError, CaptureReader, Packet
-from multisniff.pcap.writing import PcapngWriter, encode_isb, encode_nrb
+from multisniff.pcap.writing import Block, PcapngWriter, encode_isb, encode_nrb
 
 
 @dataclasses.dataclass(eq=False)
@@ -52,6 +58,13 @@ class Source:
     late: int = 0
     interface_ids: list[int] = dataclasses.field(default_factory=list)
     """Output interface id of each interface this source declared, in order."""
+    ends: list[int] = dataclasses.field(default_factory=list, repr=False)
+    """Exact mode, instead of `packets`: packet i is bytes first_start..ends[i] (i == 0) or
+    ends[i-1]..ends[i] of the source's stream of EPBs, which is held in `blobs`."""
+    first_start: int = 0
+    blobs: list[tuple[int, bytes]] = dataclasses.field(default_factory=list, repr=False)
+    """Exact mode: (stream offset, bytes) of each part of the stream of EPBs still needed."""
+    stream_end: int = 0
 
     @property
     def pending(self) -> int:
@@ -126,7 +139,7 @@ class TimelineMerger:
         """Bytes of one source, in any chunking. Damage ends the source (see `Source.error`)."""
         if source.ended:
             return
-        batch = source.reader.feed(data)
+        batch = source.reader.feed(data) if self.live else source.reader.feed_flat(data)
         self._take_batch(source, batch)
         if source.reader.error is not None:
             source.error = source.reader.error
@@ -179,7 +192,7 @@ class TimelineMerger:
         self._release()
         return self.writer.take()
 
-    def pull_blocks(self) -> list[bytes]:
+    def pull_blocks(self) -> list[Block]:
         """`pull()` as the list of blocks (and pieces of blocks) that it would join."""
         self._release()
         return self.writer.take_blocks()
@@ -212,9 +225,17 @@ class TimelineMerger:
         if not keys:
             return
         source.received += len(keys)
-        if source.head and source.head * 2 > len(source.keys):
-            del source.keys[: source.head]
-            del source.packets[: source.head]
+        head = source.head
+        if head and head * 2 > len(source.keys):
+            del source.keys[:head]
+            if self.live:
+                del source.packets[:head]
+            else:
+                source.first_start = source.ends[head - 1]
+                del source.ends[:head]
+                blobs = source.blobs
+                while blobs and blobs[0][0] + len(blobs[0][1]) <= source.first_start:
+                    del blobs[0]
             source.head = 0
         if self.live:
             self._take_live(source, keys, batch.packets)
@@ -226,7 +247,11 @@ class TimelineMerger:
             start = keys[0] if last is None else last
             keys = list(accumulate(keys, max, initial=start))[1:]
         source.keys.extend(keys)
-        source.packets.extend(batch.packets)
+        start = source.stream_end
+        source.ends.extend(map(add, batch.ends, repeat(start)))
+        blob = b"".join(batch.pieces)
+        source.blobs.append((start, blob))
+        source.stream_end = start + len(blob)
         source.last_key = keys[-1]
 
     def _take_live(self, source: Source, keys: list[int], packets: list[Packet]) -> None:
@@ -310,7 +335,7 @@ class TimelineMerger:
             source, cut = cuts[0]
             self._emit_run(source, cut)
         else:
-            self._emit_merged(cuts)
+            self._emit_runs(cuts)
 
     def _bounded(self, horizon: int) -> int:
         """Live mode: raise the horizon until at most max_pending packets stay held."""
@@ -327,21 +352,106 @@ class TimelineMerger:
             horizon = max(horizon, fullest.keys[middle])
 
     def _emit_run(self, source: Source, cut: int) -> None:
-        self.writer.add_blocks(chain.from_iterable(islice(source.packets, source.head, cut)))
+        self.writer.add_blocks(self._run(source, source.head, cut))
         self.packets_written += cut - source.head
         source.head = cut
+
+    def _run(self, source: Source, start: int, end: int) -> Iterable[Block]:
+        """Packets start..end of a source, in as few pieces as they are stored in."""
+        if self.live:
+            return chain.from_iterable(islice(source.packets, start, end))
+        first = source.ends[start - 1] if start else source.first_start
+        last = source.ends[end - 1]
+        views = []
+        for offset, blob in source.blobs:
+            if offset + len(blob) <= first:
+                continue
+            if offset >= last:
+                break
+            views.append(memoryview(blob)[max(first - offset, 0) : last - offset])
+        return views
+
+    def _each(self, source: Source, start: int, end: int) -> list[Block]:
+        """Exact mode: packets start..end of a source, one piece each."""
+        ends = source.ends
+        views: list[Block] = []
+        for offset, blob in source.blobs:
+            stop = offset + len(blob)
+            # a packet is in the blob that holds its end
+            low = bisect_right(ends, offset, start, end)
+            high = bisect_right(ends, stop, low, end)
+            if low == high:
+                if low >= end:
+                    break
+                continue
+            first = ends[low - 1] if low else source.first_start
+            starts = [first - offset]
+            starts += map(sub, islice(ends, low, high - 1), repeat(offset))
+            view = memoryview(blob)
+            views += map(view.__getitem__,
+                         map(slice, starts, map(sub, islice(ends, low, high), repeat(offset))))
+        return views
+
+    def _emit_runs(self, cuts: list[tuple[Source, int]]) -> None:
+        """Write the sources' packets up to their cuts run by run: the source with the lowest
+        next (key, index) gives everything before the next lowest one of the others in one
+        slice. Bursty traffic (runs of tens of packets) costs almost nothing per packet this
+        way; when runs turn out short (finely interleaved sources), the rest goes to
+        `_emit_merged`."""
+        heap = [(source.keys[source.head], source.index, source, cut) for source, cut in cuts]
+        heapify(heap)
+        add = self.writer.add_blocks
+        runs = written = 0
+        while len(heap) > 1:
+            if runs >= _PROBE_RUNS and written < runs * _MIN_RUN:
+                self.packets_written += written
+                self._emit_merged(sorted(((entry[2], entry[3]) for entry in heap),
+                                         key=lambda pair: pair[0].index))
+                return
+            _, index, source, cut = heap[0]
+            next_key, next_index = min(heap[1:3])[:2]
+            keys = source.keys
+            head = source.head
+            if index < next_index:
+                end = bisect_right(keys, next_key, head, cut)
+            else:
+                end = bisect_left(keys, next_key, head, cut)
+            add(self._run(source, head, end))
+            source.head = end
+            runs += 1
+            written += end - head
+            if end == cut:
+                heappop(heap)
+            else:
+                heapreplace(heap, (keys[end], index, source, cut))
+        self.packets_written += written
+        if heap:
+            _, _, source, cut = heap[0]
+            self._emit_run(source, cut)
 
     def _emit_merged(self, cuts: list[tuple[Source, int]]) -> None:
         keys: list[int] = []
         packets: list[Packet] = []
+        views: list[Block] = []
         for source, cut in cuts:
             keys.extend(islice(source.keys, source.head, cut))
-            packets.extend(islice(source.packets, source.head, cut))
+            if self.live:
+                packets.extend(islice(source.packets, source.head, cut))
+            else:
+                views.extend(self._each(source, source.head, cut))
             source.head = cut
         # A stable sort by key: ties keep the order above (source added first, then file order).
         order = sorted(range(len(keys)), key=keys.__getitem__)
-        self.writer.add_blocks(chain.from_iterable(map(packets.__getitem__, order)))
+        if self.live:
+            self.writer.add_blocks(chain.from_iterable(map(packets.__getitem__, order)))
+        else:
+            self.writer.add_blocks(map(views.__getitem__, order))
         self.packets_written += len(keys)
+
+
+_PROBE_RUNS = 8
+_MIN_RUN = 16
+"""`_emit_runs` gives up after _PROBE_RUNS runs that average fewer than _MIN_RUN packets."""
 
 
 class _Infinity(int):

@@ -23,6 +23,9 @@ from multisniff.pcap.blocks import (
     NameBlock,
 )
 
+Block = bytes | bytearray | memoryview
+"""An encoded block, or a piece of one, or several in a row, as the writer queues them."""
+
 _BLOCK_HEADER = struct.Struct("<II")
 _SHB_FIXED = struct.Struct("<IIIHHq")
 _IDB_FIXED = struct.Struct("<IIHHI")
@@ -208,7 +211,7 @@ class PcapngWriter:
     """
 
     def __init__(self, *, shb: bytes | None = None) -> None:
-        self._pending: list[bytes] = [default_shb() if shb is None else shb]
+        self._pending: list[Block] = [default_shb() if shb is None else shb]
         self.interfaces: list[InterfaceInfo] = []
 
     def add_interface(self, info: InterfaceInfo) -> int:
@@ -221,7 +224,7 @@ class PcapngWriter:
         """Queue an already encoded little-endian block (EPBs, NRB, ISB, passthrough)."""
         self._pending.append(block)
 
-    def add_blocks(self, blocks: Iterable[bytes]) -> None:
+    def add_blocks(self, blocks: Iterable[Block]) -> None:
         self._pending.extend(blocks)
 
     def add_statistics(self, stats: InterfaceStatistics) -> None:
@@ -230,7 +233,7 @@ class PcapngWriter:
     def add_names(self, block: NameBlock) -> None:
         self._pending.append(encode_nrb(block))
 
-    def take_blocks(self) -> list[bytes]:
+    def take_blocks(self) -> list[Block]:
         """Like `take`, but the queued blocks as they are, for a vectored write."""
         pending = self._pending
         self._pending = []

@@ -203,3 +203,33 @@ def test_pull_blocks_are_the_pieces_of_pull(streams: list[list[int]], chunk: int
             pieces.extend(merger.pull_blocks())
     pieces.append(merger.finish())
     assert b"".join(pieces) == merged
+
+
+def test_exact_mode_holds_about_two_chunks_of_bytes_per_source() -> None:
+    streams = [[n + 1000 * (n // 50) * 3 + i * 50 for n in range(1500)] for i in range(3)]
+    streams.append([3 * n + 1 for n in range(3000)])  # one finely interleaved source
+    files = [source_file(i, stream) for i, stream in enumerate(streams)]
+    chunk = 4096
+    merger = TimelineMerger(key_resolution=10**6)
+    sources = [merger.add_source(f"in{i}") for i in range(len(files))]
+    offsets = [0] * len(files)
+    most_held = 0
+    out = []
+    for i in range(len(files)):
+        merger.feed(sources[i], files[i][:chunk])
+        offsets[i] = chunk
+    while (wanted := merger.wanted()) is not None:
+        out.append(merger.pull())
+        held = sum(len(blob) for source in merger.sources for _, blob in source.blobs)
+        most_held = max(most_held, held)
+        i = wanted.index
+        data = files[i][offsets[i] : offsets[i] + chunk]
+        offsets[i] += len(data)
+        if data:
+            merger.feed(sources[i], data)
+        else:
+            merger.end_source(sources[i])
+    out.append(merger.finish())
+    assert order_of(b"".join(out)) == heads_merge(streams)
+    # EPBs are at most 19 bytes longer than their records (16 bytes each, 20 at least here)
+    assert most_held < len(files) * 3 * chunk * 2

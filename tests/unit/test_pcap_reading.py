@@ -266,3 +266,45 @@ def test_random_garbage_never_raises() -> None:
         for start in range(0, len(blob), 37):
             reader.feed(bytes(blob[start : start + 37]))
         reader.finish()  # whatever it says, it says it without raising
+
+
+# --- flat batches -----------------------------------------------------------------------------
+
+
+@given(st.data())
+def test_flat_batches_hold_the_same_epbs_at_any_chunking(data: st.DataObject) -> None:
+    blob = data.draw(st.sampled_from([
+        sample_pcapng(),
+        cf.pcap_file(RECORDS),
+        cf.pcap_file(RECORDS, nano=True),
+        cf.pcap_file(RECORDS, order=">"),
+        cf.pcap_file(RECORDS) + b"\x00" * 20,  # ends inside a record header
+    ]))
+    whole_reader, whole = read_all(blob)
+    sizes = data.draw(st.lists(st.integers(min_value=0, max_value=len(blob)), max_size=40))
+    reader = CaptureReader()
+    epbs: list[bytes] = []
+    keys: list[int] = []
+    at = 0
+    for size in [*sizes, len(blob)]:
+        batch = reader.feed_flat(blob[at : at + size])
+        at += size
+        assert not batch.packets and batch.flat
+        assert len(batch.ends) == len(batch.keys)
+        joined = b"".join(batch.pieces)
+        assert (batch.ends[-1] if batch.ends else 0) == len(joined)
+        starts = [0, *batch.ends][:-1]
+        epbs.extend(joined[start:end] for start, end in zip(starts, batch.ends, strict=True))
+        keys.extend(batch.keys)
+    assert epbs == [b"".join(packet) for batch in whole for packet in batch.packets]
+    assert keys == [k for batch in whole for k in batch.keys]
+    assert reader.interfaces == whole_reader.interfaces
+    assert repr(reader.finish()) == repr(whole_reader.finish())
+
+
+def test_flat_batch_grows_the_tail_table_for_a_long_packet() -> None:
+    long = [(1_700_000_000, 1, b"\x05" * 9000, 9000), *RECORDS]
+    blob = cf.pcap_file(long)
+    batch = CaptureReader(max_packet_size=262_144).feed_flat(blob)
+    whole = CaptureReader().feed(blob)
+    assert b"".join(batch.pieces) == b"".join(b"".join(packet) for packet in whole.packets)
