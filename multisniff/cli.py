@@ -303,15 +303,30 @@ async def _capture_session(args: argparse.Namespace, profile: Profile, cluster: 
 
     console = Console(stderr=True)
     table = console.is_terminal and not args.debug
+    failure: MultisniffError | None = None
+
+    async def run_session() -> SessionResult | None:
+        # Raised inside the task group, an error would come out wrapped in an exception group
+        # (a traceback); carried out of it, it stays one sentence.
+        nonlocal failure
+        try:
+            return await session.run()
+        except MultisniffError as exc:
+            failure = exc
+            return None
+
     async with anyio.create_task_group() as tg:
         tg.start_soon(on_signals)
         if table:
             with ui.terminal_logging(console, debug=args.debug):
                 tg.start_soon(ui.LiveTable(session, console).run)
-                result = await session.run()
+                result = await run_session()
         else:
-            result = await session.run()
+            result = await run_session()
         tg.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+    assert result is not None
     return result
 
 

@@ -17,7 +17,7 @@ import ipaddress
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +28,7 @@ from multisniff.capture.model import CaptureMode, CaptureSpec, RemoteCapture
 from multisniff.engine.output import FileOutput, LiveOutput
 from multisniff.engine.runs import CaptureRun, Transcoder
 from multisniff.engine.targets import Candidate, candidate, plan
-from multisniff.errors import ExitCode, MultisniffError, OutputError, UsageError
+from multisniff.errors import ExitCode, MultisniffError, OutputError, RefusedError, UsageError
 from multisniff.kube.model import Cluster, PodEventType, PodInfo, PodSelector
 from multisniff.pcap.blocks import NameRecord
 from multisniff.profiles import Profile
@@ -58,6 +58,27 @@ def selector_of(profile: Profile, default_namespace: str) -> PodSelector:
 
 def where(selector: PodSelector) -> str:
     return "any namespace" if selector.namespace is None else f"namespace {selector.namespace}"
+
+
+async def check_namespace(cluster: Cluster, selector: PodSelector) -> None:
+    """Raise RefusedError when the namespace asked for does not exist."""
+    if selector.namespace is not None and not await cluster.namespace_exists(selector.namespace):
+        raise RefusedError(f"Namespace {selector.namespace} does not exist; check -n "
+                           "(kubectl get namespaces lists them).")
+
+
+async def check_exec(cluster: Cluster, pods: Sequence[PodInfo]) -> None:
+    """Raise RefusedError when no matched pod is in a namespace where we may exec: every
+    capture mode runs tcpdump through an exec, so nothing could start."""
+    namespaces = sorted({pod.ref.namespace for pod in pods})
+    for namespace in namespaces:
+        if await cluster.can_i("create", "pods", namespace=namespace, subresource="exec"):
+            return
+    if namespaces:
+        where = f"namespace{'s' if len(namespaces) > 1 else ''} {', '.join(namespaces)}"
+        raise RefusedError(f"You may not create pods/exec in {where} (RBAC), which every "
+                           "capture mode needs: ask for `create` (and `get`) on `pods/exec` "
+                           "there, or use a kubeconfig that has it.")
 
 
 async def no_match_message(cluster: Cluster, selector: PodSelector) -> str:
@@ -105,6 +126,7 @@ class Session:
         self.stop_reason = ""
         self.interrupted = False
         self.fatal: MultisniffError | None = None
+        self.refusals: list[RefusedError] = []
         self._seen_ips: set[str] = set()
         self._skipped_uids: set[str] = set()
         self._tg: TaskGroup | None = None
@@ -157,11 +179,13 @@ class Session:
         self._started_at = self.wall_clock()
         pod_list = await self.cluster.list_pods(self.selector)
         if not pod_list.pods:
+            await check_namespace(self.cluster, self.selector)
             message = await no_match_message(self.cluster, self.selector)
             if not self.profile.follow:
                 raise NothingMatches(message.rstrip(".") + "; check -l and -n (or follow with "
                                      "the default instead of --no-follow).")
             log.warning("%s Waiting for matching pods (Ctrl-C to end).", message)
+        await check_exec(self.cluster, pod_list.pods)
         async with self.output.open():
             try:
                 async with anyio.create_task_group() as tg:
@@ -323,6 +347,10 @@ class Session:
             run.state, run.error = "failed", str(exc)
             self.fatal = exc
             self.stop("the output cannot be written")
+        except RefusedError as exc:
+            run.state, run.error = "refused", str(exc)
+            self.refusals.append(exc)
+            log.error("Capture of %s was refused: %s", run.label, exc)
         except MultisniffError as exc:
             run.state, run.error = "failed", str(exc)
             log.error("Capture of %s failed: %s", run.label, exc)
@@ -395,6 +423,9 @@ class Session:
         failed = [run for run in self.runs if run.state != "done"]
         if self.interrupted:
             code = ExitCode.INTERRUPTED
+        elif not captured and self.refusals and all(run.state == "refused" for run in self.runs):
+            # The cluster refused every capture (Pod Security, RBAC): say why, once.
+            raise self.refusals[0]
         elif not captured:
             code = ExitCode.NOTHING
         elif failed:
