@@ -1,0 +1,126 @@
+"""Every datagram once, under the right pod: the real `multisniff -A` over pods in two
+namespaces, in upload mode, while a sender gives each pod exactly N marked datagrams. tshark
+reads the file back; the per-pod counts of --summary-json must agree with it."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubenamespace import throwaway_namespace
+
+pytestmark = pytest.mark.cluster
+
+MULTISNIFF = Path(sys.executable).parent / "multisniff"
+WORKLOAD_IMAGE = "multisniff.local/workload:1"
+PORT = 9417
+COUNT = 25
+
+
+def workload_pod(name: str, namespace: str, labels: dict[str, str],
+                 command: list[str]) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels},
+        "spec": {"terminationGracePeriodSeconds": 0, "automountServiceAccountToken": False,
+                 "containers": [{"name": "main", "image": WORKLOAD_IMAGE,
+                                 "imagePullPolicy": "Never", "command": command}]},
+    }
+
+
+def wait_for(path: Path, text: str, process: subprocess.Popen[bytes], seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while text not in path.read_text():
+        assert process.poll() is None, f"multisniff ended early:\n{path.read_text()}"
+        assert time.monotonic() < deadline, f"no {text!r} in:\n{path.read_text()}"
+        time.sleep(0.2)
+
+
+def tshark_markers(pcap: Path) -> list[tuple[str, str]]:
+    """(interface name, marker text) of every datagram to PORT, in file order."""
+    out = subprocess.run(
+        ["tshark", "-r", str(pcap), "-Y", f"udp.dstport == {PORT}", "-T", "fields",
+         "-E", "separator=\t", "-e", "frame.interface_name", "-e", "data.data"],
+        capture_output=True, text=True, check=True, timeout=60).stdout
+    rows = []
+    for line in out.splitlines():
+        interface, _, data = line.partition("\t")
+        rows.append((interface, bytes.fromhex(data.strip()).decode()))
+    return rows
+
+
+def test_all_namespaces_capture_has_every_datagram_once_under_its_pod(
+        cluster: Any, tmp_path: Path) -> None:
+    if shutil.which("tshark") is None:
+        pytest.skip("tshark is not installed")
+    label = f"msnf-counts-{secrets.token_hex(3)}"
+    with throwaway_namespace(cluster, "msx-counts-a") as ns_a, \
+            throwaway_namespace(cluster, "msx-counts-b") as ns_b:
+        listen = ["workload", "udp-listen", "-listen", f":{PORT}", "-quiet"]
+        targets = [(ns_a, "target-1"), (ns_a, "target-2"), (ns_b, "target-3")]
+        docs = [workload_pod(name, ns, {label: "x"}, listen) for ns, name in targets]
+        docs.append(workload_pod("sender", ns_b, {"role": "sender"}, ["sleep", "3600"]))
+        cluster.kubectl("apply", "-f", "-", input=json.dumps(
+            {"apiVersion": "v1", "kind": "List", "items": docs}).encode())
+        for ns, name in [*targets, (ns_b, "sender")]:
+            cluster.kubectl("wait", "-n", ns, "--for=condition=Ready", "--timeout=60s",
+                            f"pod/{name}", timeout=90)
+        ips = {f"{ns}/{name}": cluster.kubectl_json("get", "pod", name, "-n", ns)["status"]
+               ["podIP"] for ns, name in targets}
+
+        output, summary, log = (tmp_path / "out.pcapng", tmp_path / "summary.json",
+                                tmp_path / "stderr.log")
+        env = {**os.environ, "MULTISNIFF_BUNDLES": str(tmp_path / "bundles")}
+        with log.open("wb") as stderr:
+            process = subprocess.Popen(
+                [str(MULTISNIFF), "--kubeconfig", str(cluster.kubeconfig), "-A",
+                 "-l", f"{label}=x", "--mode", "upload", "--duration", "15", "--no-follow",
+                 "-o", str(output), "--summary-json", str(summary)],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr, env=env,
+                cwd=tmp_path)
+        try:
+            # The duration timer starts once every capture has started: then all of them see
+            # everything sent from now on.
+            wait_for(log, "Capturing for", process, 90)
+            for interface, ip in ips.items():
+                # The marker names the pod the datagrams are meant for; sequence numbers start at 1.
+                cluster.kubectl("exec", "sender", "-n", ns_b, "--", "workload", "udp",
+                                "-targets", f"{ip}:{PORT}", "-count", str(COUNT),
+                                "-rate", "100", "-pod", interface, "-report", "0",
+                                timeout=60)
+            assert process.wait(timeout=90) == 0, log.read_text()
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+    rows = tshark_markers(output)
+    per_marker = collections.Counter(rows)
+    assert all(seen == 1 for seen in per_marker.values()), \
+        [row for row, seen in per_marker.items() if seen > 1]
+    for interface in ips:
+        expected = {(interface, f"MSNF {interface} {seq}") for seq in range(1, COUNT + 1)}
+        got = {row for row in per_marker if row[1].startswith(f"MSNF {interface} ")}
+        assert got == expected, (interface, sorted(expected - got), sorted(got - expected))
+
+    report = json.loads(summary.read_text())
+    assert report["exit_code"] == 0 and report["totals"]["captured"] == len(ips), report
+    packets_per_interface = collections.Counter(
+        line for line in subprocess.run(
+            ["tshark", "-r", str(output), "-T", "fields", "-e", "frame.interface_name"],
+            capture_output=True, text=True, check=True, timeout=60).stdout.splitlines())
+    by_interface = {pod["interface"]: pod for pod in report["pods"]}
+    assert set(by_interface) == set(ips), report["pods"]
+    for interface, pod in by_interface.items():
+        assert pod["state"] == "done" and pod["mode"] == "upload", pod
+        assert pod["packets"] == packets_per_interface[interface] >= COUNT, \
+            (interface, pod, packets_per_interface)
