@@ -125,7 +125,7 @@ def build_capture_parser() -> argparse.ArgumentParser:
                        help="label selector, e.g. app=web,tier!=cache")
     which.add_argument("--field-selector", metavar="S", help="field selector")
     which.add_argument("-n", "--namespace", metavar="NAMESPACE",
-                       help="namespace (default: default)")
+                       help="namespace (default: the kubeconfig context's, else default)")
     which.add_argument("-A", "--all-namespaces", action="store_const", const=True,
                        help="pods of every namespace")
     which.add_argument("-c", "--container", metavar="CONTAINER",

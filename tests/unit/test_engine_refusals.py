@@ -1,0 +1,85 @@
+"""When the cluster refuses, the session says so once, as a RefusedError (exit 4), instead of
+starting captures that cannot work or reporting each one as an ordinary failure."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+from enginefakes import FakeCapture, FakeMode
+from fakes import FakeCluster, make_pod
+
+from multisniff.capture.model import CaptureSpec, RemoteCapture, Target
+from multisniff.engine.output import FileOutput
+from multisniff.engine.session import Session
+from multisniff.errors import ExitCode, RefusedError
+from multisniff.profiles import Profile
+
+pytestmark = pytest.mark.anyio
+
+PROFILE = Profile(labels="app=web", namespace="shop", follow=False, stop_grace=5)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def shop(*names: str) -> FakeCluster:
+    cluster = FakeCluster()
+    for name in names:
+        cluster.add_pod(make_pod(name, namespace="shop", labels={"app": "web"}))
+    return cluster
+
+
+def mode() -> FakeMode:
+    return FakeMode(make=lambda target: FakeCapture(name=target.pod.ref.name, total=3))
+
+
+async def test_no_exec_rights_is_refused_before_any_capture(tmp_path: Path) -> None:
+    cluster = shop("web-a", "web-b")
+    cluster.allowed = {("get", "pods", ""), ("list", "pods", "")}
+    fake = mode()
+    session = Session(cluster, fake, PROFILE, FileOutput(str(tmp_path / "o.pcapng"), grace=5))
+
+    with pytest.raises(RefusedError, match=r"create pods/exec in namespace shop \(RBAC\)"):
+        await session.run()
+    assert not fake.opened and not session.runs
+
+
+async def test_a_missing_namespace_is_named(tmp_path: Path) -> None:
+    cluster = shop()
+    session = Session(cluster, mode(), Profile(labels="app=web", namespace="nope", follow=False),
+                      FileOutput(str(tmp_path / "o.pcapng"), grace=5))
+
+    with pytest.raises(RefusedError, match="Namespace nope does not exist"):
+        await session.run()
+
+
+class PodSecurityMode(FakeMode):
+    """Opening raises what the API says when admission refuses the ephemeral container."""
+
+    @asynccontextmanager
+    async def open(self, target: Target, spec: CaptureSpec) -> AsyncIterator[RemoteCapture]:
+        if target.pod.ref.name != "web-ok":
+            raise RefusedError(f"Namespace shop enforces Pod Security level 'restricted', "
+                               f"which refuses {target.label}.")
+        async with super().open(target, spec) as capture:
+            yield capture
+
+
+async def test_refused_everywhere_raises_the_refusal_and_partly_is_partial(
+        tmp_path: Path) -> None:
+    fake = PodSecurityMode(make=lambda target: FakeCapture(name=target.pod.ref.name, total=3))
+    session = Session(shop("web-a", "web-b"), fake, PROFILE,
+                      FileOutput(str(tmp_path / "o.pcapng"), grace=5))
+    with pytest.raises(RefusedError, match="Pod Security"):
+        await session.run()
+    assert [run.state for run in session.runs] == ["refused", "refused"]
+
+    result = await Session(shop("web-a", "web-ok"), fake, PROFILE,
+                           FileOutput(str(tmp_path / "p.pcapng"), grace=5)).run()
+    assert result.exit_code == ExitCode.PARTIAL
+    assert sorted(run.state for run in result.runs) == ["done", "refused"]
