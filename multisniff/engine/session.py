@@ -191,6 +191,7 @@ class Session:
                 async with anyio.create_task_group() as tg:
                     self._tg = tg
                     await self._names(pod_list.pods)
+                    await self._names(await self._peers())
                     for item in plan(pod_list.pods, self.profile.container):
                         self._start(item)
                     self._starting = {run for run, _ in self.active.values()}
@@ -259,6 +260,19 @@ class Session:
                 self._seen_ips.add(ip)
                 records.append(NameRecord(address=address, names=(str(pod.ref),)))
         await self.output.names(records)
+
+    async def _peers(self) -> tuple[PodInfo, ...]:
+        """Every pod we may list (all namespaces, else the selected one), so that the peers of
+        the captured pods have names in the NRB too, not only the captured pods themselves."""
+        for namespace in (None, self.selector.namespace):
+            try:
+                return (await self.cluster.list_pods(PodSelector(namespace=namespace))).pods
+            except MultisniffError as exc:
+                log.debug("Cannot list pods of %s for names: %s",
+                          namespace or "every namespace", exc)
+            if namespace is None and self.selector.namespace is None:
+                break
+        return ()
 
     def _start(self, item: Candidate) -> None:
         if item.target is None:

@@ -406,3 +406,16 @@ async def test_summary_json_shape(out: Path) -> None:
     assert isinstance(summary["duration"], float)
     lines = ui.summary_lines(result)
     assert lines[-1].startswith("5 packets from 2 captures written to")
+
+
+async def test_peers_that_are_not_captured_have_names_too(out: Path) -> None:
+    counts = {"web-a": 3}
+    cluster = cluster_with(*counts)
+    cluster.add_pod(make_pod("client", namespace="front", labels={"app": "client"},
+                             ip="10.9.0.7"))
+    await Session(cluster, mode_with(counts), PROFILE, FileOutput(str(out), grace=5)).run()
+    batch = CaptureReader().feed(out.read_bytes())
+    names = {bytes(record.address): record.names for block in batch.names
+             for record in block.records}
+    assert names[bytes([10, 9, 0, 7])] == ("front/client",)
+    assert ("shop/web-a",) in names.values()
