@@ -22,9 +22,11 @@ What it does:
    capture `udp port 9999` on interface any for --duration seconds. Each side runs in its own
    cgroup v1 pair /sys/fs/cgroup/{cpuacct,memory}/msnf-bench-<side>-<n>-<random>/, every process
    it starts included (all kubectl processes and mergecap for the baseline; multisniff's whole
-   process tree): CPU is cpuacct.usage at the end; memory is the peak of the summed VmRSS of
-   the group's processes sampled every 0.1 s (judged) and memory.max_usage_in_bytes (shown; it
-   also counts the page cache of the files each side writes).
+   process tree): CPU is cpuacct.usage at the end; memory is the peak of the summed PSS of the
+   group's processes (/proc/PID/smaps_rollup) sampled every 0.2 s (judged: unlike summed RSS it
+   counts the pages 30 kubectl processes share once, not 30 times) and
+   memory.max_usage_in_bytes (shown; it also counts the page cache of the files each side
+   writes, and the baseline writes every packet twice).
 3. Time to capturing, the same definition for both sides: from the start of the side until the
    first packet of its last pod, by the packets' own timestamps (tcpdump's kernel timestamps on
    this one-node cluster; at 100/s per pod that is at most about 10 ms after tcpdump opened its
@@ -149,14 +151,14 @@ def delete_batch(batch: Batch) -> None:
 
 
 class Group:
-    """One side's cgroup v1 pair (cpuacct + memory) and a sampler of its summed RSS."""
+    """One side's cgroup v1 pair (cpuacct + memory) and a sampler of its summed PSS."""
 
     def __init__(self, name: str) -> None:
         self.cpu = CGROUP_ROOT / "cpuacct" / name
         self.memory = CGROUP_ROOT / "memory" / name
         self.cpu.mkdir()
         self.memory.mkdir()
-        self.peak_rss = 0
+        self.peak_pss = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
@@ -170,7 +172,7 @@ class Group:
         self._thread.start()
 
     def _sample(self) -> None:
-        while not self._stop.wait(0.1):
+        while not self._stop.wait(0.2):
             total = 0
             try:
                 pids = (self.memory / "cgroup.procs").read_text().split()
@@ -178,22 +180,22 @@ class Group:
                 continue
             for pid in pids:
                 try:
-                    status = Path(f"/proc/{pid}/status").read_text()
+                    status = Path(f"/proc/{pid}/smaps_rollup").read_text()
                 except OSError:
                     continue
-                match = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
+                match = re.search(r"^Pss:\s+(\d+) kB", status, re.MULTILINE)
                 if match:
                     total += int(match.group(1)) * 1024
-            self.peak_rss = max(self.peak_rss, total)
+            self.peak_pss = max(self.peak_pss, total)
 
     def finish(self) -> tuple[float, int, int]:
-        """CPU seconds, peak summed RSS and the memory group's max usage, in bytes."""
+        """CPU seconds, peak summed PSS and the memory group's max usage, in bytes."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join()
         cpu = int((self.cpu / "cpuacct.usage").read_text()) / 1e9
         max_usage = int((self.memory / "memory.max_usage_in_bytes").read_text())
-        return cpu, self.peak_rss, max_usage
+        return cpu, self.peak_pss, max_usage
 
     def remove(self) -> None:
         for directory in (self.cpu, self.memory):
@@ -308,7 +310,7 @@ class Result:
     """Start until every tcpdump said "listening on" (baseline) / every "Capturing" log (ours)."""
     pods_with_packets: int = 0
     cpu_s: float = 0.0
-    peak_rss: int = 0
+    peak_pss: int = 0
     cgroup_max_usage: int = 0
     received: int = 0
     """tcpdump: packets received by filter, summed."""
@@ -364,7 +366,7 @@ def run_baseline(batch: Batch, *, duration: int, workdir: Path, tag: str) -> Res
                                    *map(str, files)], capture_output=True, text=True,
                                   preexec_fn=group.enter, check=False)
         result.wall_s = time.monotonic() - started
-        result.cpu_s, result.peak_rss, result.cgroup_max_usage = group.finish()
+        result.cpu_s, result.peak_pss, result.cgroup_max_usage = group.finish()
         bad = [(pod, code) for pod, code in zip(batch.pods, codes, strict=True)
                if code not in (0, 124)]
         if bad or mergecap.returncode != 0:
@@ -427,7 +429,7 @@ def run_ours(batch: Batch, mode: str, *, duration: int, workdir: Path, tag: str)
                 capturing[match.group(1)] = time.monotonic() - started
         result.exit_code = process.wait(timeout=duration + 180)
         result.wall_s = time.monotonic() - started
-        result.cpu_s, result.peak_rss, result.cgroup_max_usage = group.finish()
+        result.cpu_s, result.peak_pss, result.cgroup_max_usage = group.finish()
         if result.exit_code != 0 or not output.exists():
             raise BenchError(f"multisniff --mode {mode} exited {result.exit_code}:\n"
                              + "".join(lines[-15:]))
@@ -467,11 +469,11 @@ def seconds(value: float | None) -> str:
 def print_table(results: list[Result]) -> None:
     print()
     print(f"{'side':<20} {'pods':>4} {'first':>6} {'ready':>6} {'CPU s':>7} {'CPU/100k':>8} "
-          f"{'RSS MiB':>8} {'cg MiB':>7} {'received':>9} {'captured':>9} {'written':>9} "
+          f"{'PSS MiB':>8} {'cg MiB':>7} {'received':>9} {'captured':>9} {'written':>9} "
           f"{'kdrop':>6} {'lost':>5}")
     for r in results:
         print(f"{r.side:<20} {r.pods:>4} {seconds(r.first_packet_s)} {seconds(r.ready_s)} "
-              f"{r.cpu_s:7.2f} {r.cpu_per_100k:8.2f} {r.peak_rss / 2**20:8.1f} "
+              f"{r.cpu_s:7.2f} {r.cpu_per_100k:8.2f} {r.peak_pss / 2**20:8.1f} "
               f"{r.cgroup_max_usage / 2**20:7.1f} {r.received:>9,} {r.captured:>9,} "
               f"{r.written:>9,} {r.kernel_dropped:>6,} {r.loss_ours:>5}")
     print("first: start until the last pod's first packet; ready: until every tcpdump said "
@@ -493,7 +495,7 @@ def verdicts(results: list[Result]) -> list[dict[str, Any]]:
         if base is not None:
             for name, ours, theirs in (
                 ("CPU per 100k packets", r.cpu_per_100k, base.cpu_per_100k),
-                ("peak RSS", r.peak_rss, base.peak_rss),
+                ("peak PSS", r.peak_pss, base.peak_pss),
             ):
                 ratio = ours / theirs if theirs else float("inf")
                 found.append({"check": f"{side} {pods} pods {name} below the baseline's",
@@ -579,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
                     results.append(result)
                     print(f"    first packet of every pod after {seconds(result.first_packet_s)} s"
                           f", {result.cpu_s:.2f} CPU s, {result.written:,} packets written, "
-                          f"peak RSS {result.peak_rss / 2**20:.1f} MiB", flush=True)
+                          f"peak PSS {result.peak_pss / 2**20:.1f} MiB", flush=True)
                 delete_batch(batch)
     finally:
         print(f"deleting namespace {namespace} ...", flush=True)
