@@ -27,7 +27,7 @@ from anyio.abc import TaskGroup
 from multisniff.capture.model import CaptureMode, CaptureSpec, RemoteCapture
 from multisniff.engine.output import FileOutput, LiveOutput
 from multisniff.engine.runs import CaptureRun, Transcoder
-from multisniff.engine.targets import Candidate, candidate, plan
+from multisniff.engine.targets import Candidate, candidate, covered, plan
 from multisniff.errors import ExitCode, MultisniffError, OutputError, RefusedError, UsageError
 from multisniff.kube.model import Cluster, PodEventType, PodInfo, PodSelector
 from multisniff.pcap.blocks import NameRecord
@@ -296,6 +296,14 @@ class Session:
         assert self._tg is not None
         self._tg.start_soon(self._capture, item.key, run, name=f"capture {run.label}")
 
+    def _covered(self, pod: PodInfo, run: CaptureRun) -> None:
+        """A hostNetwork pod that joined a node network we capture already: say so once, in
+        place of whatever was said of it before (it may have been Pending)."""
+        run.shared_with = (*run.shared_with, str(pod.ref))
+        self.skipped = [item for item in self.skipped if item.pod.uid != pod.uid]
+        self._skipped_uids.discard(pod.uid)
+        self._start(covered(pod, run.label))
+
     async def _watch(self, resource_version: str) -> None:
         with self._watch_scope:
             try:
@@ -322,6 +330,8 @@ class Session:
         if item.target is not None and pod.host_network:
             for run, _ in self.active.values():
                 if run.target.pod.host_network and run.target.pod.node == pod.node:
+                    if run.target.pod.uid != pod.uid and str(pod.ref) not in run.shared_with:
+                        self._covered(pod, run)
                     return
         if item.target is not None and item.key not in self.active:
             log.info("Starting a capture of %s (new or restarted pod).", pod.ref)

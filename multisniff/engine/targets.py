@@ -64,6 +64,12 @@ def candidate(pod: PodInfo, wanted_container: str | None) -> Candidate:
                      key=capture_key(pod, container))
 
 
+def covered(pod: PodInfo, owner: str) -> Candidate:
+    """A hostNetwork pod whose node network the capture of pod `owner` already carries."""
+    return Candidate(pod, None, f"it uses the host network of node {pod.node or '?'}, "
+                     f"captured once with {owner}", key=capture_key(pod, ""))
+
+
 def plan(pods: list[PodInfo] | tuple[PodInfo, ...],
          wanted_container: str | None) -> list[Candidate]:
     """Candidates for pods, in the order given; hostNetwork pods of one node become one target
@@ -79,8 +85,7 @@ def plan(pods: list[PodInfo] | tuple[PodInfo, ...],
                 owner = result[first]
                 result[first] = Candidate(owner.pod, owner.target, owner.reason, owner.key,
                                           (*owner.shared_with, str(pod.ref)))
-                result.append(Candidate(pod, None, f"it uses the host network of node {node}, "
-                                        f"captured once with {owner.pod.ref}", key=item.key))
+                result.append(covered(pod, str(owner.pod.ref)))
                 continue
             by_node[node] = len(result)
         result.append(item)
