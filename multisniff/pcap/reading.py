@@ -27,7 +27,8 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from itertools import accumulate, chain
+from itertools import accumulate, chain, repeat
+from operator import itemgetter
 
 from multisniff.pcap import blocks as b
 from multisniff.pcap.blocks import (
@@ -222,7 +223,9 @@ class CaptureReader:
         the end offset of each EPB in it (`Batch.ends`): cheaper to keep and to slice."""
         batch = self._feed(data, Batch(flat=True))
         if batch.packets:  # from a path that only makes tuples: flatten them here
-            sizes = (sum(map(len, packet)) for packet in batch.packets)
+            # every packet's first piece starts with its EPB's type and total length
+            heads = map(_LE_U32.unpack_from, map(itemgetter(0), batch.packets), repeat(4))
+            sizes = map(itemgetter(0), heads)
             start = batch.ends[-1] if batch.ends else 0
             batch.ends.extend(accumulate(sizes, initial=start))
             del batch.ends[-len(batch.packets) - 1]
