@@ -21,6 +21,12 @@ class NoUsableMode(MultisniffError):
     """Neither mode can capture a target."""
 
 
+def _clause(reason: str) -> str:
+    """A mode's reason as a clause of a longer sentence: no full stop of its own (a refusal
+    from the API server is a whole sentence)."""
+    return reason.strip().rstrip(".")
+
+
 class AutoMode:
     """Picks upload or ephemeral for each target."""
 
@@ -39,16 +45,16 @@ class AutoMode:
         choice: tuple[CaptureMode | None, Assessment]
         upload = await self._upload.assess(target)
         if upload.usable:
-            choice = (self._upload, Assessment(True, f"upload: {upload.reason}",
+            choice = (self._upload, Assessment(True, f"upload: {_clause(upload.reason)}",
                                                upload.creates))
         else:
             ephemeral = await self._ephemeral.assess(target)
             if ephemeral.usable:
-                choice = (self._ephemeral, Assessment(True, f"ephemeral: {upload.reason}",
+                choice = (self._ephemeral, Assessment(True, f"ephemeral: {_clause(upload.reason)}",
                                                       ephemeral.creates))
             else:
-                choice = (None, Assessment(False, f"upload: {upload.reason}; "
-                                                  f"ephemeral: {ephemeral.reason}"))
+                choice = (None, Assessment(False, f"upload: {_clause(upload.reason)}; "
+                                                  f"ephemeral: {_clause(ephemeral.reason)}"))
         self._choices[key] = choice
         return choice
 
