@@ -486,10 +486,13 @@ async def dry_run(cluster: Cluster, mode: CaptureMode, profile: Profile) -> list
         if item.shared_with:
             lines.append(f"    host network, also carries {', '.join(item.shared_with)}")
     if not math.isinf(profile.duration or math.inf):
+        duration = profile.duration or 0
         lines.append(f"Remote tcpdumps would end after at most "
-                     f"{(profile.duration or 0) + profile.lifetime_margin:g} s.")
+                     f"{duration + profile.lifetime_margin:g} s (--duration {duration:g} s "
+                     f"plus lifetime_margin {profile.lifetime_margin:g} s).")
     else:
-        lines.append(f"Remote tcpdumps would end after at most {profile.max_lifetime:g} s.")
+        lines.append(f"Remote tcpdumps would end after at most {profile.max_lifetime:g} s "
+                     "(max_lifetime, as no --duration is given; a profile may change it).")
     return lines
 
 
