@@ -394,8 +394,10 @@ class Session:
                 with anyio.move_on_after(self.profile.stop_grace):
                     await self.output.end(run)
             self.active.pop(key, None)
-            log.info("%s: %s, %d packets, %d dropped.", run.label, run.state, run.packets,
-                     run.dropped)
+            if not self._stopping:
+                # News while the others go on; when the session stops, its summary says it.
+                log.info("%s: %s, %d packets, %d dropped; the other captures go on.",
+                         run.label, run.state, run.packets, run.dropped)
             if not self.active:
                 self._idle.set()
                 if not self.profile.follow:
