@@ -9,6 +9,7 @@ whose message is one sentence naming what was refused and the way out (`api_erro
 from __future__ import annotations
 
 import collections
+import datetime
 import json
 import logging
 import os
@@ -45,6 +46,8 @@ logger = logging.getLogger(__name__)
 WATCH_SECONDS = 290
 """Server-side bound of one watch request; the watch is then resumed from the last version."""
 CONFLICT_RETRIES = 5
+EXEC_TOKEN_MARGIN = datetime.timedelta(seconds=10)
+"""An exec credential plugin is asked for a new token when the one it gave has this little left."""
 NOISE_LABELS = frozenset({"pod-template-hash", "controller-revision-hash",
                           "pod-template-generation"})
 FAILED_WAITING_REASONS = frozenset({
@@ -276,11 +279,19 @@ async def _load_configuration(kubeconfig: str | None,
         raise UsageError(f"Cannot read the kubeconfig {os.pathsep.join(map(str, paths))}: "
                          f"{exc}; check the file or pass another with --kubeconfig.") from exc
     if hasattr(loader, "exec_plugin_expiry"):
-        # An exec credential plugin gave a token that expires: ask it again before every request
-        # once it has (the loader keeps the token until its expiry and reruns the plugin after).
+        # An exec credential plugin gave a token that expires: ask it again before a request
+        # once the token is about to. One at a time: the pods' execs start together, and one
+        # plugin run serves them all. (The loader alone would rerun the plugin for every request
+        # in the last five minutes of a token, and for every request when tokens are shorter.)
+        lock = anyio.Lock()
+
         async def refresh(config: k8s.Configuration) -> None:
-            await loader.load_from_exec_plugin()
-            config.api_key["BearerToken"] = loader.token
+            async with lock:
+                left = loader.exec_plugin_expiry - datetime.datetime.now(datetime.UTC)
+                if left > EXEC_TOKEN_MARGIN:
+                    return
+                await loader.load_from_exec_plugin()
+                config.api_key["BearerToken"] = loader.token
 
         configuration.refresh_api_key_hook = refresh
     return configuration, context_namespace(loader.current_context)
