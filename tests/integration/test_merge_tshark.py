@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -30,7 +31,29 @@ pytestmark = [
                        reason=f"needs {', '.join(TOOLS)} on PATH"),
 ]
 
-PORTS = (47601, 47602)
+
+
+def _free_ports(n: int) -> tuple[int, ...]:
+    """Ports nobody listens on now: a fixed pair would also catch a concurrent run's datagrams."""
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(n)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = tuple(sock.getsockname()[1] for sock in sockets)
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+PORTS = _free_ports(2)
+
+
+def port_index(n: int) -> int:
+    """Datagram n goes to PORTS[port_index(n)]: runs of 7 alternate between the two."""
+    return (n // 7) % 2
+
+
+SENT = tuple(sum(1 for n in range(300) if port_index(n) == i) for i in range(2))
+"""Datagrams sent to each port: 153 and 147."""
 
 
 def multisniff(*args: str) -> subprocess.CompletedProcess[str]:
@@ -70,23 +93,35 @@ def start_tcpdump(path: Path, port: int, precision: str) -> subprocess.Popen[byt
     return process
 
 
-def wait_until_written(*paths: Path) -> None:
-    """Wait until tcpdump has written what it captured (the files stop growing): on a busy
-    machine it may lag behind the sender, and SIGINT would cut it short."""
-    sizes: list[int] = []
-    steady = 0
-    for _ in range(300):
-        now = [path.stat().st_size for path in paths]
-        steady = steady + 1 if now == sizes else 0
-        if steady >= 10:
+def packets_in(path: Path) -> int:
+    """Complete packet records in a classic pcap that tcpdump is still writing."""
+    data = path.read_bytes()
+    if len(data) < 24:
+        return 0
+    order = "<" if data[:4] in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1") else ">"
+    offset, packets = 24, 0
+    while offset + 16 <= len(data):
+        (caplen,) = struct.unpack_from(order + "I", data, offset + 8)
+        if offset + 16 + caplen > len(data):
+            break
+        offset += 16 + caplen
+        packets += 1
+    return packets
+
+
+def wait_until_written(expected: int, *paths: Path) -> None:
+    """Wait until tcpdump has written every packet sent: on a busy machine it may lag far
+    behind the sender, and SIGINT would end it with packets still unread in its buffer."""
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if all(packets_in(path) >= expected for path in paths):
             return
-        sizes = now
         time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
 def captures(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path]]:
-    """150 UDP datagrams to each of two ports on 127.0.0.1, in runs of 7, each one received
+    """300 UDP datagrams to two ports on 127.0.0.1, in runs of 7, each one received
     before the next is sent (so the captures see them at their own pace)."""
     directory = tmp_path_factory.mktemp("loopback")
     nano = directory / "pod-a.pcap"
@@ -101,11 +136,11 @@ def captures(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, P
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
             for n in range(300):
-                index = (n // 7) % 2
+                index = port_index(n)
                 sender.sendto(f"packet {n:04d} ".encode() * (1 + n % 40),
                               ("127.0.0.1", PORTS[index]))
                 receivers[index].recv(65536)
-        wait_until_written(nano, micro)
+        wait_until_written(min(SENT), nano, micro)
     finally:
         for dump in dumps:
             if dump.poll() is None:
@@ -120,9 +155,8 @@ def captures(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, P
 
 def test_inputs_are_what_they_should_be(captures: tuple[Path, Path]) -> None:
     nano, micro = captures
-    # tcpdump may lose a few on a busy machine (kernel drops); every test below compares
-    # against what the inputs hold, read by capinfos and tshark
-    assert count(nano) > 100 and count(micro) > 100
+    # 300 datagrams, each received before the next was sent, in alternating runs of 7
+    assert (count(nano), count(micro)) == SENT
 
 
 def count(path: Path) -> int:
