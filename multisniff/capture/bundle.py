@@ -524,10 +524,15 @@ def load_bundle(targz: bytes, *, name: str = "<bundle>") -> Bundle:
             f"{name} does not match its manifest (digest {digest[:12]}, manifest says "
             f"{str(manifest.get('digest'))[:12]}); delete it to rebuild."
         )
-    return Bundle(
+    bundle = Bundle(
         files=(*ordered, manifest_file),
         manifest=manifest,
         digest=digest,
         loader=str(manifest["loader"]),
         programs=tuple(manifest["programs"]),
     )
+    # The archive just verified is the one `targz` would make again: compressing 12 MB anew
+    # costs seconds of CPU that every upload would otherwise pay. (cached_property reads the
+    # instance dict, which a frozen dataclass leaves writable.)
+    bundle.__dict__["targz"] = targz
+    return bundle

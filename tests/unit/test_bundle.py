@@ -19,6 +19,7 @@ from multisniff.capture.bundle import (
     BundleError,
     Sysroot,
     build_bundle,
+    load_bundle,
     read_elf,
     resolve_closure,
 )
@@ -196,3 +197,11 @@ def test_a_static_program_is_refused(tmp_path: Path) -> None:
     assert info.interpreter is None and info.needed == () and info.multiarch == "x86_64-linux-gnu"
     with pytest.raises(BundleError, match="has no ELF interpreter"):
         build_bundle(sysroot=Sysroot(tmp_path), programs=["/bin/static"])
+
+
+def test_a_loaded_bundle_uploads_the_bytes_it_was_loaded_from(bundle: Bundle) -> None:
+    archive = bundle.targz
+    loaded = load_bundle(archive)
+    assert loaded.digest == bundle.digest
+    # the very same object: nothing is compressed again for each upload
+    assert loaded.targz is archive
