@@ -11,38 +11,18 @@ import secrets
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from kubenamespace import throwaway_namespace
+from workloads import wait_for, workload_pod
 
 pytestmark = pytest.mark.cluster
 
 MULTISNIFF = Path(sys.executable).parent / "multisniff"
-WORKLOAD_IMAGE = "multisniff.local/workload:1"
 PORT = 9417
 COUNT = 25
-
-
-def workload_pod(name: str, namespace: str, labels: dict[str, str],
-                 command: list[str]) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": namespace, "labels": labels},
-        "spec": {"terminationGracePeriodSeconds": 0, "automountServiceAccountToken": False,
-                 "containers": [{"name": "main", "image": WORKLOAD_IMAGE,
-                                 "imagePullPolicy": "Never", "command": command}]},
-    }
-
-
-def wait_for(path: Path, text: str, process: subprocess.Popen[bytes], seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while text not in path.read_text():
-        assert process.poll() is None, f"multisniff ended early:\n{path.read_text()}"
-        assert time.monotonic() < deadline, f"no {text!r} in:\n{path.read_text()}"
-        time.sleep(0.2)
 
 
 def tshark_markers(pcap: Path) -> list[tuple[str, str]]:
@@ -67,8 +47,10 @@ def test_all_namespaces_capture_has_every_datagram_once_under_its_pod(
             throwaway_namespace(cluster, "msx-counts-b") as ns_b:
         listen = ["workload", "udp-listen", "-listen", f":{PORT}", "-quiet"]
         targets = [(ns_a, "target-1"), (ns_a, "target-2"), (ns_b, "target-3")]
-        docs = [workload_pod(name, ns, {label: "x"}, listen) for ns, name in targets]
-        docs.append(workload_pod("sender", ns_b, {"role": "sender"}, ["sleep", "3600"]))
+        docs = [workload_pod(name, ns, labels={label: "x"}, command=listen)
+                for ns, name in targets]
+        docs.append(workload_pod("sender", ns_b, labels={"role": "sender"},
+                                 command=["sleep", "3600"]))
         cluster.kubectl("apply", "-f", "-", input=json.dumps(
             {"apiVersion": "v1", "kind": "List", "items": docs}).encode())
         for ns, name in [*targets, (ns_b, "sender")]:

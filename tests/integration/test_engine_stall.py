@@ -32,13 +32,13 @@ from typing import Any
 
 import pytest
 from kubenamespace import throwaway_namespace
+from workloads import start_pod
 
 from multisniff.pcap.blocks import InterfaceStatistics
 from multisniff.pcap.reading import CaptureReader
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(400)]
 
-WORKLOAD_IMAGE = "multisniff.local/workload:1"
 
 BUFFER_CHUNKS = 4
 MAX_PENDING = 1000
@@ -55,25 +55,6 @@ PIPES = 3 * 64 * 1024
 # and the allocator keeps freed arenas: RSS may grow by this much over the buffers' bound.
 RSS_FACTOR = 4
 RSS_SLACK = 32 * 1024 * 1024
-
-
-def workload_pod(name: str, namespace: str, args: list[str]) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": namespace, "labels": {"app": name}},
-        "spec": {"terminationGracePeriodSeconds": 0, "automountServiceAccountToken": False,
-                 "restartPolicy": "Never",
-                 "containers": [{"name": "main", "image": WORKLOAD_IMAGE,
-                                 "imagePullPolicy": "Never", "args": args}]},
-    }
-
-
-def start_pod(cluster: Any, namespace: str, name: str, args: list[str]) -> str:
-    cluster.kubectl("apply", "-f", "-",
-                    input=json.dumps(workload_pod(name, namespace, args)).encode())
-    cluster.kubectl("wait", "--for=condition=Ready", f"pod/{name}", "-n", namespace,
-                    "--timeout=60s", timeout=90)
-    return str(cluster.kubectl_json("get", "pod", name, "-n", namespace)["status"]["podIP"])
 
 
 def rss(pid: int) -> int:

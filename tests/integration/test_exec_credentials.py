@@ -23,25 +23,14 @@ from typing import Any
 
 import pytest
 from kubenamespace import throwaway_namespace
+from workloads import wait_for, workload_pod
 
 pytestmark = pytest.mark.cluster
 
 MULTISNIFF = Path(sys.executable).parent / "multisniff"
-WORKLOAD_IMAGE = "multisniff.local/workload:1"
 PORT = 9431
 COUNT = 20
 LIFETIME = 2  # seconds the plugin says each token lives
-
-
-def workload_pod(name: str, namespace: str, labels: dict[str, str],
-                 command: list[str]) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": namespace, "labels": labels},
-        "spec": {"terminationGracePeriodSeconds": 0, "automountServiceAccountToken": False,
-                 "containers": [{"name": "main", "image": WORKLOAD_IMAGE,
-                                 "imagePullPolicy": "Never", "command": command}]},
-    }
 
 
 def write_plugin(path: Path, token: str, counter: Path) -> None:
@@ -71,14 +60,6 @@ def write_kubeconfig(cluster: Any, path: Path, plugin: Path, namespace: str) -> 
                                                     "namespace": namespace}}],
         "current-context": "plugin",
     }))
-
-
-def wait_for(path: Path, text: str, process: subprocess.Popen[bytes], seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while text not in path.read_text():
-        assert process.poll() is None, f"multisniff ended early:\n{path.read_text()}"
-        assert time.monotonic() < deadline, f"no {text!r} in:\n{path.read_text()}"
-        time.sleep(0.2)
 
 
 def send(cluster: Any, namespace: str, ip: str, marker: str) -> None:
@@ -114,8 +95,9 @@ def test_capture_through_an_exec_plugin_outlives_its_tokens(
         write_plugin(plugin, token, counter)
         write_kubeconfig(cluster, kubeconfig, plugin, namespace)
 
-        docs = [workload_pod("first", namespace, {label: "x"}, listen),
-                workload_pod("sender", namespace, {"role": "sender"}, ["sleep", "3600"])]
+        docs = [workload_pod("first", namespace, labels={label: "x"}, command=listen),
+                workload_pod("sender", namespace, labels={"role": "sender"},
+                             command=["sleep", "3600"])]
         cluster.kubectl("apply", "-f", "-", input=json.dumps(
             {"apiVersion": "v1", "kind": "List", "items": docs}).encode())
         cluster.kubectl("wait", "-n", namespace, "--for=condition=Ready", "--timeout=60s",
@@ -142,7 +124,7 @@ def test_capture_through_an_exec_plugin_outlives_its_tokens(
             calls_before_join = len(counter.read_text().splitlines())
             joined_at = time.time()
             cluster.kubectl("apply", "-f", "-", input=json.dumps(
-                workload_pod("second", namespace, {label: "x"}, listen)).encode())
+                workload_pod("second", namespace, labels={label: "x"}, command=listen)).encode())
             cluster.kubectl("wait", "-n", namespace, "--for=condition=Ready",
                             "--timeout=60s", "pod/second", timeout=90)
             wait_for(log, f"Capturing {namespace}/second", process, 60)

@@ -12,17 +12,16 @@ import secrets
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from kubenamespace import throwaway_namespace
+from workloads import WORKLOAD_IMAGE, wait_for
 
 pytestmark = pytest.mark.cluster
 
 MULTISNIFF = Path(sys.executable).parent / "multisniff"
-WORKLOAD_IMAGE = "multisniff.local/workload:1"
 PORT = 9443
 COUNT = 10
 
@@ -36,14 +35,6 @@ def host_network_pod(name: str, namespace: str, label: str) -> dict[str, Any]:
                  "containers": [{"name": "main", "image": WORKLOAD_IMAGE,
                                  "imagePullPolicy": "Never", "command": ["sleep", "3600"]}]},
     }
-
-
-def wait_for(path: Path, text: str, process: subprocess.Popen[bytes], seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while text not in path.read_text():
-        assert process.poll() is None, f"multisniff ended early:\n{path.read_text()}"
-        assert time.monotonic() < deadline, f"no {text!r} in:\n{path.read_text()}"
-        time.sleep(0.2)
 
 
 def test_two_host_network_pods_are_one_capture_of_the_node(cluster: Any, tmp_path: Path) -> None:

@@ -12,7 +12,6 @@ CI needs: apt-get install --no-install-recommends wireshark xvfb xauth (and tsha
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -24,6 +23,7 @@ from typing import Any
 
 import pytest
 from kubenamespace import throwaway_namespace
+from workloads import start_pod
 
 pytestmark = [
     pytest.mark.cluster,
@@ -33,28 +33,6 @@ pytestmark = [
                               "xauth)"),
 ]
 
-WORKLOAD_IMAGE = "multisniff.local/workload:1"
-
-
-def workload_pod(name: str, namespace: str, args: list[str]) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": namespace, "labels": {"app": name}},
-        "spec": {"terminationGracePeriodSeconds": 0, "automountServiceAccountToken": False,
-                 "restartPolicy": "Never",
-                 "containers": [{"name": "main", "image": WORKLOAD_IMAGE,
-                                 "imagePullPolicy": "Never", "args": args}]},
-    }
-
-
-def start_pod(cluster: Any, namespace: str, name: str, args: list[str]) -> str:
-    """Start a workload pod, wait until it is ready; its IP."""
-    cluster.kubectl("apply", "-f", "-",
-                    input=json.dumps(workload_pod(name, namespace, args)).encode())
-    cluster.kubectl("wait", "--for=condition=Ready", f"pod/{name}", "-n", namespace,
-                    "--timeout=60s", timeout=90)
-    pod = cluster.kubectl_json("get", "pod", name, "-n", namespace)
-    return str(pod["status"]["podIP"])
 
 
 def children(pid: int) -> list[tuple[int, str]]:

@@ -1,0 +1,48 @@
+"""Pods of the workload image and a multisniff log to wait on, shared by the cluster tests."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+WORKLOAD_IMAGE = "multisniff.local/workload:1"
+
+
+def workload_pod(name: str, namespace: str, *, labels: dict[str, str] | None = None,
+                 args: list[str] | None = None,
+                 command: list[str] | None = None) -> dict[str, Any]:
+    """A pod of the workload image (busybox and /workload, no libc), labelled app=NAME unless
+    told otherwise; `args` go to /workload, `command` replaces it."""
+    container: dict[str, Any] = {"name": "main", "image": WORKLOAD_IMAGE,
+                                 "imagePullPolicy": "Never"}
+    if command is not None:
+        container["command"] = command
+    if args is not None:
+        container["args"] = args
+    return {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels or {"app": name}},
+        "spec": {"terminationGracePeriodSeconds": 0, "automountServiceAccountToken": False,
+                 "restartPolicy": "Never", "containers": [container]},
+    }
+
+
+def start_pod(cluster: Any, namespace: str, name: str, args: list[str]) -> str:
+    """Start a workload pod, wait until it is ready; its IP."""
+    cluster.kubectl("apply", "-f", "-",
+                    input=json.dumps(workload_pod(name, namespace, args=args)).encode())
+    cluster.kubectl("wait", "--for=condition=Ready", f"pod/{name}", "-n", namespace,
+                    "--timeout=60s", timeout=90)
+    return str(cluster.kubectl_json("get", "pod", name, "-n", namespace)["status"]["podIP"])
+
+
+def wait_for(path: Path, text: str, process: subprocess.Popen[bytes], seconds: float) -> None:
+    """Wait until multisniff's log at `path` says `text`; fail if it ends first."""
+    deadline = time.monotonic() + seconds
+    while text not in path.read_text():
+        assert process.poll() is None, f"multisniff ended early:\n{path.read_text()}"
+        assert time.monotonic() < deadline, f"no {text!r} in:\n{path.read_text()}"
+        time.sleep(0.2)
