@@ -35,6 +35,14 @@ PROTOCOLS = (V5, V4)
 
 WRITE_CHUNK = 256 * 1024
 """Largest stdin frame we send; bigger writes are split so no frame nears a size limit."""
+READ_CHUNK = 256 * 1024
+"""Most stdout bytes one `read()` hands on: frames already queued are joined up to this."""
+LINGER = 0.05
+"""Seconds `read()` lets frames gather after the first one (tcpdump -U sends one message per
+packet): one chunk per pod per LINGER instead of one trip through every layer per packet. The
+queue of the WebSocket stays bounded (aiohttp pauses the socket when it is full). Only from the
+LINGER_AFTER-th read on: short commands, which read a chunk or two, are not slowed down."""
+LINGER_AFTER = 4
 CLOSE_GRACE = 5.0
 """Seconds the closing handshake of the WebSocket may take before the connection is dropped."""
 
@@ -85,6 +93,13 @@ class FrameTransport(Protocol):
     async def send_frame(self, frame: bytes) -> None: ...
 
 
+class BufferedTransport(FrameTransport, Protocol):
+    """A transport that can say how many messages it holds already (received, not yet taken):
+    `receive_frame` returns those without waiting."""
+
+    def queued(self) -> int: ...
+
+
 class ExecStream:
     """A running exec (`multisniff.kube.model.ExecChannel`) over a `FrameTransport`.
 
@@ -92,8 +107,12 @@ class ExecStream:
     """
 
     def __init__(self, transport: FrameTransport, *, protocol: str | None,
-                 on_stderr: Callable[[bytes], None] | None = None) -> None:
+                 on_stderr: Callable[[bytes], None] | None = None,
+                 linger: float = 0.0) -> None:
         self._transport = transport
+        self._queued: Callable[[], int] | None = getattr(transport, "queued", None)
+        self._linger = linger
+        self._reads = 0
         self.protocol = protocol
         self._on_stderr = on_stderr
         self._status = bytearray()
@@ -101,6 +120,27 @@ class ExecStream:
         self._stdin_closed = False
 
     async def read(self) -> bytes:
+        """The next stdout bytes (b"" at the end): at least one frame's, plus those of the
+        frames that arrive within `linger` or are queued already, up to READ_CHUNK."""
+        first = await self._next_stdout()
+        queued = self._queued
+        if not first or queued is None:
+            return first
+        self._reads += 1
+        if self._linger > 0 and self._reads >= LINGER_AFTER and len(first) < READ_CHUNK and \
+                not queued():
+            await anyio.sleep(self._linger)
+        parts = [first]
+        size = len(first)
+        while size < READ_CHUNK and not self._ended and queued():
+            payload = await self._next_stdout()
+            if not payload:
+                break
+            parts.append(payload)
+            size += len(payload)
+        return first if len(parts) == 1 else b"".join(parts)
+
+    async def _next_stdout(self) -> bytes:
         while not self._ended:
             frame = await self._transport.receive_frame()
             if frame is None:
@@ -144,9 +184,23 @@ class ExecStream:
         return parse_status(bytes(self._status))
 
 
+_DATA = (aiohttp.WSMsgType.BINARY, aiohttp.WSMsgType.TEXT)
+
+
 class _AiohttpTransport:
     def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         self._ws = ws
+        # aiohttp's queue of received messages (private; without it nothing is coalesced)
+        self._buffer: Sequence[Any] = getattr(getattr(ws, "_reader", None), "_buffer", ())
+
+    def queued(self) -> int:
+        """Data messages at the head of the queue (a ping or close there counts as none: its
+        `receive()` could wait for the next message)."""
+        buffer = self._buffer
+        if not buffer:
+            return 0
+        kind = getattr(buffer[0][0], "type", None)
+        return len(buffer) if kind in _DATA else 0
 
     async def receive_frame(self) -> bytes | None:
         while True:
@@ -232,7 +286,8 @@ async def open_exec(
         raise ClusterError(f"Cannot reach the Kubernetes API at {host or 'its address'}: {exc}; "
                            "check --context/--kubeconfig.") from exc
     try:
-        yield ExecStream(_AiohttpTransport(ws), protocol=_negotiated(ws), on_stderr=on_stderr)
+        yield ExecStream(_AiohttpTransport(ws), protocol=_negotiated(ws), on_stderr=on_stderr,
+                         linger=LINGER)
     finally:
         with anyio.CancelScope(shield=True):
             with anyio.move_on_after(CLOSE_GRACE) as scope:

@@ -137,3 +137,54 @@ async def test_close_stdin_is_impossible_on_v4() -> None:
 
     assert await stream.close_stdin() is False
     assert transport.sent == []
+
+
+class QueuedTransport(FakeTransport):
+    """Like FakeTransport, but says how many frames it holds already, as the aiohttp one does;
+    `arriving` frames join the queue only while the reader lingers (sleeps)."""
+
+    def __init__(self, frames: list[bytes], arriving: list[bytes] | None = None) -> None:
+        super().__init__(frames)
+        self.arriving = list(arriving or ())
+
+    def queued(self) -> int:
+        return len(self.frames)
+
+
+@pytest.mark.anyio
+async def test_read_joins_the_stdout_of_frames_already_queued_up_to_a_bound(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("multisniff.kube.execstream.READ_CHUNK", 5)
+    transport = QueuedTransport([b"\x01ab", b"\x02err", b"\x01cd", b"\x01ef", b"\x01gh"])
+    errors: list[bytes] = []
+    stream = ExecStream(transport, protocol=V5, on_stderr=errors.append)
+    assert await stream.read() == b"abcdef"  # stops once READ_CHUNK is reached
+    assert errors == [b"err"]
+    assert await stream.read() == b"gh"
+    assert await stream.read() == b""
+
+
+@pytest.mark.anyio
+async def test_read_lingers_for_more_frames_only_when_none_are_queued(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("multisniff.kube.execstream.LINGER_AFTER", 2)
+    transport = QueuedTransport([b"\x01--"], arriving=[b"\x01cd", b"\x01ef"])
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        transport.frames.extend(transport.arriving)
+        transport.arriving.clear()
+
+    monkeypatch.setattr("multisniff.kube.execstream.anyio.sleep", sleep)
+    stream = ExecStream(transport, protocol=V5, linger=0.05)
+    assert await stream.read() == b"--"  # the first reads of a stream never linger
+    assert slept == []
+    transport.frames.append(b"\x01ab")
+    assert await stream.read() == b"abcdef"
+    assert slept == [0.05]
+    # a transport that cannot tell what it holds: one frame per read, no lingering
+    plain = ExecStream(FakeTransport([b"\x01ab", b"\x01cd"]), protocol=V5, linger=0.05)
+    assert await plain.read() == b"ab"
+    assert await plain.read() == b"cd"
+    assert slept == [0.05]
