@@ -60,7 +60,7 @@ def test_the_lifetime_stops_the_program(watchdog: Path) -> None:
     proc = start(watchdog, "--lifetime", "0.5", program=["sh", "-c", TRAPPER])
 
     assert finish(proc) == (3, "INT\n")
-    assert 0.4 < time.monotonic() - began < 5
+    assert time.monotonic() - began >= 0.5  # not before its lifetime
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
