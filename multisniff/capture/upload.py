@@ -93,6 +93,7 @@ class UploadMode:
         self._upload_timeout = upload_timeout
         self._cleanup_timeout = cleanup_timeout
         self._bundle_cache: dict[str, Bundle] = {}
+        self._bundle_lock = anyio.Lock()
         self._locks: dict[tuple[str, str], anyio.Lock] = {}
         self.bytes_uploaded = 0
         """Bytes of bundles sent to targets so far (0 when every target had it already)."""
@@ -148,8 +149,11 @@ class UploadMode:
         arch = host_arch()
         if target.pod.node:
             arch = (await self._cluster.node(target.pod.node)).architecture
-        if arch not in self._bundle_cache:
-            self._bundle_cache[arch] = await anyio.to_thread.run_sync(self._bundles, arch)
+        # Opens start together: without the lock each would miss the cache and load its own
+        # copy of the bundle (tens of MB apiece) before the first one landed.
+        async with self._bundle_lock:
+            if arch not in self._bundle_cache:
+                self._bundle_cache[arch] = await anyio.to_thread.run_sync(self._bundles, arch)
         return self._bundle_cache[arch]
 
     def bundle_directory(self, bundle: Bundle) -> str:
