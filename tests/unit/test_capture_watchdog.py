@@ -1,5 +1,7 @@
 """The watchdog, compiled here and run locally: each way of stopping ends its program, which
-gets SIGINT first (and SIGKILL after the grace), and nothing is left behind."""
+gets SIGINT first (and SIGKILL after the grace), and nothing is left behind; with --batch, the
+program's output is passed on whole and in order, in batches, and a reader that stops reading
+does not keep anything alive past the bounds."""
 
 from __future__ import annotations
 
@@ -28,6 +30,12 @@ def watchdog(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(params=[(), ("--batch", "0.05")], ids=["direct", "batched"])
+def relay(request: pytest.FixtureRequest) -> tuple[str, ...]:
+    """The stopping rules hold whether the program's stdout is ours or relayed by us."""
+    return tuple(request.param)
+
+
 def start(watchdog: Path, *args: str, program: list[str]) -> subprocess.Popen[str]:
     proc = subprocess.Popen([str(watchdog), *args, "--", *program], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
@@ -47,32 +55,34 @@ def finish(proc: subprocess.Popen[str], timeout: float = 10) -> tuple[int, str]:
     return proc.returncode, out
 
 
-def test_stdin_eof_stops_the_program_with_sigint(watchdog: Path) -> None:
-    proc = start(watchdog, "--lifetime", "60", program=["sh", "-c", TRAPPER])
+def test_stdin_eof_stops_the_program_with_sigint(watchdog: Path, relay: tuple[str, ...]) -> None:
+    proc = start(watchdog, "--lifetime", "60", *relay, program=["sh", "-c", TRAPPER])
     assert proc.stdin is not None
     proc.stdin.close()
 
     assert finish(proc) == (3, "INT\n")
 
 
-def test_the_lifetime_stops_the_program(watchdog: Path) -> None:
+def test_the_lifetime_stops_the_program(watchdog: Path, relay: tuple[str, ...]) -> None:
     began = time.monotonic()
-    proc = start(watchdog, "--lifetime", "0.5", program=["sh", "-c", TRAPPER])
+    proc = start(watchdog, "--lifetime", "0.5", *relay, program=["sh", "-c", TRAPPER])
 
     assert finish(proc) == (3, "INT\n")
     assert time.monotonic() - began >= 0.5  # not before its lifetime
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
-def test_signals_to_the_watchdog_stop_the_program(watchdog: Path, signum: int) -> None:
-    proc = start(watchdog, "--lifetime", "60", program=["sh", "-c", TRAPPER])
+def test_signals_to_the_watchdog_stop_the_program(watchdog: Path, signum: int,
+                                                  relay: tuple[str, ...]) -> None:
+    proc = start(watchdog, "--lifetime", "60", *relay, program=["sh", "-c", TRAPPER])
     proc.send_signal(signum)
 
     assert finish(proc) == (3, "INT\n")
 
 
-def test_a_program_ignoring_sigint_is_killed_after_the_grace(watchdog: Path) -> None:
-    proc = start(watchdog, "--lifetime", "0.5", "--grace", "0.5",
+def test_a_program_ignoring_sigint_is_killed_after_the_grace(watchdog: Path,
+                                                             relay: tuple[str, ...]) -> None:
+    proc = start(watchdog, "--lifetime", "0.5", "--grace", "0.5", *relay,
                  program=["sh", "-c", 'trap "" INT; echo started; while :; do sleep 0.05; done'])
 
     assert finish(proc)[0] == 128 + signal.SIGKILL
@@ -111,3 +121,50 @@ def test_usage_errors_are_2(watchdog: Path) -> None:
 
     assert result.returncode == 2
     assert "usage: msnf-watchdog --lifetime" in result.stderr
+
+
+def test_batched_output_arrives_whole_and_in_order(watchdog: Path) -> None:
+    # Many small writes, as tcpdump -U makes one per packet.
+    script = 'i=0; while [ $i -lt 20000 ]; do echo "line $i"; i=$((i+1)); done'
+    proc = subprocess.Popen([str(watchdog), "--lifetime", "60", "--batch", "0.2", "--", "sh",
+                             "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+
+    assert finish(proc) == (0, "".join(f"line {i}\n" for i in range(20000)))
+
+
+def test_a_small_batch_goes_out_when_it_is_old_enough(watchdog: Path) -> None:
+    # The program writes a line and stays: only the batch interval can send the line on.
+    proc = start(watchdog, "--lifetime", "60", "--batch", "0.2",
+                 program=["sh", "-c", "echo started; exec sleep 60"])
+    assert proc.stdin is not None
+    proc.stdin.close()
+
+    assert finish(proc) == (128 + signal.SIGINT, "")
+
+
+def test_a_big_batch_goes_out_before_it_is_old(watchdog: Path) -> None:
+    # An hour's interval: only the batch size (64 KiB) can send these bytes on before the end.
+    proc = subprocess.Popen([str(watchdog), "--lifetime", "60", "--batch", "3600", "--", "sh",
+                             "-c", "head -c 70000 /dev/zero; exec sleep 60"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdin is not None
+    got = proc.stdout.read(64 * 1024)
+    proc.stdin.close()
+    rest = proc.stdout.read()
+    proc.wait(timeout=10)
+    proc.stdout.close()
+
+    assert len(got) == 64 * 1024
+    assert len(got) + len(rest) == 70000
+
+
+def test_a_reader_that_stops_reading_does_not_keep_anything_alive(watchdog: Path) -> None:
+    # Nobody reads: the relay fills, the program blocks writing. The lifetime still stops it,
+    # and what it wrote last is given up after the grace instead of waiting forever.
+    with subprocess.Popen([str(watchdog), "--lifetime", "0.5", "--grace", "0.5", "--batch",
+                           "0.05", "--", "sh", "-c", "exec yes multisniff"],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE) as proc:
+        code = proc.wait(timeout=30)
+
+    assert code == 128 + signal.SIGINT
