@@ -3,7 +3,9 @@
 A bundle is tcpdump with its libraries and loader (see `bundle`) plus the static watchdog
 compiled from ``watchdog.c`` next to this file. Both are built here, for the architecture of
 the node a target runs on, and kept in ``$MULTISNIFF_BUNDLES`` (default
-``~/.cache/multisniff/bundles``) as ``<arch>/bundle.tar.gz``:
+``~/.cache/multisniff/bundles``) as ``<arch>/bundle.tar.gz``, with ``bundle.index.json`` (the
+archive's sha256 and the manifest) beside it so that a run need not unpack it to know it, and
+the watchdog alone as ``<arch>/msnf-watchdog`` (the ephemeral mode sends just that):
 
 * for the host's own architecture from the host's files (Debian's tcpdump) and ``gcc``;
 * for another architecture from a sysroot of that architecture's unpacked Debian packages in
@@ -12,13 +14,14 @@ the node a target runs on, and kept in ``$MULTISNIFF_BUNDLES`` (default
   and its dependency closure are fetched with ``apt-get download`` and unpacked with
   ``dpkg-deb -x``, nothing is installed.
 
-A cached bundle is rebuilt when the watchdog's source changes. Building is blocking work (files,
-gzip, a compiler); callers run it in a worker thread.
+A cached bundle or watchdog is rebuilt when the watchdog's source changes. Building is blocking
+work (files, gzip, a compiler); callers run it in a worker thread.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import platform
 import shutil
@@ -26,7 +29,14 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from multisniff.capture.bundle import Bundle, BundleError, Sysroot, build_bundle, load_bundle
+from multisniff.capture.bundle import (
+    Bundle,
+    BundleError,
+    Sysroot,
+    build_bundle,
+    bundle_from_archive,
+    load_bundle,
+)
 from multisniff.errors import MultisniffError
 
 WATCHDOG_NAME = "msnf-watchdog"
@@ -100,15 +110,59 @@ def _watchdog_source_digest() -> str:
     return hashlib.sha256(WATCHDOG_SOURCE.read_bytes()).hexdigest()
 
 
+def _store(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.part")
+    partial.write_bytes(data)
+    partial.replace(path)
+
+
+def _cached_bundle(archive: Path, index: Path) -> Bundle:
+    """The cached bundle: known by its index when that matches the archive, else verified."""
+    targz = archive.read_bytes()
+    digest = hashlib.sha256(targz).hexdigest()
+    try:
+        known = json.loads(index.read_text())
+        if known.get("archive_sha256") == digest:
+            return bundle_from_archive(targz, known["manifest"])
+    except (OSError, ValueError, KeyError, AttributeError, BundleError):
+        pass
+    bundle = load_bundle(targz, name=str(archive))
+    _store(index, _index(bundle, digest))
+    return bundle
+
+
+def _index(bundle: Bundle, archive_sha256: str) -> bytes:
+    return json.dumps({"archive_sha256": archive_sha256, "manifest": bundle.manifest},
+                      sort_keys=True).encode()
+
+
+def watchdog_for(arch: str) -> bytes:
+    """The static watchdog for nodes of ``arch``: from the cache, else compiled now."""
+    path = cache_dir() / arch / WATCHDOG_NAME
+    stamp = path.with_name(f"{WATCHDOG_NAME}.sha256")
+    source_digest = _watchdog_source_digest()
+    try:
+        if stamp.read_text().strip() == source_digest:
+            return path.read_bytes()
+    except OSError:
+        pass
+    program = compile_watchdog(arch)
+    _store(path, program)
+    _store(stamp, (source_digest + "\n").encode())
+    return program
+
+
 def bundle_for(arch: str) -> Bundle:
     """The bundle for nodes of ``arch``: from the cache, else built now and cached."""
     directory = cache_dir() / arch
     archive = directory / "bundle.tar.gz"
+    index = directory / "bundle.index.json"
     stamp = directory / "watchdog.sha256"
     source_digest = _watchdog_source_digest()
     if archive.is_file() and stamp.is_file() and stamp.read_text().strip() == source_digest:
         try:
-            return load_bundle(archive.read_bytes(), name=str(archive))
+            return _cached_bundle(archive, index)
         except BundleError:
             pass  # damaged: rebuilt below
     if arch == host_arch():
@@ -132,11 +186,10 @@ def bundle_for(arch: str) -> Bundle:
         raise BundleUnavailable(
             f"A tcpdump bundle for {arch} nodes cannot be built here: {exc}"
         ) from exc
-    directory.mkdir(parents=True, exist_ok=True)
-    for path, data in ((archive, bundle.targz), (stamp, (source_digest + "\n").encode())):
-        partial = path.with_name(f"{path.name}.{os.getpid()}.part")
-        partial.write_bytes(data)
-        partial.replace(path)
+    targz = bundle.targz
+    _store(archive, targz)
+    _store(index, _index(bundle, hashlib.sha256(targz).hexdigest()))
+    _store(stamp, (source_digest + "\n").encode())
     return bundle
 
 
