@@ -59,6 +59,8 @@ class Profile:
     flush_interval: float = 0.25
     """Live output: how often the clock releases packets that idle pods would hold back."""
     max_pending: int = 100_000
+    batch_interval: float = 0.5
+    """Seconds the remote side may hold tcpdump's output to send it in fewer, larger frames."""
     """Live output: packets held for reordering at most; older ones are written early."""
     max_lifetime: float = 3600.0
     """Seconds a remote tcpdump may live when no --duration bounds it."""
@@ -93,6 +95,7 @@ _KEY_TYPES: dict[str, tuple[type, ...]] = {
     "reorder_window": (int, float),
     "flush_interval": (int, float),
     "max_pending": (int,),
+    "batch_interval": (int, float),
     "max_lifetime": (int, float, str),
     "lifetime_margin": (int, float),
     "stop_grace": (int, float),
@@ -174,7 +177,7 @@ def _convert(key: str, value: Any) -> Any:
     if key in ("snaplen", "count", "buffer_chunks", "max_pending") and value <= 0:
         raise ValueError("must be more than 0")
     if key in ("reorder_window", "flush_interval", "lifetime_margin", "stop_grace",
-               "startup_timeout"):
+               "startup_timeout", "batch_interval"):
         if value < 0 or (key == "flush_interval" and value == 0):
             raise ValueError("must be a positive number of seconds")
         return float(value)

@@ -42,6 +42,8 @@ class CaptureSpec:
     """Hard bound in seconds: the watchdog ends tcpdump then, whatever happens to the stream."""
     packet_count: int | None = None
     """tcpdump -c: stop after this many packets (per target)."""
+    batch: float = 0.5
+    """Seconds the watchdog may hold tcpdump's output to pass it on in batches (0: at once)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,13 +6,15 @@ watchdog; see `bundle` and `bundlecache`) is unpacked over exec stdin into
 ``/etc/passwd``, and must run as root with CAP_NET_RAW. An identical bundle already there (its
 manifest names the same digest) is not sent again. Then one exec runs::
 
-    DIR/msnf-watchdog --lifetime L --remove DIR --pidfile DIR/run-X.pid -- \\
+    DIR/msnf-watchdog --lifetime L --batch B --remove DIR --pidfile DIR/run-X.pid -- \\
         DIR/lib/ld-linux-... --library-path DIR/lib DIR/tcpdump -Z root -U -w - -i IFACE ...
 
 with stdin open: closing it (or the stream ending, or the client dying) makes the watchdog stop
-tcpdump and delete DIR. The upload goes through a shell that outlives ``tar`` because containerd
-can cut short the stdin of an exec process that reads it itself (containerd#13934), and into a
-side directory renamed into place only once complete, so a manifest in DIR means a whole bundle.
+tcpdump and delete DIR. tcpdump writes each packet at once (-U) into the watchdog, which passes
+them on in batches (see watchdog.c). The upload goes through a shell that outlives ``tar``
+because containerd can cut short the stdin of an exec process that reads it itself
+(containerd#13934), and into a side directory renamed into place only once complete, so a
+manifest in DIR means a whole bundle.
 """
 
 from __future__ import annotations
@@ -62,14 +64,24 @@ def capture_arguments(spec: CaptureSpec) -> list[str]:
     return args
 
 
+def watchdog_arguments(spec: CaptureSpec, *, remove: str | None = None,
+                       pidfile: str | None = None) -> list[str]:
+    """The watchdog's options for a capture spec (before ``--`` and the program)."""
+    args = ["--lifetime", f"{spec.lifetime:g}"]
+    if spec.batch > 0:
+        args += ["--batch", f"{spec.batch:g}"]
+    if remove is not None:
+        args += ["--remove", remove]
+    if pidfile is not None:
+        args += ["--pidfile", pidfile]
+    return args
+
+
 def capture_command(bundle: Bundle, directory: str, spec: CaptureSpec, *,
                     pidfile: str | None = None) -> list[str]:
     """The argv of the watched tcpdump run from the bundle unpacked at ``directory``."""
-    watchdog = [posixpath.join(directory, WATCHDOG_NAME), "--lifetime", f"{spec.lifetime:g}",
-                "--remove", directory]
-    if pidfile is not None:
-        watchdog += ["--pidfile", pidfile]
-    return [*watchdog, "--",
+    return [posixpath.join(directory, WATCHDOG_NAME),
+            *watchdog_arguments(spec, remove=directory, pidfile=pidfile), "--",
             *bundle.command("tcpdump", capture_arguments(spec), root=directory)]
 
 

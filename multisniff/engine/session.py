@@ -171,7 +171,10 @@ class Session:
         profile = self.profile
         return CaptureSpec(interface=profile.interface, bpf_filter=profile.filter,
                            snaplen=profile.snaplen, lifetime=self._lifetime(),
-                           packet_count=profile.count)
+                           packet_count=profile.count,
+                           # Batches held longer than a fraction of the reorder window would
+                           # make the live output's packets late.
+                           batch=min(profile.batch_interval, profile.reorder_window / 4))
 
     # --- the session --------------------------------------------------------------------------
 
