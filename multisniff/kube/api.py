@@ -23,13 +23,10 @@ from typing import Any
 
 import aiohttp
 import anyio
-from kubernetes_asyncio import client as k8s
-from kubernetes_asyncio import config as k8s_config
-from kubernetes_asyncio.client.exceptions import ApiException
-from kubernetes_asyncio.stream import WsApiClient
 
 from multisniff.errors import ClusterError, MultisniffError, RefusedError, UsageError
 from multisniff.kube.execstream import ExecStream, open_exec
+from multisniff.kube.k8sclient import ApiException, WsApiClient, k8s, k8s_config
 from multisniff.kube.model import (
     ContainerInfo,
     NodeInfo,

@@ -20,9 +20,9 @@ from typing import Any, Protocol
 
 import aiohttp
 import anyio
-from kubernetes_asyncio import client as k8s
 
 from multisniff.errors import ClusterError, RefusedError
+from multisniff.kube.k8sclient import k8s
 from multisniff.kube.model import ExecResult, PodRef
 
 logger = logging.getLogger(__name__)
