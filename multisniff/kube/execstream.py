@@ -41,8 +41,11 @@ LINGER = 0.05
 """Seconds `read()` lets frames gather after the first one (tcpdump -U sends one message per
 packet): one chunk per pod per LINGER instead of one trip through every layer per packet. The
 queue of the WebSocket stays bounded (aiohttp pauses the socket when it is full). Only from the
-LINGER_AFTER-th read on: short commands, which read a chunk or two, are not slowed down."""
+LINGER_AFTER-th read on: short commands, which read a chunk or two, are not slowed down. And only
+after a frame smaller than LINGER_BELOW: a remote side that sends batches (the watchdog's
+--batch) has done the gathering already."""
 LINGER_AFTER = 4
+LINGER_BELOW = 4096
 CLOSE_GRACE = 5.0
 """Seconds the closing handshake of the WebSocket may take before the connection is dropped."""
 
@@ -127,7 +130,7 @@ class ExecStream:
         if not first or queued is None:
             return first
         self._reads += 1
-        if self._linger > 0 and self._reads >= LINGER_AFTER and len(first) < READ_CHUNK and \
+        if self._linger > 0 and self._reads >= LINGER_AFTER and len(first) < LINGER_BELOW and \
                 not queued():
             await anyio.sleep(self._linger)
         parts = [first]

@@ -188,3 +188,9 @@ async def test_read_lingers_for_more_frames_only_when_none_are_queued(
     assert await plain.read() == b"ab"
     assert await plain.read() == b"cd"
     assert slept == [0.05]
+    # a frame of LINGER_BELOW bytes or more is a batch gathered by the sender: no lingering
+    big = b"x" * 4096
+    transport.frames.append(b"\x01" + big)
+    transport.arriving.append(b"\x01ij")
+    assert await stream.read() == big
+    assert slept == [0.05]
