@@ -9,11 +9,12 @@ output back); the writer task writes what the merger releases to the sink. A slo
 writer, then the merger, then the stream fills and the capture readers stop reading: memory is
 set by `buffer_chunks` and `max_pending`, not by traffic.
 
-`FileOutput`: each run is spooled, as it arrives, to its own pcapng file in OUT.parts/ (awaited
-writes, so a slow disk slows the readers); the spool files are readable up to their last block
-after a crash, and `multisniff merge OUT.parts/*` recovers them. At the end they are merged
-exactly (the exact mode of the same merger as `multisniff merge`) into OUT with NRB and ISBs,
-and removed.
+`FileOutput`: each run is spooled to its own pcapng file in OUT.parts/ (awaited writes in a worker
+thread, so a slow disk slows the readers; a run's chunks are gathered up to SPOOL_BYTES or
+SPOOL_SECONDS first, since handing each small chunk to a thread costs more CPU than writing it);
+the spool files are readable up to their last block after a crash, and
+`multisniff merge OUT.parts/*` recovers them. At the end they are merged exactly (the exact mode
+of the same merger as `multisniff merge`) into OUT with NRB and ISBs, and removed.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ from multisniff.pcap.writing import encode_nrb
 log = logging.getLogger("multisniff")
 
 CHUNK = 1 << 20
+SPOOL_BYTES = 64 * 1024
+SPOOL_SECONDS = 1.0
 
 
 class Output(Protocol):
@@ -247,6 +250,8 @@ class FileOutput:
         self.parts = Path(path + ".parts")
         self.grace = grace
         self._fds: dict[CaptureRun, int] = {}
+        self._pending: dict[CaptureRun, tuple[float, list[bytes], int]] = {}
+        """Per run: when its oldest unwritten chunk came, the chunks, their size."""
         self._files: list[tuple[CaptureRun, Path]] = []
         self._names: list[NameRecord] = []
         self.bytes_written = 0
@@ -280,15 +285,30 @@ class FileOutput:
                                   "another output with -o.") from exc
 
     async def write(self, run: CaptureRun, data: bytes) -> None:
+        since, chunks, size = self._pending.get(run) or (time.monotonic(), [], 0)
+        chunks.append(data)
+        size += len(data)
+        if size < SPOOL_BYTES and time.monotonic() - since < SPOOL_SECONDS:
+            self._pending[run] = (since, chunks, size)
+            return
+        self._pending.pop(run, None)
+        await self._spool(run, b"".join(chunks))
+
+    async def _spool(self, run: CaptureRun, data: bytes) -> None:
         fd = self._fds.get(run)
         if fd is None:
             fd = self._fds[run] = self._open_part(run)
         await anyio.to_thread.run_sync(self._write_all, fd, data, str(self.parts))
 
     async def end(self, run: CaptureRun) -> None:
-        fd = self._fds.pop(run, None)
-        if fd is not None:
-            os.close(fd)
+        pending = self._pending.pop(run, None)
+        try:
+            if pending is not None:
+                await self._spool(run, b"".join(pending[1]))
+        finally:
+            fd = self._fds.pop(run, None)
+            if fd is not None:
+                os.close(fd)
 
     def _create_output(self) -> int:
         try:
@@ -351,8 +371,11 @@ class FileOutput:
             yield self
         finally:
             with anyio.CancelScope(shield=True):
-                for run in list(self._fds):
-                    await self.end(run)
+                for run in list({**self._pending, **self._fds}):
+                    try:
+                        await self.end(run)
+                    except OutputError as exc:  # the merge keeps what did reach the disk
+                        log.error("%s", exc)
                 await self._finish()
 
     async def _finish(self) -> None:
