@@ -4,10 +4,15 @@ For targets the upload mode cannot use (no shell or tar, not root, a read-only /
 ephemeral container ``msnf-<random6>`` joins the pod's network namespace and, through
 ``targetContainerName``, the target container's PID namespace. It gets CAP_NET_ADMIN and
 CAP_NET_RAW and nothing else (never privileged), and its own process is only a sleeper
-(``sleep LIFETIME``) that ends by itself when the capture's lifetime is over. tcpdump runs by
-exec in it under a POSIX shell watchdog: tcpdump in the background (under ``timeout`` where the
-image has it), the shell waits for its stdin to reach EOF (stream closed, client gone) and
-then sends tcpdump SIGTERM, which makes it flush and print its statistics.
+(``sleep LIFETIME``) that ends by itself when the capture's lifetime is over. tcpdump (the
+image's) runs by exec in it under the same static watchdog as in the upload mode, sent at the
+start of that exec's stdin (``head -c SIZE``, checked by size): it stops tcpdump at the stream's
+end or the lifetime, passes its output on in batches, and removes itself at the end. Where no
+watchdog can be had for the node's architecture (no compiler here), a POSIX shell watchdog
+does the stopping instead: tcpdump in the background (under ``timeout`` where the image has
+it), the shell waits for its stdin to reach EOF (stream closed, client gone) and then sends
+tcpdump SIGTERM, which makes it flush and print its statistics; its packets come one frame
+each, which costs more CPU here.
 
 An ephemeral container cannot be removed from a pod spec: it stays listed, terminated, until
 the pod is deleted. At the end we end its process instead: the sleeper wrote its PID into the
@@ -20,15 +25,17 @@ from __future__ import annotations
 import logging
 import secrets
 import shlex
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+import anyio.to_thread
 
+from multisniff.capture.bundlecache import WATCHDOG_NAME, host_arch, watchdog_for
 from multisniff.capture.execcapture import ExecCapture, run_to_end
 from multisniff.capture.model import Assessment, CaptureSpec, Target
-from multisniff.capture.upload import capture_arguments
+from multisniff.capture.upload import capture_arguments, watchdog_arguments
 from multisniff.errors import MultisniffError
 from multisniff.kube.model import Cluster
 
@@ -39,6 +46,7 @@ log = logging.getLogger(__name__)
 DEFAULT_IMAGE = "docker.io/nicolaka/netshoot:v0.13"
 SLEEPER_PID_FILE = "/tmp/msnf-sleeper.pid"
 CAPTURE_PID_FILE = "/tmp/msnf-capture.pid"
+RUN_DIRECTORY_PREFIX = "/tmp/msnf-run-"
 START_MARGIN = 120.0
 """Seconds the sleeper lives beyond the capture's lifetime: time to start and to flush."""
 
@@ -53,8 +61,25 @@ def sleeper_command(lifetime: float) -> list[str]:
     return ["sh", "-c", f"echo $$$$ > {SLEEPER_PID_FILE} && exec sleep {seconds}"]
 
 
+def watched_script(spec: CaptureSpec, directory: str, size: int) -> str:
+    """Receive the watchdog (``size`` bytes on stdin) into ``directory`` and run tcpdump
+    under it; the watchdog removes ``directory`` at the end."""
+    d = shlex.quote(directory)
+    watchdog = shlex.join(watchdog_arguments(spec, remove=directory,
+                                             pidfile=f"{directory}/capture.pid"))
+    tcpdump = shlex.join(["tcpdump", "-Z", "root", *capture_arguments(spec)])
+    # The shell outlives head, which reads stdin (containerd#13934: see the upload mode).
+    return (
+        f'd={d}; w="$d/{WATCHDOG_NAME}"; '
+        f'if mkdir -p "$d" && head -c {size} > "$w" && [ "$(wc -c < "$w")" -eq {size} ] && '
+        f'chmod 700 "$w"; then "$w" {watchdog} -- {tcpdump}; else '
+        f'echo "multisniff: the watchdog did not arrive whole in $d" >&2; rm -rf "$d"; '
+        f'exit 125; fi'
+    )
+
+
 def capture_script(spec: CaptureSpec) -> str:
-    """The shell watchdog around tcpdump (see the module docstring)."""
+    """The shell watchdog around tcpdump, where no watchdog program can be had."""
     tcpdump = shlex.join(["tcpdump", "-Z", "root", *capture_arguments(spec)])
     lifetime = max(1, int(spec.lifetime))
     return (
@@ -75,11 +100,32 @@ class EphemeralMode:
     name = "ephemeral"
 
     def __init__(self, cluster: Cluster, *, image: str = DEFAULT_IMAGE,
-                 start_timeout: float = 120.0, cleanup_timeout: float = 10.0) -> None:
+                 start_timeout: float = 120.0, cleanup_timeout: float = 10.0,
+                 watchdogs: Callable[[str], bytes] = watchdog_for) -> None:
         self._cluster = cluster
         self._image = image
         self._start_timeout = start_timeout
         self._cleanup_timeout = cleanup_timeout
+        self._watchdogs = watchdogs
+        self._watchdog_cache: dict[str, bytes | None] = {}
+        self._watchdog_lock = anyio.Lock()
+
+    async def _watchdog(self, target: Target) -> bytes | None:
+        """The watchdog program for the target's node, or None (the shell does its work)."""
+        arch = host_arch()
+        if target.pod.node:
+            arch = (await self._cluster.node(target.pod.node)).architecture
+        async with self._watchdog_lock:
+            if arch not in self._watchdog_cache:
+                try:
+                    program: bytes | None = await anyio.to_thread.run_sync(self._watchdogs,
+                                                                           arch)
+                except MultisniffError as exc:
+                    log.warning("Ephemeral captures on %s nodes stop tcpdump by a shell and "
+                                "send each packet alone, which costs more CPU: %s", arch, exc)
+                    program = None
+                self._watchdog_cache[arch] = program
+        return self._watchdog_cache[arch]
 
     async def assess(self, target: Target) -> Assessment:
         pod, name = target.pod, target.container
@@ -126,11 +172,20 @@ class EphemeralMode:
         container_spec: Mapping[str, Any] = self.container_spec(name, target, spec)
         await self._cluster.add_ephemeral_container(ref, container_spec)
         try:
+            program = await self._watchdog(target)
             await self._cluster.wait_container_running(ref, name, timeout=self._start_timeout)
             stderr = bytearray()
-            stop = ["sh", "-c", f'read -r p < {CAPTURE_PID_FILE} && kill -TERM "$p"']
-            async with self._cluster.exec(ref, name, ["sh", "-c", capture_script(spec)],
+            if program is None:
+                script = capture_script(spec)
+                stop = ["sh", "-c", f'read -r p < {CAPTURE_PID_FILE} && kill -TERM "$p"']
+            else:
+                directory = f"{RUN_DIRECTORY_PREFIX}{secrets.token_hex(4)}"
+                script = watched_script(spec, directory, len(program))
+                stop = ["sh", "-c", f'read -r p < {directory}/capture.pid && kill -INT "$p"']
+            async with self._cluster.exec(ref, name, ["sh", "-c", script],
                                           stdin=True, on_stderr=stderr.extend) as channel:
+                if program is not None:
+                    await channel.write(program)
                 yield ExecCapture(self._cluster, ref, name, channel, stderr, stop_command=stop)
         finally:
             await self._end_sleeper(target, name)

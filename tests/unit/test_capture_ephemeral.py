@@ -20,6 +20,7 @@ import pytest
 from fakes import FakeCluster, make_pod
 
 from multisniff.capture.auto import AutoMode, NoUsableMode
+from multisniff.capture.bundlecache import BundleUnavailable
 from multisniff.capture.ephemeral import EphemeralMode
 from multisniff.capture.model import CaptureSpec, Target
 from multisniff.capture.upload import UploadMode
@@ -66,13 +67,20 @@ def _send_udp(port: int, count: int) -> None:
             s.sendto(f"MSNF eph {i}".encode(), ("127.0.0.1", port))
 
 
+def no_watchdog(arch: str) -> bytes:
+    raise BundleUnavailable(f"no compiler for {arch} here")
+
+
 @pytest.mark.skipif(shutil.which("tcpdump") is None or os.geteuid() != 0,
                     reason="needs tcpdump and root (captures on lo)")
+@pytest.mark.parametrize("watched", [True, False], ids=["watchdog", "shell"])
 @pytest.mark.anyio
 async def test_capture_runs_in_the_ephemeral_container_and_its_sleeper_is_ended(
-        cluster: SleeperCluster) -> None:
+        cluster: SleeperCluster, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        watched: bool) -> None:
     target = Target(cluster.pods[PodRef("default", "app-0")], "app")
-    mode = EphemeralMode(cluster, image="tools:1")
+    mode = (EphemeralMode(cluster, image="tools:1") if watched else
+            EphemeralMode(cluster, image="tools:1", watchdogs=no_watchdog))
     port = 48000 + os.getpid() % 1000
     spec = CaptureSpec(interface="lo", bpf_filter=f"udp port {port}", packet_count=3,
                        lifetime=30)
@@ -89,6 +97,13 @@ async def test_capture_runs_in_the_ephemeral_container_and_its_sleeper_is_ended(
     assert report.exit_code == 0, report.message
     assert report.captured == 3
     assert pcap.count(b"MSNF eph") == 3
+    capture_script = cluster.execs[0].command[-1]
+    if watched:  # the watchdog came over stdin, ran tcpdump, and removed itself
+        assert "msnf-watchdog" in capture_script and "--batch 0.5" in capture_script
+        assert not list(tmp_path.glob("msnf-run-*"))
+    else:
+        assert "msnf-watchdog" not in capture_script
+        assert "stop tcpdump by a shell" in caplog.text
     (sleeper,) = cluster.sleepers
     assert sleeper.wait(timeout=5) == -signal.SIGTERM
     ((_pod, added),) = cluster.ephemeral_specs
