@@ -4,17 +4,20 @@ Nothing is added to the pod: the bundle (tcpdump, its libraries and loader, and 
 watchdog; see `bundle` and `bundlecache`) is unpacked over exec stdin into
 ``/tmp/.multisniff-<digest12>`` of the target container, which needs only ``sh``, ``tar`` and an
 ``/etc/passwd``, and must run as root with CAP_NET_RAW. An identical bundle already there (its
-manifest names the same digest) is not sent again. Then one exec runs::
+manifest names the same digest; the probe of `assess` looks) is not sent again. One exec does
+the rest: a shell receives the bundle on stdin when it is sent (``head -c SIZE | tar -xz``), then
+runs::
 
     DIR/msnf-watchdog --lifetime L --batch B --remove DIR --pidfile DIR/run-X.pid -- \\
         DIR/lib/ld-linux-... --library-path DIR/lib DIR/tcpdump -Z root -U -w - -i IFACE ...
 
 with stdin open: closing it (or the stream ending, or the client dying) makes the watchdog stop
 tcpdump and delete DIR. tcpdump writes each packet at once (-U) into the watchdog, which passes
-them on in batches (see watchdog.c). The upload goes through a shell that outlives ``tar``
-because containerd can cut short the stdin of an exec process that reads it itself
-(containerd#13934), and into a side directory renamed into place only once complete, so a
-manifest in DIR means a whole bundle.
+them on in batches (see watchdog.c). The shell outlives ``head``, ``tar`` and the watchdog, the
+readers of its stdin, because containerd can cut short the stdin of an exec process that reads
+it itself (containerd#13934); the bundle goes into a side directory renamed into place only once
+complete, so a manifest in DIR means a whole bundle. One exec instead of three (presence check,
+upload, capture): each exec is a TLS connection the client pays for.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from multisniff.capture.bundlecache import WATCHDOG_NAME, bundle_for, host_arch
 from multisniff.capture.execcapture import ExecCapture, run_to_end
 from multisniff.capture.model import Assessment, CaptureSpec, Target
 from multisniff.errors import MultisniffError
-from multisniff.kube.model import Cluster, PodRef
+from multisniff.kube.model import Cluster, ExecChannel, PodRef
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +49,10 @@ _PROBE = (
     "[ -f /etc/passwd ] || echo nopasswd; "
     "[ -d {directory} ] && [ -w {directory} ] || echo readonly; "
     "while read -r k r e rest; do case $k in "
-    'Uid:) echo "uid=$e";; CapEff:) echo "capeff=$r";; esac; done < /proc/self/status'
+    'Uid:) echo "uid=$e";; CapEff:) echo "capeff=$r";; esac; done < /proc/self/status; '
+    # The manifest is sorted JSON with one key a line: "digest" is on line 2.
+    '{{ read -r a; read -r b; }} < {manifest} 2>/dev/null && '
+    'case "$b" in *{digest}*) echo present;; esac; true'
 )
 
 
@@ -55,8 +61,10 @@ class UploadError(MultisniffError):
 
 
 def capture_arguments(spec: CaptureSpec) -> list[str]:
-    """tcpdump's arguments after ``-Z root`` for a capture spec: pcap to stdout, unbuffered."""
-    args = ["-U", "-w", "-", "-i", spec.interface, "-s", str(spec.snaplen)]
+    """tcpdump's arguments after ``-Z root`` for a capture spec: pcap to stdout, unbuffered,
+    with nanosecond timestamps (the merge's own unit: no conversion per packet)."""
+    args = ["-U", "--time-stamp-precision=nano", "-w", "-", "-i", spec.interface,
+            "-s", str(spec.snaplen)]
     if spec.packet_count is not None:
         args += ["-c", str(spec.packet_count)]
     if spec.bpf_filter:
@@ -75,6 +83,26 @@ def watchdog_arguments(spec: CaptureSpec, *, remove: str | None = None,
     if pidfile is not None:
         args += ["--pidfile", pidfile]
     return args
+
+
+def capture_script(bundle: Bundle, directory: str, spec: CaptureSpec, *, pidfile: str,
+                   upload: int) -> str:
+    """The shell script of the capture exec: receive ``upload`` bytes of bundle on stdin (none:
+    it is there already), unpack them into ``directory``, run the watched tcpdump."""
+    run = shlex.join(capture_command(bundle, directory, spec, pidfile=pidfile))
+    manifest = shlex.quote(posixpath.join(directory, MANIFEST_NAME))
+    if not upload:
+        # Another capture of ours may still be unpacking it: wait up to 30 s for it to land.
+        return (f'i=0; while [ ! -f {manifest} ] && [ $i -lt 300 ]; do sleep 0.1; '
+                f'i=$((i+1)); done; {run}')
+    return (
+        f'd={shlex.quote(directory)}; t="$d.part.$$"; rm -rf "$t" && mkdir -p "$t" || exit 125; '
+        f'if head -c {upload} | tar -xzf - -C "$t" && [ -f "$t"/{MANIFEST_NAME} ]; then '
+        f'if [ -f {manifest} ]; then rm -rf "$t"; '
+        f'else rm -rf "$d"; mv "$t" "$d" || {{ rm -rf "$t"; exit 125; }}; fi; '
+        f'else rm -rf "$t"; echo "multisniff: the bundle did not unpack whole" >&2; exit 125; '
+        f'fi; {run}'
+    )
 
 
 def capture_command(bundle: Bundle, directory: str, spec: CaptureSpec, *,
@@ -107,6 +135,10 @@ class UploadMode:
         self._bundle_cache: dict[str, Bundle] = {}
         self._bundle_lock = anyio.Lock()
         self._locks: dict[tuple[str, str], anyio.Lock] = {}
+        self._present_at_probe: dict[tuple[str, str], bool] = {}
+        """Per (pod uid, container): whether the last probe found this bundle there."""
+        self._running: dict[tuple[str, str], int] = {}
+        """Per (pod uid, container): our captures there that have sent or found the bundle."""
         self.bytes_uploaded = 0
         """Bytes of bundles sent to targets so far (0 when every target had it already)."""
 
@@ -122,8 +154,11 @@ class UploadMode:
                                      f"and capturing needs root")
         if "NET_RAW" in container.dropped_capabilities or "ALL" in container.dropped_capabilities:
             return Assessment(False, f"container {name} drops CAP_NET_RAW, which capturing needs")
-        script = _PROBE.format(commands=" ".join(_NEEDED_COMMANDS),
-                               directory=shlex.quote(self._directory))
+        bundle = await self._bundle(target)
+        script = _PROBE.format(
+            commands=" ".join(_NEEDED_COMMANDS), directory=shlex.quote(self._directory),
+            manifest=shlex.quote(posixpath.join(self.bundle_directory(bundle), MANIFEST_NAME)),
+            digest=shlex.quote(f'"digest": "{bundle.digest}"'))
         try:
             code, out, message = await run_to_end(self._cluster, target.pod.ref, name,
                                             ["sh", "-c", script])
@@ -135,6 +170,7 @@ class UploadMode:
             return Assessment(False, f"container {name} could not run the probe: "
                                      f"{message or f'sh exited with {code}'}")
         facts = dict(line.partition("=")[::2] for line in out.decode(errors="replace").split())
+        self._present_at_probe[(target.pod.uid, name)] = "present" in facts
         missing = [line.partition("=")[2] for line in out.decode(errors="replace").split()
                    if line.startswith("missing=")]
         if missing:
@@ -178,23 +214,61 @@ class UploadMode:
         directory = self.bundle_directory(bundle)
         pidfile = posixpath.join(directory, f"run-{secrets.token_hex(4)}.pid")
         stderr = bytearray()
-        lock = self._locks.setdefault((target.pod.uid, name), anyio.Lock())
+        key = (target.pod.uid, name)
+        lock = self._locks.setdefault(key, anyio.Lock())
         async with AsyncExitStack() as stack:
             # One bundle per container: concurrent opens must not upload over each other.
             async with lock:
                 try:
-                    if not await self._present(ref, name, directory, bundle.digest):
-                        await self._upload(ref, name, directory, bundle)
+                    present = self._present_at_probe.pop(key, None)
+                    if self._running.get(key):
+                        present = True  # sent by a capture of ours: there, or unpacking
+                    elif present is None:  # not probed just now: look
+                        present = await self._present(ref, name, directory, bundle.digest)
+                    data = b"" if present else bundle.targz
+                    command = ["sh", "-c", capture_script(bundle, directory, spec,
+                                                          pidfile=pidfile, upload=len(data))]
                     channel = await stack.enter_async_context(self._cluster.exec(
-                        ref, name, capture_command(bundle, directory, spec, pidfile=pidfile),
-                        stdin=True, on_stderr=stderr.extend))
+                        ref, name, command, stdin=True, on_stderr=stderr.extend))
+                    if data:
+                        await self._send(channel, data, ref, name, directory, stderr)
                 except BaseException:
-                    await self._remove(ref, name, directory)
+                    if not self._running.get(key):
+                        await self._remove(ref, name, directory)
                     raise
+                self._running[key] = self._running.get(key, 0) + 1
+                stack.callback(self._done, key)
             # A v4 exec cannot close stdin alone: then signal the watchdog by its PID file.
             stop = ["sh", "-c", f'read -r p < {shlex.quote(pidfile)} && kill -INT "$p"']
             yield ExecCapture(self._cluster, ref, name, channel, stderr, stop_command=stop)
             # Leaving the exec closes the stream: the watchdog stops tcpdump and removes DIR.
+
+    def _done(self, key: tuple[str, str]) -> None:
+        self._running[key] -= 1
+        if not self._running[key]:
+            del self._running[key]
+
+    async def _send(self, channel: ExecChannel, data: bytes, ref: PodRef, container: str,
+                    directory: str, stderr: bytearray) -> None:
+        try:
+            with anyio.fail_after(self._upload_timeout):
+                for start in range(0, len(data), _UPLOAD_CHUNK):
+                    await channel.write(data[start:start + _UPLOAD_CHUNK])
+        except TimeoutError:
+            raise UploadError(
+                f"Sending the tcpdump bundle into {directory} of {ref} container {container} "
+                f"took over {self._upload_timeout:g} s; retry, or use --mode ephemeral."
+            ) from None
+        except MultisniffError as exc:  # the shell ended early: say what it said
+            with anyio.move_on_after(self._cleanup_timeout):
+                await channel.wait()
+            said = bytes(stderr).decode(errors="replace").strip() or str(exc)
+            raise UploadError(
+                f"Unpacking the tcpdump bundle into {directory} of {ref} container "
+                f"{container} failed ({said}); check that it can write there, or use "
+                f"--mode ephemeral."
+            ) from exc
+        self.bytes_uploaded += len(data)
 
     async def _present(self, ref: PodRef, container: str, directory: str, digest: str) -> bool:
         manifest = shlex.quote(posixpath.join(directory, MANIFEST_NAME))
@@ -202,43 +276,6 @@ class UploadMode:
         script = f'{{ read -r a; read -r b; }} < {manifest} 2>/dev/null && echo "$b"'
         code, out, _ = await run_to_end(self._cluster, ref, container, ["sh", "-c", script])
         return code == 0 and f'"digest": "{digest}"' in out.decode(errors="replace")
-
-    async def _upload(self, ref: PodRef, container: str, directory: str, bundle: Bundle) -> None:
-        final = shlex.quote(directory)
-        manifest = shlex.quote(posixpath.join(directory, MANIFEST_NAME))
-        script = (
-            f'd={final}; t="$d.part.$$"; rm -rf "$t" && mkdir -p "$t" || exit 3; '
-            f'if tar -xzf - -C "$t"; then '
-            f'if [ -f {manifest} ]; then rm -rf "$t"; '
-            f'else rm -rf "$d"; mv "$t" "$d" || {{ rm -rf "$t"; exit 4; }}; fi; '
-            f'else s=$?; rm -rf "$t"; exit $s; fi'
-        )
-        data = bundle.targz
-        with anyio.fail_after(self._upload_timeout):
-            async with self._cluster.exec(ref, container, ["sh", "-c", script],
-                                          stdin=True) as channel:
-                for start in range(0, len(data), _UPLOAD_CHUNK):
-                    await channel.write(data[start:start + _UPLOAD_CHUNK])
-                self.bytes_uploaded += len(data)
-                if await channel.close_stdin():
-                    while await channel.read():
-                        pass
-                    result = await channel.wait()
-                    if result.exit_code != 0:
-                        raise UploadError(
-                            f"Unpacking the tcpdump bundle into {directory} of {ref} container "
-                            f"{container} failed ({result.message or f'exit {result.exit_code}'}"
-                            f"); check that it can write there, or use --mode ephemeral."
-                        )
-            # Without a half-close (v4) the stream's end was tar's EOF: wait for the rename.
-            for _ in range(20):
-                if await self._present(ref, container, directory, bundle.digest):
-                    return
-                await anyio.sleep(0.5)
-        raise UploadError(
-            f"The tcpdump bundle did not arrive whole in {directory} of {ref} container "
-            f"{container}; retry, or use --mode ephemeral."
-        )
 
     async def _remove(self, ref: PodRef, container: str, directory: str) -> None:
         try:

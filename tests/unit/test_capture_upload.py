@@ -121,6 +121,30 @@ async def test_capture_counts_packets_skips_a_second_upload_and_cleans_up(
 
 
 @pytest.mark.anyio
+async def test_after_the_probe_one_exec_uploads_and_captures(tmp_path: Path,
+                                                             bundle_cache: Path) -> None:
+    # Each exec is a TLS connection: probe, then one exec that unpacks and captures.
+    cluster = FakeCluster()
+    mode = UploadMode(cluster, directory=str(tmp_path))
+    target = Target(make_pod(), "app")
+
+    assert (await mode.assess(target)).usable
+    async with mode.open(target, CaptureSpec(interface="lo", bpf_filter="tcp port 9",
+                                             lifetime=30)) as capture:
+        await anyio.sleep(1)  # tcpdump opens the device
+        assert len(list(tmp_path.glob(".multisniff-*/msnf-watchdog"))) == 1
+        await capture.stop()
+        with anyio.fail_after(20):
+            while await capture.read():
+                pass
+        report = await capture.wait()
+
+    assert report.exit_code == 0, report.message
+    assert len(cluster.execs) == 2
+    assert mode.bytes_uploaded == len(bundle_for(host_arch()).targz)
+
+
+@pytest.mark.anyio
 async def test_stop_without_half_close_signals_the_watchdog(tmp_path: Path,
                                                             bundle_cache: Path) -> None:
     cluster = FakeCluster(can_close_stdin=False)
@@ -147,9 +171,10 @@ def test_the_capture_command_runs_tcpdump_under_the_watchdog(bundle_cache: Path)
     argv = capture_command(bundle, d, CaptureSpec(interface="eth0", bpf_filter="udp",
                                                   lifetime=60, packet_count=3))
 
-    assert argv[:7] == [f"{d}/msnf-watchdog", "--lifetime", "60", "--batch", "0.5",
+    assert argv[:7] == [f"{d}/msnf-watchdog", "--lifetime", "60", "--batch", "1",
                         "--remove", d]
     assert argv[7] == "--"
     assert argv[8:11] == [f"{d}/{bundle.loader}", "--library-path", f"{d}/lib"]
-    assert argv[11:] == [f"{d}/tcpdump", "-Z", "root", "-U", "-w", "-", "-i", "eth0",
+    assert argv[11:] == [f"{d}/tcpdump", "-Z", "root", "-U", "--time-stamp-precision=nano", "-w",
+                        "-", "-i", "eth0",
                         "-s", "262144", "-c", "3", "udp"]
