@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from bisect import bisect_right
 from dataclasses import dataclass, field
-from itertools import chain
 
 from multisniff.capture.model import CaptureReport, Target
 from multisniff.pcap.blocks import InterfaceInfo, InterfaceStatistics, units_per_second
@@ -114,23 +114,21 @@ class Transcoder:
     def feed(self, data: bytes, *, packets_left: int | None,
              bytes_left: int | None) -> tuple[bytes, int, int]:
         """(pcapng bytes, packets, bytes) taken from `data`; packets beyond the budget are
-        counted in `run.cut`."""
-        batch = self.reader.feed(data)
-        packets = batch.packets
-        sizes = [sum(map(len, packet)) for packet in packets]
-        keep = len(packets)
+        counted in `run.cut`. Bytes are those of the packets' blocks."""
+        batch = self.reader.feed_flat(data)
+        ends = batch.ends  # where each packet's block ends in b"".join(batch.pieces)
+        count = keep = len(ends)
         if packets_left is not None:
             keep = min(keep, max(0, packets_left))
         if bytes_left is not None:
-            total = 0
-            for i in range(keep):
-                total += sizes[i]
-                if total > bytes_left:
-                    keep = i
-                    break
-        self.run.cut += len(packets) - keep
-        self.writer.add_blocks(chain.from_iterable(packets[:keep]))
-        return self.writer.take(), keep, sum(sizes[:keep])
+            keep = min(keep, bisect_right(ends, bytes_left))
+        self.run.cut += count - keep
+        size = ends[keep - 1] if keep else 0
+        if keep == count:
+            self.writer.add_blocks(batch.pieces)
+        elif keep:
+            self.writer.add_blocks((b"".join(batch.pieces)[:size],))
+        return self.writer.take(), keep, size
 
     @property
     def error(self) -> CaptureError | None:
