@@ -268,7 +268,6 @@ async def _capture_session(args: argparse.Namespace, profile: Profile, cluster: 
     import signal
 
     import anyio
-    from rich.console import Console
 
     from multisniff import ui
     from multisniff.engine.output import FileOutput, LiveOutput
@@ -301,8 +300,12 @@ async def _capture_session(args: argparse.Namespace, profile: Profile, cluster: 
                              "at once.", name)
                     session.stop(f"interrupted ({name})", interrupted=True)
 
-    console = Console(stderr=True)
-    table = console.is_terminal and not args.debug
+    console = None
+    if not args.debug and sys.stderr.isatty():
+        from rich.console import Console
+
+        console = Console(stderr=True)
+    table = console is not None and console.is_terminal
     failure: MultisniffError | None = None
 
     async def run_session() -> SessionResult | None:
@@ -317,7 +320,7 @@ async def _capture_session(args: argparse.Namespace, profile: Profile, cluster: 
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(on_signals)
-        if table:
+        if table and console is not None:
             with ui.terminal_logging(console, debug=args.debug):
                 tg.start_soon(ui.LiveTable(session, console).run)
                 result = await run_session()

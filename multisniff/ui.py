@@ -20,13 +20,13 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
-from rich.console import Console
-from rich.live import Live
-from rich.logging import RichHandler
-from rich.table import Table
+
+if TYPE_CHECKING:  # rich is imported only where a terminal shows the table (50 ms of start-up)
+    from rich.console import Console
+    from rich.table import Table
 
 from multisniff.engine.runs import CaptureRun
 from multisniff.engine.session import Session, SessionResult
@@ -124,6 +124,8 @@ class LiveTable:
         self._last: dict[int, tuple[float, int]] = {}
 
     def render(self) -> Table:
+        from rich.table import Table
+
         table = Table(box=None, pad_edge=False)
         table.add_column("pod", overflow="fold")  # the whole name, wrapped if need be
         for column in ("state", "mode", "packets", "bytes", "rate", "drops"):
@@ -140,6 +142,8 @@ class LiveTable:
         return table
 
     async def run(self) -> None:
+        from rich.live import Live
+
         with Live(self.render(), console=self.console, refresh_per_second=4,
                   transient=False) as live:
             try:
@@ -153,6 +157,8 @@ class LiveTable:
 @contextmanager
 def terminal_logging(console: Console, *, debug: bool) -> Iterator[None]:
     """Route the log through rich while the live table is drawn, so lines scroll above it."""
+    from rich.logging import RichHandler
+
     root = logging.getLogger()
     handler = RichHandler(console=console, show_time=False, show_path=False,
                           rich_tracebacks=debug)
