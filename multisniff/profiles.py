@@ -59,7 +59,7 @@ class Profile:
     flush_interval: float = 0.25
     """Live output: how often the clock releases packets that idle pods would hold back."""
     max_pending: int = 100_000
-    batch_interval: float = 0.5
+    batch_interval: float = 1.0
     """Seconds the remote side may hold tcpdump's output to send it in fewer, larger frames."""
     """Live output: packets held for reordering at most; older ones are written early."""
     max_lifetime: float = 3600.0

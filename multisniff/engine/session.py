@@ -171,10 +171,15 @@ class Session:
         profile = self.profile
         return CaptureSpec(interface=profile.interface, bpf_filter=profile.filter,
                            snaplen=profile.snaplen, lifetime=self._lifetime(),
-                           packet_count=profile.count,
-                           # Batches held longer than a fraction of the reorder window would
-                           # make the live output's packets late.
-                           batch=min(profile.batch_interval, profile.reorder_window / 4))
+                           packet_count=profile.count, batch=self._batch())
+
+    def _batch(self) -> float:
+        batch = self.profile.batch_interval
+        if isinstance(self.output, LiveOutput):
+            # Batches held longer than a fraction of the reorder window would make the live
+            # output's packets late.
+            batch = min(batch, self.profile.reorder_window / 4)
+        return batch
 
     # --- the session --------------------------------------------------------------------------
 
