@@ -33,7 +33,7 @@ import anyio
 import anyio.to_thread
 
 from multisniff.capture.bundlecache import WATCHDOG_NAME, host_arch, watchdog_for
-from multisniff.capture.execcapture import ExecCapture, run_to_end
+from multisniff.capture.execcapture import ExecCapture, StderrLog, run_to_end
 from multisniff.capture.model import Assessment, CaptureSpec, Target
 from multisniff.capture.upload import capture_arguments, watchdog_arguments
 from multisniff.errors import MultisniffError
@@ -174,7 +174,7 @@ class EphemeralMode:
         try:
             program = await self._watchdog(target)
             await self._cluster.wait_container_running(ref, name, timeout=self._start_timeout)
-            stderr = bytearray()
+            stderr = StderrLog()
             if program is None:
                 script = capture_script(spec)
                 stop = ["sh", "-c", f'read -r p < {CAPTURE_PID_FILE} && kill -TERM "$p"']
@@ -183,7 +183,7 @@ class EphemeralMode:
                 script = watched_script(spec, directory, len(program))
                 stop = ["sh", "-c", f'read -r p < {directory}/capture.pid && kill -INT "$p"']
             async with self._cluster.exec(ref, name, ["sh", "-c", script],
-                                          stdin=True, on_stderr=stderr.extend) as channel:
+                                          stdin=True, on_stderr=stderr) as channel:
                 if program is not None:
                     await channel.write(program)
                 yield ExecCapture(self._cluster, ref, name, channel, stderr, stop_command=stop)

@@ -19,11 +19,27 @@ from multisniff.kube.model import Cluster, ExecChannel, PodRef
 STOP_TIMEOUT = 10.0
 
 
+class StderrLog:
+    """The stderr of a remote tcpdump, as it arrives (an exec's ``on_stderr``), and whether
+    tcpdump has said that it captures: until then packets sent to the target are not seen.
+    In the upload mode that is after the bundle has been unpacked there, well after the exec
+    was opened."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.listening = anyio.Event()
+
+    def __call__(self, chunk: bytes) -> None:
+        self.data += chunk
+        if not self.listening.is_set() and b"listening on" in self.data:
+            self.listening.set()
+
+
 class ExecCapture:
     """A RemoteCapture over the exec that runs a watched tcpdump."""
 
     def __init__(self, cluster: Cluster, pod: PodRef, container: str, channel: ExecChannel,
-                 stderr: bytearray, *, stop_command: Sequence[str]) -> None:
+                 stderr: StderrLog, *, stop_command: Sequence[str]) -> None:
         self._cluster = cluster
         self._pod = pod
         self._container = container
@@ -33,7 +49,13 @@ class ExecCapture:
         self._stopped = False
 
     async def read(self) -> bytes:
-        return await self._channel.read()
+        data = await self._channel.read()
+        if not data:
+            self._stderr.listening.set()  # it never will
+        return data
+
+    async def listening(self) -> None:
+        await self._stderr.listening.wait()
 
     async def stop(self) -> None:
         if self._stopped:
@@ -46,7 +68,8 @@ class ExecCapture:
 
     async def wait(self) -> CaptureReport:
         result = await self._channel.wait()
-        text = bytes(self._stderr).decode(errors="replace")
+        self._stderr.listening.set()
+        text = bytes(self._stderr.data).decode(errors="replace")
         stats = parse_statistics(text)
         return CaptureReport(
             exit_code=result.exit_code,

@@ -78,6 +78,11 @@ class RemoteCapture(Protocol):
         """Next chunk of the pcap stream; b"" at its end. Not reading pauses tcpdump."""
         ...
 
+    async def listening(self) -> None:
+        """Returns once tcpdump captures (it said "listening on") or its stream has ended.
+        Only while someone reads: what tcpdump says arrives with the stream."""
+        ...
+
     async def stop(self) -> None:
         """Ask tcpdump to end now (it flushes and prints its statistics); returns at once."""
         ...

@@ -34,7 +34,7 @@ import anyio.to_thread
 
 from multisniff.capture.bundle import MANIFEST_NAME, Bundle
 from multisniff.capture.bundlecache import WATCHDOG_NAME, bundle_for, host_arch
-from multisniff.capture.execcapture import ExecCapture, run_to_end
+from multisniff.capture.execcapture import ExecCapture, StderrLog, run_to_end
 from multisniff.capture.model import Assessment, CaptureSpec, Target
 from multisniff.errors import MultisniffError
 from multisniff.kube.model import Cluster, ExecChannel, PodRef
@@ -213,7 +213,7 @@ class UploadMode:
         bundle = await self._bundle(target)
         directory = self.bundle_directory(bundle)
         pidfile = posixpath.join(directory, f"run-{secrets.token_hex(4)}.pid")
-        stderr = bytearray()
+        stderr = StderrLog()
         key = (target.pod.uid, name)
         lock = self._locks.setdefault(key, anyio.Lock())
         async with AsyncExitStack() as stack:
@@ -229,7 +229,7 @@ class UploadMode:
                     command = ["sh", "-c", capture_script(bundle, directory, spec,
                                                           pidfile=pidfile, upload=len(data))]
                     channel = await stack.enter_async_context(self._cluster.exec(
-                        ref, name, command, stdin=True, on_stderr=stderr.extend))
+                        ref, name, command, stdin=True, on_stderr=stderr))
                     if data:
                         await self._send(channel, data, ref, name, directory, stderr)
                 except BaseException:
@@ -249,7 +249,7 @@ class UploadMode:
             del self._running[key]
 
     async def _send(self, channel: ExecChannel, data: bytes, ref: PodRef, container: str,
-                    directory: str, stderr: bytearray) -> None:
+                    directory: str, stderr: StderrLog) -> None:
         try:
             with anyio.fail_after(self._upload_timeout):
                 for start in range(0, len(data), _UPLOAD_CHUNK):
@@ -262,7 +262,7 @@ class UploadMode:
         except MultisniffError as exc:  # the shell ended early: say what it said
             with anyio.move_on_after(self._cleanup_timeout):
                 await channel.wait()
-            said = bytes(stderr).decode(errors="replace").strip() or str(exc)
+            said = bytes(stderr.data).decode(errors="replace").strip() or str(exc)
             raise UploadError(
                 f"Unpacking the tcpdump bundle into {directory} of {ref} container "
                 f"{container} failed ({said}); check that it can write there, or use "

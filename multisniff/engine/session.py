@@ -363,11 +363,17 @@ class Session:
                 if run.state == "stopping" or self._stopping:
                     run.state = "stopping"
                     await capture.stop()
+                    self._started(run)
+                    await self._copy(run, capture)
                 else:
-                    run.state = "capturing"
-                    log.info("Capturing %s (%s).", run.label, run.description)
-                self._started(run)
-                await self._copy(run, capture)
+                    # Not a task group of its own: one would wrap _copy's errors in a group.
+                    announcing = anyio.CancelScope()
+                    assert self._tg is not None
+                    self._tg.start_soon(self._announce, run, capture, announcing)
+                    try:
+                        await self._copy(run, capture)
+                    finally:
+                        announcing.cancel()
                 with anyio.move_on_after(self.profile.stop_grace):
                     run.report = await capture.wait()
             if run.report is not None and run.report.exit_code not in (0, None) and \
@@ -410,6 +416,18 @@ class Session:
                 self._idle.set()
                 if not self.profile.follow:
                     self.stop("every capture has ended")
+
+    async def _announce(self, run: CaptureRun, capture: RemoteCapture,
+                        scope: anyio.CancelScope) -> None:
+        """A run captures once its tcpdump says so: before, packets sent to the pod are not
+        seen, and --duration must not count that time."""
+        with scope:
+            with anyio.move_on_after(self.profile.startup_timeout):
+                await capture.listening()
+            if run.state == "starting":
+                run.state = "capturing"
+                log.info("Capturing %s (%s).", run.label, run.description)
+            self._started(run)
 
     def _left(self) -> tuple[int | None, int | None]:
         profile = self.profile

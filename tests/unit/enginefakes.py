@@ -106,6 +106,9 @@ class FakeCapture:
         self._buffer.clear()
         return chunk
 
+    async def listening(self) -> None:
+        await anyio.sleep(0)
+
     async def stop(self) -> None:
         self.stopped = True
         self._wake.set()

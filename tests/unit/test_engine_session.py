@@ -432,3 +432,39 @@ async def test_remote_batches_stay_well_inside_the_live_reorder_window(out: Path
     await Session(cluster_with("web-0"), mode, profile, output).run()
 
     assert [spec.batch for spec in mode.specs] == [1.0 if kind == "file" else 0.5]
+
+
+async def test_a_capture_is_announced_once_its_tcpdump_listens(
+        out: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # The upload mode's exec opens before the bundle is unpacked and tcpdump runs: until
+    # tcpdump says "listening on", the pod is not captured yet and the log must not say so.
+    heard = anyio.Event()
+    states: list[str] = []
+
+    class LateCapture(FakeCapture):
+        async def listening(self) -> None:
+            await heard.wait()
+
+    def make(target: Target) -> FakeCapture:
+        return LateCapture(name=target.pod.ref.name, total=5, forever=True)
+
+    session = Session(cluster_with("web-0"), FakeMode(make=make), PROFILE,
+                      FileOutput(str(out), grace=5))
+
+    async def listen_later() -> None:
+        while not session.runs:
+            await anyio.sleep(0.01)
+        await anyio.sleep(0.2)
+        states.append(session.runs[0].state)
+        heard.set()
+        await anyio.sleep(0.2)
+        states.append(session.runs[0].state)
+        session.stop("test over")
+
+    with caplog.at_level("INFO"):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(listen_later)
+            await session.run()
+
+    assert states == ["starting", "capturing"]
+    assert "Capturing shop/web-0" in caplog.text
