@@ -214,10 +214,17 @@ def run_capture(args: argparse.Namespace) -> int:
 
 
 async def _capture(args: argparse.Namespace, profile: Profile) -> int:
+    import gc
     import time
 
     from multisniff import ui
+    from multisniff.engine import output, session  # noqa: F401  (before the freeze below)
     from multisniff.kube.api import connect
+
+    # The modules just imported live as long as the process: out of the cyclic collector's
+    # sight, they are not traversed again by every full collection while captures start.
+    # Measured on the local cluster, 10 pods for 5 s: 0.94 -> 0.74 s of CPU (mean of four).
+    gc.freeze()
 
     started = time.time()
     output_name = "wireshark" if args.wireshark else args.output
