@@ -15,9 +15,12 @@ tcpdump SIGTERM, which makes it flush and print its statistics; its packets come
 each, which costs more CPU here.
 
 An ephemeral container cannot be removed from a pod spec: it stays listed, terminated, until
-the pod is deleted. At the end we end its process instead: the sleeper wrote its PID into the
-ephemeral container's own /tmp, and we kill exactly that PID. Never ``kill 1``: in the shared
-PID namespace that is the target container's process.
+the pod is deleted. Its process ends with the capture instead: the capture's shell leaves a
+file at its very end (after its exit status is known), and the sleeper, which looks for it
+every second, ends then. Only when the capture did not get that far (its stream broke) do we
+end the sleeper by another exec: it wrote its PID into the ephemeral container's own /tmp, and
+we kill exactly that PID. Never ``kill 1``: in the shared PID namespace that is the target
+container's process.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ log = logging.getLogger(__name__)
 # and arm64); pinned so that every capture runs the same tcpdump. Override with image=.
 DEFAULT_IMAGE = "docker.io/nicolaka/netshoot:v0.13"
 SLEEPER_PID_FILE = "/tmp/msnf-sleeper.pid"
+DONE_FILE = "/tmp/msnf-done"
 CAPTURE_PID_FILE = "/tmp/msnf-capture.pid"
 RUN_DIRECTORY_PREFIX = "/tmp/msnf-run-"
 START_MARGIN = 120.0
@@ -57,8 +61,10 @@ class EphemeralError(MultisniffError):
 
 def sleeper_command(lifetime: float) -> list[str]:
     seconds = int(lifetime + START_MARGIN)
-    # "$$$$": Kubernetes expands $(VAR) in a container's command and turns $$ into $.
-    return ["sh", "-c", f"echo $$$$ > {SLEEPER_PID_FILE} && exec sleep {seconds}"]
+    # "$$": Kubernetes expands $(VAR) in a container's command and turns $$ into $.
+    return ["sh", "-c", f"echo $$$$ > {SLEEPER_PID_FILE}; i=0; "
+                        f"while [ ! -e {DONE_FILE} ] && [ $$i -lt {seconds} ]; do "
+                        f"sleep 1; i=$$((i+1)); done"]
 
 
 def watched_script(spec: CaptureSpec, directory: str, size: int) -> str:
@@ -72,9 +78,9 @@ def watched_script(spec: CaptureSpec, directory: str, size: int) -> str:
     return (
         f'd={d}; w="$d/{WATCHDOG_NAME}"; '
         f'if mkdir -p "$d" && head -c {size} > "$w" && [ "$(wc -c < "$w")" -eq {size} ] && '
-        f'chmod 700 "$w"; then "$w" {watchdog} -- {tcpdump}; else '
+        f'chmod 700 "$w"; then "$w" {watchdog} -- {tcpdump}; s=$?; else '
         f'echo "multisniff: the watchdog did not arrive whole in $d" >&2; rm -rf "$d"; '
-        f'exit 125; fi'
+        f's=125; fi; touch {DONE_FILE}; exit $s'
     )
 
 
@@ -90,7 +96,7 @@ def capture_script(spec: CaptureSpec) -> str:
         f"p=$!; echo $p > {CAPTURE_PID_FILE}; "
         '( read -r _ <&3; kill -TERM "$p" ) >/dev/null 2>&1 & w=$!; '
         'wait "$p"; s=$?; kill "$w" 2>/dev/null; '
-        f"rm -f {CAPTURE_PID_FILE}; exit $s"
+        f"rm -f {CAPTURE_PID_FILE}; touch {DONE_FILE}; exit $s"
     )
 
 
@@ -171,6 +177,7 @@ class EphemeralMode:
         name = f"msnf-{secrets.token_hex(3)}"
         container_spec: Mapping[str, Any] = self.container_spec(name, target, spec)
         await self._cluster.add_ephemeral_container(ref, container_spec)
+        capture: ExecCapture | None = None
         try:
             program = await self._watchdog(target)
             await self._cluster.wait_container_running(ref, name, timeout=self._start_timeout)
@@ -186,9 +193,14 @@ class EphemeralMode:
                                           stdin=True, on_stderr=stderr) as channel:
                 if program is not None:
                     await channel.write(program)
-                yield ExecCapture(self._cluster, ref, name, channel, stderr, stop_command=stop)
+                capture = ExecCapture(self._cluster, ref, name, channel, stderr,
+                                      stop_command=stop)
+                yield capture
         finally:
-            await self._end_sleeper(target, name)
+            # An exit status means the shell got to its end and left the file the sleeper
+            # waits for: it ends within a second by itself.
+            if capture is None or capture.exit_code is None:
+                await self._end_sleeper(target, name)
 
     async def _end_sleeper(self, target: Target, name: str) -> None:
         ref = target.pod.ref

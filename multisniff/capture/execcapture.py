@@ -47,6 +47,8 @@ class ExecCapture:
         self._stderr = stderr
         self._stop_command = list(stop_command)
         self._stopped = False
+        self.exit_code: int | None = None
+        """The remote command's exit status, once `wait` has it."""
 
     async def read(self) -> bytes:
         data = await self._channel.read()
@@ -68,6 +70,7 @@ class ExecCapture:
 
     async def wait(self) -> CaptureReport:
         result = await self._channel.wait()
+        self.exit_code = result.exit_code
         self._stderr.listening.set()
         text = bytes(self._stderr.data).decode(errors="replace")
         stats = parse_statistics(text)
