@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from kubenamespace import throwaway_namespace
-from workloads import wait_for, workload_pod
+from workloads import apply_and_wait, wait_for, workload_pod
 
 pytestmark = pytest.mark.cluster
 
@@ -51,13 +51,8 @@ def test_all_namespaces_capture_has_every_datagram_once_under_its_pod(
                 for ns, name in targets]
         docs.append(workload_pod("sender", ns_b, labels={"role": "sender"},
                                  command=["sleep", "3600"]))
-        cluster.kubectl("apply", "-f", "-", input=json.dumps(
-            {"apiVersion": "v1", "kind": "List", "items": docs}).encode())
-        for ns, name in [*targets, (ns_b, "sender")]:
-            cluster.kubectl("wait", "-n", ns, "--for=condition=Ready", "--timeout=60s",
-                            f"pod/{name}", timeout=90)
-        ips = {f"{ns}/{name}": cluster.kubectl_json("get", "pod", name, "-n", ns)["status"]
-               ["podIP"] for ns, name in targets}
+        every_ip = apply_and_wait(cluster, docs)
+        ips = {f"{ns}/{name}": every_ip[f"{ns}/{name}"] for ns, name in targets}
 
         output, summary, log = (tmp_path / "out.pcapng", tmp_path / "summary.json",
                                 tmp_path / "stderr.log")

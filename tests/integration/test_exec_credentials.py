@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 from kubenamespace import throwaway_namespace
-from workloads import wait_for, workload_pod
+from workloads import apply_and_wait, wait_for, workload_pod
 
 pytestmark = pytest.mark.cluster
 
@@ -98,10 +98,7 @@ def test_capture_through_an_exec_plugin_outlives_its_tokens(
         docs = [workload_pod("first", namespace, labels={label: "x"}, command=listen),
                 workload_pod("sender", namespace, labels={"role": "sender"},
                              command=["sleep", "3600"])]
-        cluster.kubectl("apply", "-f", "-", input=json.dumps(
-            {"apiVersion": "v1", "kind": "List", "items": docs}).encode())
-        cluster.kubectl("wait", "-n", namespace, "--for=condition=Ready", "--timeout=60s",
-                        "pod/first", "pod/sender", timeout=90)
+        apply_and_wait(cluster, docs)
 
         output, summary, log = (tmp_path / "out.pcapng", tmp_path / "summary.json",
                                 tmp_path / "stderr.log")

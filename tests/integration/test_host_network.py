@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from kubenamespace import throwaway_namespace
-from workloads import WORKLOAD_IMAGE, wait_for
+from workloads import WORKLOAD_IMAGE, apply_and_wait, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -43,10 +43,7 @@ def test_two_host_network_pods_are_one_capture_of_the_node(cluster: Any, tmp_pat
     label = f"msnf-hostnet-{secrets.token_hex(3)}"
     with throwaway_namespace(cluster, "msx-hostnet") as namespace:
         docs = [host_network_pod(name, namespace, label) for name in ("alpha", "beta")]
-        cluster.kubectl("apply", "-f", "-", input=json.dumps(
-            {"apiVersion": "v1", "kind": "List", "items": docs}).encode())
-        cluster.kubectl("wait", "-n", namespace, "--for=condition=Ready", "--timeout=60s",
-                        "pod/alpha", "pod/beta", timeout=90)
+        apply_and_wait(cluster, docs)
 
         output, summary, log = (tmp_path / "out.pcapng", tmp_path / "summary.json",
                                 tmp_path / "stderr.log")

@@ -30,13 +30,25 @@ def workload_pod(name: str, namespace: str, *, labels: dict[str, str] | None = N
     }
 
 
+def apply_and_wait(cluster: Any, pods: list[dict[str, Any]]) -> dict[str, str]:
+    """Create the pods (each names its namespace), wait until every one is ready; their IPs,
+    by "namespace/name"."""
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(
+        {"apiVersion": "v1", "kind": "List", "items": pods}).encode())
+    ips = {}
+    for pod in pods:
+        namespace, name = pod["metadata"]["namespace"], pod["metadata"]["name"]
+        cluster.kubectl("wait", "-n", namespace, "--for=condition=Ready", "--timeout=60s",
+                        f"pod/{name}", timeout=90)
+        ips[f"{namespace}/{name}"] = str(
+            cluster.kubectl_json("get", "pod", name, "-n", namespace)["status"]["podIP"])
+    return ips
+
+
 def start_pod(cluster: Any, namespace: str, name: str, args: list[str]) -> str:
     """Start a workload pod, wait until it is ready; its IP."""
-    cluster.kubectl("apply", "-f", "-",
-                    input=json.dumps(workload_pod(name, namespace, args=args)).encode())
-    cluster.kubectl("wait", "--for=condition=Ready", f"pod/{name}", "-n", namespace,
-                    "--timeout=60s", timeout=90)
-    return str(cluster.kubectl_json("get", "pod", name, "-n", namespace)["status"]["podIP"])
+    return apply_and_wait(cluster, [workload_pod(name, namespace, args=args)])[
+        f"{namespace}/{name}"]
 
 
 def wait_for(path: Path, text: str, process: subprocess.Popen[bytes], seconds: float) -> None:
