@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 _CAP_NET_RAW = 1 << 13
 _UPLOAD_CHUNK = 64 * 1024
-_NEEDED_COMMANDS = ("tar", "mkdir", "mv", "rm")
+_NEEDED_COMMANDS = ("tar", "head", "mkdir", "mv", "rm")
 _PROBE = (
     'for c in {commands}; do command -v "$c" >/dev/null 2>&1 || echo "missing=$c"; done; '
     "[ -f /etc/passwd ] || echo nopasswd; "

@@ -152,7 +152,7 @@ async def test_auto_falls_back_to_ephemeral_and_says_why(tmp_path: Path) -> None
     mode, assessment = await auto.choose(target)
 
     assert mode is not None and mode.name == "ephemeral"
-    assert assessment.reason == "ephemeral: container app has no tar, mkdir, mv, rm"
+    assert assessment.reason == "ephemeral: container app has no tar, head, mkdir, mv, rm"
 
     cluster.allowed = set()
     other = Target(cluster.add_pod(make_pod("app-1")), "app")

@@ -75,7 +75,7 @@ async def test_assess_names_a_missing_tool(tmp_path: Path) -> None:
     assessment = await mode.assess(Target(make_pod(), "app"))
 
     assert not assessment.usable
-    assert assessment.reason == "container app has no tar, mkdir, mv, rm"
+    assert assessment.reason == "container app has no tar, head, mkdir, mv, rm"
 
 
 @pytest.mark.anyio
