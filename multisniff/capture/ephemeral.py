@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import secrets
 import shlex
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -51,6 +52,8 @@ SLEEPER_PID_FILE = "/tmp/msnf-sleeper.pid"
 DONE_FILE = "/tmp/msnf-done"
 CAPTURE_PID_FILE = "/tmp/msnf-capture.pid"
 RUN_DIRECTORY_PREFIX = "/tmp/msnf-run-"
+REVIEW_SECONDS = 60.0
+"""How long an access review's answer is used for further pods of the same namespace."""
 START_MARGIN = 120.0
 """Seconds the sleeper lives beyond the capture's lifetime: time to start and to flush."""
 
@@ -115,6 +118,19 @@ class EphemeralMode:
         self._watchdogs = watchdogs
         self._watchdog_cache: dict[str, bytes | None] = {}
         self._watchdog_lock = anyio.Lock()
+        self._reviews: dict[tuple[str, str, str], tuple[float, bool]] = {}
+
+    async def _can_i(self, verb: str, namespace: str, subresource: str) -> bool:
+        """Access reviews of pods' subresources, asked once a minute per namespace: every pod
+        of a namespace gets the same answer, and each review is a request."""
+        key = (verb, namespace, subresource)
+        now = time.monotonic()
+        known = self._reviews.get(key)
+        if known is None or now - known[0] > REVIEW_SECONDS:
+            allowed = await self._cluster.can_i(verb, "pods", namespace=namespace,
+                                                subresource=subresource)
+            known = self._reviews[key] = (now, allowed)
+        return known[1]
 
     async def _watchdog(self, target: Target) -> bytes | None:
         """The watchdog program for the target's node, or None (the shell does its work)."""
@@ -141,12 +157,10 @@ class EphemeralMode:
         if pod.phase != "Running" or not container.running:
             return Assessment(False, f"container {name} is not running")
         namespace = pod.ref.namespace
-        if not await self._cluster.can_i("update", "pods", namespace=namespace,
-                                         subresource="ephemeralcontainers"):
+        if not await self._can_i("update", namespace, "ephemeralcontainers"):
             return Assessment(False, f"you may not add ephemeral containers to pods in "
                                      f"namespace {namespace} (update pods/ephemeralcontainers)")
-        if not await self._cluster.can_i("create", "pods", namespace=namespace,
-                                         subresource="exec"):
+        if not await self._can_i("create", namespace, "exec"):
             return Assessment(False, f"you may not exec into pods in namespace {namespace}")
         return Assessment(
             True,

@@ -92,6 +92,8 @@ class FakeCluster:
     events: list[PodEvent] = field(default_factory=list)
     execs: list[ExecRecord] = field(default_factory=list)
     ephemeral_specs: list[tuple[PodRef, dict[str, Any]]] = field(default_factory=list)
+    access_reviews: list[tuple[str, str, str | None, str]] = field(default_factory=list)
+    """Every can_i asked: (verb, resource, namespace, subresource)."""
     created: list[dict[str, Any]] = field(default_factory=list)
     deleted: list[PodRef] = field(default_factory=list)
     resource_version: int = 1
@@ -127,6 +129,7 @@ class FakeCluster:
 
     async def can_i(self, verb: str, resource: str, *, namespace: str | None,
                     subresource: str = "") -> bool:
+        self.access_reviews.append((verb, resource, namespace, subresource))
         return self.allowed is None or (verb, resource, subresource) in self.allowed
 
     @asynccontextmanager

@@ -154,7 +154,8 @@ async def test_auto_falls_back_to_ephemeral_and_says_why(tmp_path: Path) -> None
     assert mode is not None and mode.name == "ephemeral"
     assert assessment.reason == "ephemeral: container app has no tar, head, mkdir, mv, rm"
 
-    cluster.allowed = set()
+    cluster.allowed = set()  # a new session: access reviews are kept for a minute
+    auto = AutoMode(UploadMode(cluster, directory=str(tmp_path)), EphemeralMode(cluster))
     other = Target(cluster.add_pod(make_pod("app-1")), "app")
     assessment = await auto.assess(other)
     assert not assessment.usable
@@ -162,3 +163,17 @@ async def test_auto_falls_back_to_ephemeral_and_says_why(tmp_path: Path) -> None
     with pytest.raises(NoUsableMode, match=r"^Pod default/app-1 cannot be captured: upload:"):
         async with auto.open(other, CaptureSpec()):
             pass
+
+
+@pytest.mark.anyio
+async def test_access_reviews_are_asked_once_per_namespace(cluster: SleeperCluster) -> None:
+    mode = EphemeralMode(cluster)
+    first = Target(cluster.pods[PodRef("default", "app-0")], "app")
+    second = Target(cluster.add_pod(make_pod("app-1")), "app")
+
+    assert (await mode.assess(first)).usable
+    assert (await mode.assess(second)).usable
+
+    assert sorted(cluster.access_reviews) == [("create", "pods", "default", "exec"),
+                                              ("update", "pods", "default",
+                                               "ephemeralcontainers")]
