@@ -14,7 +14,8 @@ import pytest
 from fakes import FakeCluster, make_pod
 
 from multisniff.capture.bundlecache import bundle_for, host_arch
-from multisniff.capture.model import CaptureSpec, Target
+from multisniff.capture.execcapture import ExecCapture
+from multisniff.capture.model import CaptureReport, CaptureSpec, Target
 from multisniff.capture.upload import UploadMode, capture_command
 
 pytestmark = pytest.mark.skipif(
@@ -45,6 +46,15 @@ def _send_udp(port: int, count: int) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         for i in range(count):
             s.sendto(f"MSNF unit {i}".encode(), ("127.0.0.1", port))
+
+
+async def stop_and_wait(capture: ExecCapture) -> CaptureReport:
+    """Stop a capture, drain what it still sends, and return how it ended."""
+    await capture.stop()
+    with anyio.fail_after(20):
+        while await capture.read():
+            pass
+    return await capture.wait()
 
 
 def _no_process_runs(directory: Path) -> bool:
@@ -103,11 +113,7 @@ async def test_capture_counts_packets_skips_a_second_upload_and_cleans_up(
                 while chunk := await first.read():
                     pcap += chunk
             report = await first.wait()
-            await second.stop()
-            with anyio.fail_after(20):
-                while await second.read():
-                    pass
-            second_report = await second.wait()
+            second_report = await stop_and_wait(second)
 
     assert report.exit_code == 0, report.message
     assert report.captured == 5
@@ -133,11 +139,7 @@ async def test_after_the_probe_one_exec_uploads_and_captures(tmp_path: Path,
                                              lifetime=30)) as capture:
         await anyio.sleep(1)  # tcpdump opens the device
         assert len(list(tmp_path.glob(".multisniff-*/msnf-watchdog"))) == 1
-        await capture.stop()
-        with anyio.fail_after(20):
-            while await capture.read():
-                pass
-        report = await capture.wait()
+        report = await stop_and_wait(capture)
 
     assert report.exit_code == 0, report.message
     assert len(cluster.execs) == 2
@@ -154,11 +156,7 @@ async def test_stop_without_half_close_signals_the_watchdog(tmp_path: Path,
     async with mode.open(target, CaptureSpec(interface="lo", bpf_filter="tcp port 9",
                                              lifetime=30)) as capture:
         await anyio.sleep(1)
-        await capture.stop()
-        with anyio.fail_after(20):
-            while await capture.read():
-                pass
-        report = await capture.wait()
+        report = await stop_and_wait(capture)
 
     assert report.exit_code == 0, report.message
     assert report.captured == 0
