@@ -27,7 +27,12 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Generic, TypeVar
+
+import anyio
+import anyio.to_thread
 
 from multisniff.capture.bundle import (
     Bundle,
@@ -38,6 +43,9 @@ from multisniff.capture.bundle import (
     load_bundle,
 )
 from multisniff.errors import MultisniffError
+from multisniff.kube.model import Cluster, PodInfo
+
+T = TypeVar("T")
 
 WATCHDOG_NAME = "msnf-watchdog"
 WATCHDOG_SOURCE = Path(__file__).resolve().with_name("watchdog.c")
@@ -54,6 +62,28 @@ def host_arch() -> str:
     """The host's architecture in the nodes' (GOARCH) spelling."""
     machine = platform.machine()
     return _MACHINE_TO_ARCH.get(machine, machine)
+
+
+class PerArchitecture(Generic[T]):
+    """Something made once per node architecture (a bundle, a watchdog), in a worker thread.
+
+    Captures start together: without the lock each would miss the cache and make its own copy
+    (tens of MB apiece for a bundle) before the first one landed."""
+
+    def __init__(self, cluster: Cluster, make: Callable[[str], T]) -> None:
+        self._cluster = cluster
+        self._make = make
+        self._made: dict[str, T] = {}
+        self._lock = anyio.Lock()
+
+    async def for_pod(self, pod: PodInfo) -> T:
+        arch = host_arch()
+        if pod.node:
+            arch = (await self._cluster.node(pod.node)).architecture
+        async with self._lock:
+            if arch not in self._made:
+                self._made[arch] = await anyio.to_thread.run_sync(self._make, arch)
+        return self._made[arch]
 
 
 def cache_dir() -> Path:

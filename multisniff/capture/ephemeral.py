@@ -34,10 +34,14 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
-import anyio.to_thread
 
-from multisniff.capture.bundlecache import WATCHDOG_NAME, host_arch, watchdog_for
-from multisniff.capture.execcapture import ExecCapture, StderrLog, run_to_end
+from multisniff.capture.bundlecache import WATCHDOG_NAME, PerArchitecture, watchdog_for
+from multisniff.capture.execcapture import (
+    ExecCapture,
+    StderrLog,
+    run_to_end,
+    signal_by_pidfile,
+)
 from multisniff.capture.model import Assessment, CaptureSpec, Target
 from multisniff.capture.upload import capture_arguments, watchdog_arguments
 from multisniff.errors import MultisniffError
@@ -70,12 +74,17 @@ def sleeper_command(lifetime: float) -> list[str]:
                         f"sleep 1; i=$$((i+1)); done"]
 
 
+def run_pidfile(directory: str) -> str:
+    """Where the watchdog of a run directory writes its PID."""
+    return f"{directory}/capture.pid"
+
+
 def watched_script(spec: CaptureSpec, directory: str, size: int) -> str:
     """Receive the watchdog (``size`` bytes on stdin) into ``directory`` and run tcpdump
     under it; the watchdog removes ``directory`` at the end."""
     d = shlex.quote(directory)
     watchdog = shlex.join(watchdog_arguments(spec, remove=directory,
-                                             pidfile=f"{directory}/capture.pid"))
+                                             pidfile=run_pidfile(directory)))
     tcpdump = shlex.join(["tcpdump", "-Z", "root", *capture_arguments(spec)])
     # The shell outlives head, which reads stdin (containerd#13934: see the upload mode).
     return (
@@ -115,9 +124,8 @@ class EphemeralMode:
         self._image = image
         self._start_timeout = start_timeout
         self._cleanup_timeout = cleanup_timeout
-        self._watchdogs = watchdogs
-        self._watchdog_cache: dict[str, bytes | None] = {}
-        self._watchdog_lock = anyio.Lock()
+        self._watchdogs = PerArchitecture(cluster, lambda arch: self._make_watchdog(watchdogs,
+                                                                                   arch))
         self._reviews: dict[tuple[str, str, str], tuple[float, bool]] = {}
 
     async def _can_i(self, verb: str, namespace: str, subresource: str) -> bool:
@@ -132,22 +140,15 @@ class EphemeralMode:
             known = self._reviews[key] = (now, allowed)
         return known[1]
 
-    async def _watchdog(self, target: Target) -> bytes | None:
-        """The watchdog program for the target's node, or None (the shell does its work)."""
-        arch = host_arch()
-        if target.pod.node:
-            arch = (await self._cluster.node(target.pod.node)).architecture
-        async with self._watchdog_lock:
-            if arch not in self._watchdog_cache:
-                try:
-                    program: bytes | None = await anyio.to_thread.run_sync(self._watchdogs,
-                                                                           arch)
-                except MultisniffError as exc:
-                    log.warning("Ephemeral captures on %s nodes stop tcpdump by a shell and "
-                                "send each packet alone, which costs more CPU: %s", arch, exc)
-                    program = None
-                self._watchdog_cache[arch] = program
-        return self._watchdog_cache[arch]
+    @staticmethod
+    def _make_watchdog(make: Callable[[str], bytes], arch: str) -> bytes | None:
+        """The watchdog program for nodes of ``arch``, or None (the shell does its work)."""
+        try:
+            return make(arch)
+        except MultisniffError as exc:
+            log.warning("Ephemeral captures on %s nodes stop tcpdump by a shell and send each "
+                        "packet alone, which costs more CPU: %s", arch, exc)
+            return None
 
     async def assess(self, target: Target) -> Assessment:
         pod, name = target.pod, target.container
@@ -193,16 +194,16 @@ class EphemeralMode:
         await self._cluster.add_ephemeral_container(ref, container_spec)
         capture: ExecCapture | None = None
         try:
-            program = await self._watchdog(target)
+            program = await self._watchdogs.for_pod(target.pod)
             await self._cluster.wait_container_running(ref, name, timeout=self._start_timeout)
             stderr = StderrLog()
             if program is None:
                 script = capture_script(spec)
-                stop = ["sh", "-c", f'read -r p < {CAPTURE_PID_FILE} && kill -TERM "$p"']
+                stop = signal_by_pidfile(CAPTURE_PID_FILE, "TERM")
             else:
                 directory = f"{RUN_DIRECTORY_PREFIX}{secrets.token_hex(4)}"
                 script = watched_script(spec, directory, len(program))
-                stop = ["sh", "-c", f'read -r p < {directory}/capture.pid && kill -INT "$p"']
+                stop = signal_by_pidfile(run_pidfile(directory), "INT")
             async with self._cluster.exec(ref, name, ["sh", "-c", script],
                                           stdin=True, on_stderr=stderr) as channel:
                 if program is not None:

@@ -8,6 +8,7 @@ reaches EOF. `stop()` half-closes stdin; where the exec protocol cannot (v4) it 
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Sequence
 
 import anyio
@@ -81,6 +82,12 @@ class ExecCapture:
             dropped_by_kernel=stats.dropped_by_kernel,
             message=last_lines(text) or result.message,
         )
+
+
+def signal_by_pidfile(pidfile: str, signal: str) -> list[str]:
+    """A command that sends SIG``signal`` to the process whose PID is in ``pidfile``: how a
+    capture is stopped where the exec protocol cannot close stdin alone (v4)."""
+    return ["sh", "-c", f'read -r p < {shlex.quote(pidfile)} && kill -{signal} "$p"']
 
 
 async def run_to_end(cluster: Cluster, ref: PodRef, container: str,

@@ -30,11 +30,15 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 
 import anyio
-import anyio.to_thread
 
 from multisniff.capture.bundle import MANIFEST_NAME, Bundle
-from multisniff.capture.bundlecache import WATCHDOG_NAME, bundle_for, host_arch
-from multisniff.capture.execcapture import ExecCapture, StderrLog, run_to_end
+from multisniff.capture.bundlecache import WATCHDOG_NAME, PerArchitecture, bundle_for
+from multisniff.capture.execcapture import (
+    ExecCapture,
+    StderrLog,
+    run_to_end,
+    signal_by_pidfile,
+)
 from multisniff.capture.model import Assessment, CaptureSpec, Target
 from multisniff.errors import MultisniffError
 from multisniff.kube.model import Cluster, ExecChannel, PodRef
@@ -50,10 +54,17 @@ _PROBE = (
     "[ -d {directory} ] && [ -w {directory} ] || echo readonly; "
     "while read -r k r e rest; do case $k in "
     'Uid:) echo "uid=$e";; CapEff:) echo "capeff=$r";; esac; done < /proc/self/status; '
-    # The manifest is sorted JSON with one key a line: "digest" is on line 2.
-    '{{ read -r a; read -r b; }} < {manifest} 2>/dev/null && '
-    'case "$b" in *{digest}*) echo present;; esac; true'
+    "{present}"
 )
+
+
+def presence_check(directory: str, digest: str) -> str:
+    """Shell that prints "present" when this bundle (by digest) is unpacked at ``directory``;
+    exits 0 either way. The manifest is sorted JSON with one key a line: "digest" is line 2."""
+    manifest = shlex.quote(posixpath.join(directory, MANIFEST_NAME))
+    line = shlex.quote(f'"digest": "{digest}"')
+    return (f'{{ read -r a; read -r b; }} < {manifest} 2>/dev/null && '
+            f'case "$b" in *{line}*) echo present;; esac; true')
 
 
 class UploadError(MultisniffError):
@@ -129,11 +140,9 @@ class UploadMode:
     ) -> None:
         self._cluster = cluster
         self._directory = directory
-        self._bundles = bundles
         self._upload_timeout = upload_timeout
         self._cleanup_timeout = cleanup_timeout
-        self._bundle_cache: dict[str, Bundle] = {}
-        self._bundle_lock = anyio.Lock()
+        self._bundles = PerArchitecture(cluster, bundles)
         self._locks: dict[tuple[str, str], anyio.Lock] = {}
         self._present_at_probe: dict[tuple[str, str], bool] = {}
         """Per (pod uid, container): whether the last probe found this bundle there."""
@@ -157,8 +166,7 @@ class UploadMode:
         bundle = await self._bundle(target)
         script = _PROBE.format(
             commands=" ".join(_NEEDED_COMMANDS), directory=shlex.quote(self._directory),
-            manifest=shlex.quote(posixpath.join(self.bundle_directory(bundle), MANIFEST_NAME)),
-            digest=shlex.quote(f'"digest": "{bundle.digest}"'))
+            present=presence_check(self.bundle_directory(bundle), bundle.digest))
         try:
             code, out, message = await run_to_end(self._cluster, target.pod.ref, name,
                                             ["sh", "-c", script])
@@ -194,15 +202,7 @@ class UploadMode:
                                    f"(removed when the capture ends)",))
 
     async def _bundle(self, target: Target) -> Bundle:
-        arch = host_arch()
-        if target.pod.node:
-            arch = (await self._cluster.node(target.pod.node)).architecture
-        # Opens start together: without the lock each would miss the cache and load its own
-        # copy of the bundle (tens of MB apiece) before the first one landed.
-        async with self._bundle_lock:
-            if arch not in self._bundle_cache:
-                self._bundle_cache[arch] = await anyio.to_thread.run_sync(self._bundles, arch)
-        return self._bundle_cache[arch]
+        return await self._bundles.for_pod(target.pod)
 
     def bundle_directory(self, bundle: Bundle) -> str:
         return posixpath.join(self._directory, f".multisniff-{bundle.digest[:12]}")
@@ -239,7 +239,7 @@ class UploadMode:
                 self._running[key] = self._running.get(key, 0) + 1
                 stack.callback(self._done, key)
             # A v4 exec cannot close stdin alone: then signal the watchdog by its PID file.
-            stop = ["sh", "-c", f'read -r p < {shlex.quote(pidfile)} && kill -INT "$p"']
+            stop = signal_by_pidfile(pidfile, "INT")
             yield ExecCapture(self._cluster, ref, name, channel, stderr, stop_command=stop)
             # Leaving the exec closes the stream: the watchdog stops tcpdump and removes DIR.
 
@@ -271,11 +271,9 @@ class UploadMode:
         self.bytes_uploaded += len(data)
 
     async def _present(self, ref: PodRef, container: str, directory: str, digest: str) -> bool:
-        manifest = shlex.quote(posixpath.join(directory, MANIFEST_NAME))
-        # The manifest is sorted JSON with one key a line: "digest" is on line 2.
-        script = f'{{ read -r a; read -r b; }} < {manifest} 2>/dev/null && echo "$b"'
-        code, out, _ = await run_to_end(self._cluster, ref, container, ["sh", "-c", script])
-        return code == 0 and f'"digest": "{digest}"' in out.decode(errors="replace")
+        code, out, _ = await run_to_end(self._cluster, ref, container,
+                                        ["sh", "-c", presence_check(directory, digest)])
+        return code == 0 and "present" in out.decode(errors="replace").split()
 
     async def _remove(self, ref: PodRef, container: str, directory: str) -> None:
         try:
