@@ -32,7 +32,7 @@ from typing import Any
 
 import pytest
 from kubenamespace import throwaway_namespace
-from workloads import start_pod
+from workloads import start_pod, wait_for
 
 from multisniff.pcap.blocks import InterfaceStatistics
 from multisniff.pcap.reading import CaptureReader
@@ -157,11 +157,7 @@ def test_a_stalled_reader_bounds_memory_and_drops_are_counted(cluster: Any,
         reader = PipeReader(process.stdout.fileno(), out)
         reader.start()
         try:
-            deadline = time.monotonic() + 90
-            while b"Capturing " not in stderr_path.read_bytes():
-                assert process.poll() is None, stderr_path.read_text()
-                assert time.monotonic() < deadline, stderr_path.read_text()
-                time.sleep(0.5)
+            wait_for(stderr_path, "Capturing ", process, 90)
             start_pod(cluster, namespace, "sender",
                       ["udp", "-targets", f"{target_ip}:9999", "-rate", str(RATE), "-size",
                        str(PAYLOAD), "-report", "0", "-pod", "sender"])

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 from kubenamespace import throwaway_namespace
-from workloads import start_pod
+from workloads import start_pod, wait_for
 
 pytestmark = [
     pytest.mark.cluster,
@@ -99,11 +99,7 @@ def test_wireshark_shows_the_live_capture_and_closing_it_ends_multisniff(
                  "--mode", "upload", "-f", "udp port 9999", "--wireshark"],
                 stdout=subprocess.DEVNULL, stderr=stderr, env=env, start_new_session=True)
         try:
-            deadline = time.monotonic() + 90
-            while b"Capturing " not in stderr_path.read_bytes():
-                assert process.poll() is None, stderr_path.read_text()
-                assert time.monotonic() < deadline, stderr_path.read_text()
-                time.sleep(0.5)
+            wait_for(stderr_path, "Capturing ", process, 90)
             wireshark = descendant(process.pid, "wireshark")
             assert wireshark is not None, "multisniff started no wireshark"
             # 200 marked datagrams, 50 per second.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 
 import capturefiles as cf
 from hypothesis import given, settings
@@ -36,7 +37,11 @@ def heads_merge(streams: list[list[int]]) -> list[tuple[int, int]]:
 
 
 def merge_exact(files: list[bytes], chunk: int, labels: list[str] | None = None,
-                multi: list[bool] | None = None) -> tuple[bytes, TimelineMerger, int]:
+                multi: list[bool] | None = None,
+                watch: Callable[[TimelineMerger], None] | None = None,
+                ) -> tuple[bytes, TimelineMerger, int]:
+    """Merge `files` fed `chunk` bytes at a time, as the merger asks; `watch` sees the merger
+    after every pull."""
     merger = TimelineMerger(key_resolution=10**6)
     sources = [merger.add_source(labels[i] if labels else f"in{i}",
                                  multi_interface=bool(multi and multi[i]))
@@ -58,6 +63,8 @@ def merge_exact(files: list[bytes], chunk: int, labels: list[str] | None = None,
     while True:
         out.append(merger.pull())
         most_pending = max(most_pending, sum(source.pending for source in merger.sources))
+        if watch is not None:
+            watch(merger)
         wanted = merger.wanted()
         if wanted is None:
             break
@@ -210,26 +217,14 @@ def test_exact_mode_holds_about_two_chunks_of_bytes_per_source() -> None:
     streams.append([3 * n + 1 for n in range(3000)])  # one finely interleaved source
     files = [source_file(i, stream) for i, stream in enumerate(streams)]
     chunk = 4096
-    merger = TimelineMerger(key_resolution=10**6)
-    sources = [merger.add_source(f"in{i}") for i in range(len(files))]
-    offsets = [0] * len(files)
     most_held = 0
-    out = []
-    for i in range(len(files)):
-        merger.feed(sources[i], files[i][:chunk])
-        offsets[i] = chunk
-    while (wanted := merger.wanted()) is not None:
-        out.append(merger.pull())
+
+    def watch(merger: TimelineMerger) -> None:
+        nonlocal most_held
         held = sum(len(blob) for source in merger.sources for _, blob in source.blobs)
         most_held = max(most_held, held)
-        i = wanted.index
-        data = files[i][offsets[i] : offsets[i] + chunk]
-        offsets[i] += len(data)
-        if data:
-            merger.feed(sources[i], data)
-        else:
-            merger.end_source(sources[i])
-    out.append(merger.finish())
-    assert order_of(b"".join(out)) == heads_merge(streams)
+
+    merged, _, _ = merge_exact(files, chunk, watch=watch)
+    assert order_of(merged) == heads_merge(streams)
     # EPBs are at most 19 bytes longer than their records (16 bytes each, 20 at least here)
     assert most_held < len(files) * 3 * chunk * 2
