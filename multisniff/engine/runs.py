@@ -101,11 +101,15 @@ class Transcoder:
 
     def __init__(self, run: CaptureRun) -> None:
         self.run = run
+        # The interface says what the capture was as it started: tcpdump's header, which
+        # declares it, may come only with the first packet (batched), and pods that join the
+        # host network later are told in the log and the summary.
+        self.description = run.description
         self.writer = PcapngWriter()
         self.reader = CaptureReader(assign_interface=self._declare)
 
     def _declare(self, info: InterfaceInfo) -> int:
-        named = dataclasses.replace(info, name=self.run.label, description=self.run.description,
+        named = dataclasses.replace(info, name=self.run.label, description=self.description,
                                     filter=self.run.bpf_filter or None)
         if self.run.tsresol is None:
             self.run.tsresol = info.tsresol
