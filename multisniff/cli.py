@@ -1,4 +1,4 @@
-"""The command line: argv -> a Profile -> run it; error classes -> exit codes.
+"""The command line: argv -> settings -> `multisniff.capture()` -> the UI; errors -> exit codes.
 
 `multisniff -l SELECTOR ...` captures (also as `kubectl multisniff`); `multisniff merge`,
 `inspect` and `profiles` are sub-commands. Sub-commands import their modules lazily so that
@@ -16,9 +16,9 @@ Exit codes (multisniff.errors.ExitCode):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -27,9 +27,9 @@ from multisniff import __version__
 from multisniff.errors import ExitCode, MultisniffError, UsageError
 
 if TYPE_CHECKING:
-    from multisniff.capture.model import CaptureMode
+    from multisniff.api import Capture
     from multisniff.engine.session import SessionResult
-    from multisniff.kube.model import Cluster
+    from multisniff.engine.settings import CaptureSettings
     from multisniff.profiles import Profile
 
 log = logging.getLogger("multisniff")
@@ -108,6 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def build_capture_parser() -> argparse.ArgumentParser:
+    from multisniff.api import mode_names
+
     parser = argparse.ArgumentParser(
         prog="multisniff",
         usage="multisniff -l SELECTOR [options] -o FILE | multisniff {merge,inspect,profiles} "
@@ -137,8 +139,9 @@ def build_capture_parser() -> argparse.ArgumentParser:
     what.add_argument("-f", "--filter", metavar="BPF", help="tcpdump filter, e.g. 'port 53'")
     what.add_argument("-s", "--snaplen", type=int, metavar="SNAPLEN",
                       help="bytes kept of each packet")
-    what.add_argument("--mode", choices=("auto", "upload", "ephemeral"),
-                      help="how tcpdump comes to run next to a pod (default: auto)")
+    what.add_argument("--mode", choices=mode_names(),
+                      help="how tcpdump comes to run next to a pod (default: auto, which "
+                           "takes the first of the others that can)")
     what.add_argument("--ephemeral-image", metavar="IMAGE",
                       help="image with tcpdump for the ephemeral mode's debug container")
     what.add_argument("--profile", metavar="NAME|PATH",
@@ -175,8 +178,6 @@ def profile_from_args(args: argparse.Namespace) -> Profile:
         value = getattr(args, name)
         if value is not None:
             changes[name] = value
-    if args.field_selector is not None:
-        changes["field_selector"] = args.field_selector
     try:
         if args.duration is not None:
             changes["duration"] = parse_duration(args.duration)
@@ -196,148 +197,91 @@ def profile_from_args(args: argparse.Namespace) -> Profile:
 def run_capture(args: argparse.Namespace) -> int:
     import anyio
 
-    from multisniff.engine.session import check_profile
+    from multisniff.api import settings_for
 
-    profile = profile_from_args(args)
-    check_profile(profile)
-    if not args.dry_run:
-        if args.output is None and not args.wireshark:
-            raise UsageError("Say where the capture goes: -o FILE, -o - for stdout, or "
-                             "--wireshark.")
-        if args.output is not None and args.wireshark:
-            raise UsageError("Give either -o or --wireshark, not both.")
-        if args.output == "-" and os.isatty(1):
-            raise UsageError("Refusing to write binary pcapng to a terminal; redirect stdout "
-                             "or give a file with -o.")
-    code: int = anyio.run(_capture, args, profile, backend="asyncio")
+    settings = settings_for(profile_from_args(args))
+    code: int = anyio.run(_capture, args, settings, backend="asyncio")
     return code
 
 
-async def _capture(args: argparse.Namespace, profile: Profile) -> int:
+async def _capture(args: argparse.Namespace, settings: CaptureSettings) -> int:
     import gc
-    import time
 
-    from multisniff import ui
-    from multisniff.engine import output, session  # noqa: F401  (before the freeze below)
-    from multisniff.kube.api import connect
+    from multisniff import api, ui
 
     # The modules just imported live as long as the process: out of the cyclic collector's
     # sight, they are not traversed again by every full collection while captures start.
     # Measured on the local cluster, 10 pods for 5 s: 0.94 -> 0.74 s of CPU (mean of four).
     gc.freeze()
 
-    started = time.time()
-    output_name = "wireshark" if args.wireshark else args.output
+    if args.dry_run:
+        for line in await api.dry_run(profile=settings, kubeconfig=args.kubeconfig,
+                                      context=args.context):
+            print(line)
+        return ExitCode.OK
+    cap = api.capture(profile=settings, output=args.output, wireshark=args.wireshark,
+                      kubeconfig=args.kubeconfig, context=args.context)
     try:
-        async with connect(args.kubeconfig, args.context) as cluster:
-            mode = build_mode(profile, cluster)
-            if args.dry_run:
-                from multisniff.engine.session import dry_run
-
-                for line in await dry_run(cluster, mode, profile):
-                    print(line)
-                return ExitCode.OK
-            result = await _capture_session(args, profile, cluster, mode)
+        result = await run_with_ui(cap, debug=args.debug)
     except MultisniffError as exc:
         if args.summary_json:
             ui.write_summary_json(args.summary_json, ui.summary_json(
-                None, exit_code=exc.exit_code, output=output_name, error=str(exc),
-                started=started))
+                cap.result if cap.done else None, exit_code=exc.exit_code,
+                output=cap.output_name, error=str(exc)))
         raise
     for line in ui.summary_lines(result):
         log.info("%s", line)
     if args.summary_json:
         ui.write_summary_json(args.summary_json, ui.summary_json(
-            result, exit_code=result.exit_code, output=output_name))
+            result, exit_code=result.exit_code, output=cap.output_name))
     return result.exit_code
 
 
-def build_mode(profile: Profile, cluster: Cluster) -> CaptureMode:
-    """The CaptureMode of --mode, over the connected cluster."""
-    from multisniff.capture.auto import AutoMode
-    from multisniff.capture.ephemeral import EphemeralMode
-    from multisniff.capture.upload import UploadMode
-
-    def ephemeral() -> EphemeralMode:
-        if profile.ephemeral_image:
-            return EphemeralMode(cluster, image=profile.ephemeral_image)
-        return EphemeralMode(cluster)
-
-    if profile.mode == "upload":
-        return UploadMode(cluster)
-    if profile.mode == "ephemeral":
-        return ephemeral()
-    return AutoMode(UploadMode(cluster), ephemeral())
-
-
-async def _capture_session(args: argparse.Namespace, profile: Profile, cluster: Cluster,
-                           mode: CaptureMode) -> SessionResult:
+async def run_with_ui(cap: Capture, *, debug: bool) -> SessionResult:
+    """Run a capture to its end with this process's signals and, on a terminal, the live table:
+    the first SIGINT or SIGTERM stops it gently, the second cuts it off."""
     import signal
 
     import anyio
 
     from multisniff import ui
-    from multisniff.engine.output import FileOutput, LiveOutput
-    from multisniff.engine.session import Session
-    from multisniff.engine.sinks import ByteSink, FdSink, WiresharkSink
-
-    output: LiveOutput | FileOutput
-    if args.output is not None and args.output != "-":
-        output = FileOutput(args.output, grace=profile.stop_grace)
-    else:
-        sink: ByteSink = (await WiresharkSink.start() if args.wireshark
-                          else FdSink(1, "stdout"))
-        output = LiveOutput(sink, buffer_chunks=profile.buffer_chunks,
-                            reorder_window=profile.reorder_window,
-                            flush_interval=profile.flush_interval,
-                            max_pending=profile.max_pending, grace=profile.stop_grace)
-    session = Session(cluster, mode, profile, output)
-    if isinstance(output, LiveOutput):
-        output.on_closed = lambda why: session.stop(why)
 
     async def on_signals() -> None:
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for number in signals:
                 name = signal.Signals(number).name
+                if cap.done:
+                    continue
+                session = cap.session
                 if session.stop_reason and session.interrupted:
                     log.warning("%s again: cutting the capture off now.", name)
-                    session.abort()
+                    cap.abort()
                 else:
                     log.info("%s: stopping the captures; press Ctrl-C again to cut them off "
                              "at once.", name)
-                    session.stop(f"interrupted ({name})", interrupted=True)
+                    cap.stop(f"interrupted ({name})", interrupted=True)
 
     console = None
-    if not args.debug and sys.stderr.isatty():
+    if not debug and sys.stderr.isatty():
         from rich.console import Console
 
         console = Console(stderr=True)
     table = console is not None and console.is_terminal
-    failure: MultisniffError | None = None
-
-    async def run_session() -> SessionResult | None:
-        # Raised inside the task group, an error would come out wrapped in an exception group
-        # (a traceback); carried out of it, it stays one sentence.
-        nonlocal failure
-        try:
-            return await session.run()
-        except MultisniffError as exc:
-            failure = exc
-            return None
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(on_signals)
-        if table and console is not None:
-            with ui.terminal_logging(console, debug=args.debug):
-                tg.start_soon(ui.LiveTable(session, console).run)
-                result = await run_session()
-        else:
-            result = await run_session()
-        tg.cancel_scope.cancel()
-    if failure is not None:
-        raise failure
-    assert result is not None
-    return result
+    # The capture's own error comes out of `async with cap` as itself: raised inside the
+    # task group, it would come out wrapped in an exception group (a traceback).
+    async with cap:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(on_signals)
+            if table and console is not None:
+                with ui.terminal_logging(console, debug=debug):
+                    tg.start_soon(ui.LiveTable(cap, console).run)
+                    with contextlib.suppress(MultisniffError):
+                        await cap.wait()
+            else:
+                with contextlib.suppress(MultisniffError):
+                    await cap.wait()
+            tg.cancel_scope.cancel()
+    return cap.result
 
 
 def run_profiles(args: argparse.Namespace) -> int:

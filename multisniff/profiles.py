@@ -11,14 +11,18 @@ the key and its line (tomllib gives no positions, so the line is found by scanni
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import re
 import sys
+import typing
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from multisniff.capture.registry import mode_names
+from multisniff.engine.settings import CaptureSettings
 from multisniff.errors import UsageError
 
 if sys.version_info >= (3, 11):
@@ -27,80 +31,19 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 PACKAGE_PROFILES = Path(__file__).resolve().parent / "configs"
-MODES = ("auto", "upload", "ephemeral")
 
 
 @dataclass(frozen=True, slots=True)
-class Profile:
-    """Every setting of a capture session. Defaults are the values without any profile."""
+class Profile(CaptureSettings):
+    """Capture settings with a name's worth of words: what `multisniff profiles` shows.
+    Every key a profile may set is a field here; defaults are the values without a profile."""
 
     description: str = ""
-    labels: str = ""
-    field_selector: str = ""
-    namespace: str | None = None
-    """None: the kubeconfig context's namespace (else "default")."""
-    all_namespaces: bool = False
-    container: str | None = None
-    interface: str = "any"
-    filter: str = ""
-    snaplen: int = 262144
-    mode: str = "auto"
-    ephemeral_image: str | None = None
-    """Image with tcpdump for the ephemeral mode (None: the mode's default)."""
-    duration: float | None = None
-    count: int | None = None
-    max_size: int | None = None
-    """Bytes of packet data (captured lengths) in total."""
-    follow: bool = True
-    buffer_chunks: int = 64
-    """Chunks of pcap held between the capture readers and the output, all targets together."""
-    reorder_window: float = 2.0
-    """Live output: seconds a packet is held so that later-arriving earlier packets fit in."""
-    flush_interval: float = 0.25
-    """Live output: how often the clock releases packets that idle pods would hold back."""
-    max_pending: int = 100_000
-    batch_interval: float = 1.0
-    """Seconds the remote side may hold tcpdump's output to send it in fewer, larger frames."""
-    """Live output: packets held for reordering at most; older ones are written early."""
-    max_lifetime: float = 3600.0
-    """Seconds a remote tcpdump may live when no --duration bounds it."""
-    lifetime_margin: float = 60.0
-    """Seconds added to --duration for the remote tcpdump's own bound."""
-    stop_grace: float = 15.0
-    """Seconds allowed for stopping, draining and cleaning up before work is cut off."""
-    startup_timeout: float = 120.0
-    """--duration starts once the pods found at the start capture, or after this at most."""
 
-    def replace(self, **changes: Any) -> Profile:
-        return dataclasses.replace(self, **changes)
+    def settings(self, **overrides: Any) -> CaptureSettings:
+        """The engine's settings: this profile, overridden by `overrides` (flags, API keywords)."""
+        return CaptureSettings.settings(self.replace(**overrides) if overrides else self)
 
-
-_KEY_TYPES: dict[str, tuple[type, ...]] = {
-    "description": (str,),
-    "labels": (str,),
-    "field_selector": (str,),
-    "namespace": (str,),
-    "all_namespaces": (bool,),
-    "container": (str,),
-    "interface": (str,),
-    "filter": (str,),
-    "snaplen": (int,),
-    "mode": (str,),
-    "ephemeral_image": (str,),
-    "duration": (int, float, str),
-    "count": (int,),
-    "max_size": (int, str),
-    "follow": (bool,),
-    "buffer_chunks": (int,),
-    "reorder_window": (int, float),
-    "flush_interval": (int, float),
-    "max_pending": (int,),
-    "batch_interval": (int, float),
-    "max_lifetime": (int, float, str),
-    "lifetime_margin": (int, float),
-    "stop_grace": (int, float),
-    "startup_timeout": (int, float),
-}
 
 _TYPE_WORDS = {str: "a string", bool: "true or false", int: "an integer", float: "a number"}
 
@@ -127,6 +70,39 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * factor)
 
 
+@dataclass(frozen=True, slots=True)
+class _Key:
+    """How a profile key is read, derived from its field in `Profile`."""
+
+    kind: type
+    """bool, str, int or float (float keys are seconds)."""
+    positive: bool
+    bytes: bool
+
+    @property
+    def toml_types(self) -> tuple[type, ...]:
+        if self.kind is float:
+            return (int, float, str)  # seconds, or a duration such as "30s"
+        if self.bytes:
+            return (int, str)  # bytes, or a size such as "10M"
+        return (self.kind,)
+
+
+def _keys() -> dict[str, _Key]:
+    hints = typing.get_type_hints(Profile)
+    keys = {}
+    for item in dataclasses.fields(Profile):
+        kinds = [t for t in typing.get_args(hints[item.name]) or (hints[item.name],)
+                 if t is not type(None)]
+        keys[item.name] = _Key(kind=kinds[0], positive=bool(item.metadata.get("positive")),
+                               bytes=item.metadata.get("unit") == "bytes")
+    return keys
+
+
+KEYS = _keys()
+"""Every key a profile may set, and how it is read: the fields of `Profile`, nothing kept apart."""
+
+
 def _line_of(text: str, key: str) -> int | None:
     pattern = re.compile(rf"^\s*(?:{re.escape(key)}|\"{re.escape(key)}\")\s*=", re.MULTILINE)
     match = pattern.search(text)
@@ -138,49 +114,51 @@ def _where(path: Path, text: str, key: str) -> str:
     return f"{path}:{line}" if line is not None else str(path)
 
 
+def _unknown_key(key: str, where: str, path: Path) -> UsageError:
+    close = difflib.get_close_matches(key, KEYS, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return UsageError(f"{where}: unknown key {key!r} in profile {path.name}; {hint}the keys "
+                      f"are {', '.join(sorted(KEYS))}.")
+
+
 def profile_from_mapping(data: Mapping[str, Any], *, path: Path, text: str,
                          base: Profile | None = None) -> Profile:
     """Check every key and type, convert durations and sizes, and build the Profile."""
     changes: dict[str, Any] = {}
     for key, value in data.items():
         where = _where(path, text, key)
-        types = _KEY_TYPES.get(key)
-        if types is None:
-            known = ", ".join(sorted(_KEY_TYPES))
-            raise UsageError(f"{where}: unknown key {key!r} in profile {path.name}; "
-                             f"the keys are {known}.")
+        spec = KEYS.get(key)
+        if spec is None:
+            raise _unknown_key(key, where, path)
+        types = spec.toml_types
         # bool is an int in Python; a profile saying `count = true` is still wrong.
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
             wanted = " or ".join(_TYPE_WORDS[t] for t in types)
             raise UsageError(f"{where}: {key} must be {wanted}, not {type(value).__name__} "
                              f"{value!r}; fix the profile {path.name}.")
         try:
-            changes[key] = _convert(key, value)
+            changes[key] = convert(key, value)
         except ValueError as exc:
             raise UsageError(f"{where}: {key}: {exc}; fix the profile {path.name}.") from exc
     return (base or Profile()).replace(**changes)
 
 
-def _convert(key: str, value: Any) -> Any:
-    if key in ("duration", "max_lifetime"):
+def convert(key: str, value: Any) -> Any:
+    """A profile key's value as the settings hold it; ValueError says what is wrong."""
+    spec = KEYS[key]
+    if spec.kind is float:
         seconds = parse_duration(value) if isinstance(value, str) else float(value)
-        if seconds <= 0:
-            raise ValueError("must be more than 0 seconds")
+        if seconds < 0 or (spec.positive and seconds == 0):
+            raise ValueError("must be more than 0 seconds" if spec.positive
+                             else "must be a positive number of seconds")
         return seconds
-    if key == "max_size":
-        size = parse_size(value) if isinstance(value, str) else value
-        if size <= 0:
-            raise ValueError("must be more than 0 bytes")
-        return size
-    if key == "mode" and value not in MODES:
-        raise ValueError(f"{value!r} is not a mode; use one of {', '.join(MODES)}")
-    if key in ("snaplen", "count", "buffer_chunks", "max_pending") and value <= 0:
-        raise ValueError("must be more than 0")
-    if key in ("reorder_window", "flush_interval", "lifetime_margin", "stop_grace",
-               "startup_timeout", "batch_interval"):
-        if value < 0 or (key == "flush_interval" and value == 0):
-            raise ValueError("must be a positive number of seconds")
-        return float(value)
+    if spec.kind is int:
+        number = parse_size(value) if isinstance(value, str) else value
+        if number <= 0:
+            raise ValueError("must be more than 0 bytes" if spec.bytes else "must be more than 0")
+        return number
+    if key == "mode" and value not in mode_names():
+        raise ValueError(f"{value!r} is not a mode; use one of {', '.join(mode_names())}")
     return value
 
 

@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 
@@ -29,7 +29,14 @@ if TYPE_CHECKING:  # rich is imported only where a terminal shows the table (50 
     from rich.table import Table
 
 from multisniff.engine.runs import CaptureRun
-from multisniff.engine.session import Session, SessionResult
+from multisniff.engine.session import SessionResult
+
+
+class Watched(Protocol):
+    """What the live table watches: a running capture (`multisniff.api.Capture`)."""
+
+    @property
+    def pods(self) -> tuple[CaptureRun, ...]: ...
 
 
 def human_bytes(count: float) -> str:
@@ -118,8 +125,8 @@ def summary_lines(result: SessionResult) -> list[str]:
 class LiveTable:
     """The per-pod table on a terminal, redrawn from the session's runs."""
 
-    def __init__(self, session: Session, console: Console) -> None:
-        self.session = session
+    def __init__(self, capture: Watched, console: Console) -> None:
+        self.capture = capture
         self.console = console
         self._last: dict[int, tuple[float, int]] = {}
 
@@ -132,7 +139,7 @@ class LiveTable:
             table.add_column(column, no_wrap=True, justify="left" if column in (
                 "state", "mode") else "right")
         now = time.monotonic()
-        for run in self.session.runs:
+        for run in self.capture.pods:
             then, before = self._last.get(run.number, (now, run.bytes))
             rate = (run.bytes - before) / (now - then) if now > then else 0.0
             if now - then >= 1.0 or run.number not in self._last:

@@ -1,24 +1,27 @@
-"""Auto mode: per target, upload where the target container allows it, else ephemeral.
+"""Auto mode: per target, the first mode (in registry order) whose assessment says yes.
 
-Upload adds nothing to the pod and needs no image pull, so it is preferred; its assessment
-(shell, tar, root with CAP_NET_RAW) decides. The reason shown for each pod says which mode was
-picked and why, e.g. "upload: container app has tar and runs as root" or
-"ephemeral: container coredns has no shell (sh)".
+Upload adds nothing to the pod and needs no image pull, so it comes first; its assessment
+(shell, tar, root with CAP_NET_RAW, a bundle for the node) decides. A mode that cannot even be
+prepared for a target (no bundle can be had on this client, an access review refused) says no
+like any other, and auto moves on. The reason shown for each pod names the mode picked and why,
+e.g. "upload: container app has tar and runs as root" or "ephemeral: container coredns has no
+shell (sh)" (the reasons the earlier modes said no).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from multisniff.capture.ephemeral import EphemeralMode
 from multisniff.capture.model import Assessment, CaptureMode, CaptureSpec, RemoteCapture, Target
-from multisniff.capture.upload import UploadMode
 from multisniff.errors import MultisniffError
+
+log = logging.getLogger(__name__)
 
 
 class NoUsableMode(MultisniffError):
-    """Neither mode can capture a target."""
+    """No mode can capture a target."""
 
 
 def _clause(reason: str) -> str:
@@ -27,34 +30,55 @@ def _clause(reason: str) -> str:
     return reason.strip().rstrip(".")
 
 
+async def assess(mode: CaptureMode, target: Target) -> Assessment:
+    """`mode.assess(target)`, where any failure to prepare the mode becomes its "no, because".
+    The assessment names the mode."""
+    try:
+        assessment = await mode.assess(target)
+    except MultisniffError as exc:
+        assessment = Assessment(False, _clause(str(exc)))
+    except Exception as exc:  # a mode's bug must not end every capture: it says no, and why
+        log.debug("Assessing %s with mode %s failed", target.label, mode.name, exc_info=True)
+        assessment = Assessment(False, f"it could not be assessed ({type(exc).__name__}: "
+                                       f"{_clause(str(exc))})")
+    if not assessment.mode:
+        assessment = Assessment(assessment.usable, assessment.reason, assessment.creates,
+                                mode=mode.name)
+    return assessment
+
+
 class AutoMode:
-    """Picks upload or ephemeral for each target."""
+    """Tries its modes in order for each target and takes the first that can."""
 
     name = "auto"
 
-    def __init__(self, upload: UploadMode, ephemeral: EphemeralMode) -> None:
-        self._upload = upload
-        self._ephemeral = ephemeral
+    def __init__(self, *modes: CaptureMode) -> None:
+        self.modes = modes
         self._choices: dict[tuple[str, str], tuple[CaptureMode | None, Assessment]] = {}
 
     async def choose(self, target: Target) -> tuple[CaptureMode | None, Assessment]:
-        """The mode for this target (None when neither can) and the assessment in words."""
+        """The mode for this target (None when none can) and the assessment in words."""
         key = (target.pod.uid, target.container)
         if key in self._choices:
             return self._choices[key]
-        choice: tuple[CaptureMode | None, Assessment]
-        upload = await self._upload.assess(target)
-        if upload.usable:
-            choice = (self._upload, Assessment(True, f"upload: {_clause(upload.reason)}",
-                                               upload.creates))
-        else:
-            ephemeral = await self._ephemeral.assess(target)
-            if ephemeral.usable:
-                choice = (self._ephemeral, Assessment(True, f"ephemeral: {_clause(upload.reason)}",
-                                                      ephemeral.creates))
-            else:
-                choice = (None, Assessment(False, f"upload: {_clause(upload.reason)}; "
-                                                  f"ephemeral: {_clause(ephemeral.reason)}"))
+        refusals: list[Assessment] = []
+        choice: tuple[CaptureMode | None, Assessment] | None = None
+        for mode in self.modes:
+            assessment = await assess(mode, target)
+            if assessment.usable:
+                # The first mode's own reason says why it can; a later one's, why those
+                # before it could not.
+                why = refusals[0].reason if refusals else assessment.reason
+                if len(refusals) > 1:
+                    why = "; ".join(f"{no.mode}: {_clause(no.reason)}" for no in refusals)
+                choice = (mode, Assessment(True, f"{mode.name}: {_clause(why)}",
+                                           assessment.creates, mode=mode.name))
+                break
+            refusals.append(assessment)
+        if choice is None:
+            choice = (None, Assessment(False, "; ".join(
+                f"{no.mode}: {_clause(no.reason)}" for no in refusals) or "no capture mode",
+                mode=self.name))
         self._choices[key] = choice
         return choice
 
@@ -68,3 +92,11 @@ class AutoMode:
             raise NoUsableMode(f"Pod {target.label} cannot be captured: {assessment.reason}.")
         async with mode.open(target, spec) as capture:
             yield capture
+
+    async def aclose(self) -> None:
+        """Each mode's session ends, also when an earlier one's cleanup failed."""
+        for mode in self.modes:
+            try:
+                await mode.aclose()
+            except Exception as exc:
+                log.error("Ending the %s mode's session failed: %s", mode.name, exc)

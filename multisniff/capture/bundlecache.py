@@ -74,6 +74,7 @@ class PerArchitecture(Generic[T]):
         self._cluster = cluster
         self._make = make
         self._made: dict[str, T] = {}
+        self._failed: dict[str, MultisniffError] = {}
         self._lock = anyio.Lock()
 
     async def for_pod(self, pod: PodInfo) -> T:
@@ -81,8 +82,14 @@ class PerArchitecture(Generic[T]):
         if pod.node:
             arch = (await self._cluster.node(pod.node)).architecture
         async with self._lock:
+            if arch in self._failed:  # it would fail the same way for every pod: say it once
+                raise self._failed[arch]
             if arch not in self._made:
-                self._made[arch] = await anyio.to_thread.run_sync(self._make, arch)
+                try:
+                    self._made[arch] = await anyio.to_thread.run_sync(self._make, arch)
+                except MultisniffError as exc:
+                    self._failed[arch] = exc
+                    raise
         return self._made[arch]
 
 

@@ -42,7 +42,7 @@ from multisniff.capture.execcapture import (
     run_to_end,
     signal_by_pidfile,
 )
-from multisniff.capture.model import Assessment, CaptureSpec, Target
+from multisniff.capture.model import Assessment, CaptureSpec, ModeOptions, Target
 from multisniff.capture.upload import capture_arguments, watchdog_arguments
 from multisniff.errors import MultisniffError
 from multisniff.kube.model import Cluster
@@ -127,6 +127,15 @@ class EphemeralMode:
         self._watchdogs = PerArchitecture(cluster, lambda arch: self._make_watchdog(watchdogs,
                                                                                    arch))
         self._reviews: dict[tuple[str, str, str], tuple[float, bool]] = {}
+
+    @classmethod
+    def from_options(cls, cluster: Cluster, options: ModeOptions) -> EphemeralMode:
+        if options.ephemeral_image:
+            return cls(cluster, image=options.ephemeral_image)
+        return cls(cluster)
+
+    async def aclose(self) -> None:
+        """Nothing lives for the session: each capture ends its own container's processes."""
 
     async def _can_i(self, verb: str, namespace: str, subresource: str) -> bool:
         """Access reviews of pods' subresources, asked once a minute per namespace: every pod

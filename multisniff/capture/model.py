@@ -1,8 +1,12 @@
 """The contract between the engine and the capture modes.
 
-A mode (upload, ephemeral) knows how a tcpdump comes to run next to one target and hands back
-its pcap byte stream; the engine knows nothing of bundles or debug containers. The engine's
-unit tests use fakes of `CaptureMode` and `RemoteCapture`.
+A mode (upload, ephemeral; see `registry`) knows how a tcpdump comes to run next to one target
+and hands back its pcap byte stream; the engine knows nothing of bundles or debug containers.
+A mode lives as long as the capture session: the engine makes it when the session starts and
+calls its `aclose()` once when the session ends (shielded, bounded in time), so that whatever
+the mode created for the session (per-node pods, say) is sure to be removed. Per target it
+assesses (`assess`) and opens (`open`). The engine's unit tests use fakes of `CaptureMode` and
+`RemoteCapture`.
 
 Every remote tcpdump runs under a watchdog that ends it when its stdin reaches EOF (the exec
 stream closed) and in any case after `CaptureSpec.lifetime` seconds, so nothing outlives a
@@ -47,6 +51,14 @@ class CaptureSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class ModeOptions:
+    """What the user said about the modes themselves (flags, profile keys)."""
+
+    ephemeral_image: str | None = None
+    """Image with tcpdump for the ephemeral mode's debug container (None: its default)."""
+
+
+@dataclass(frozen=True, slots=True)
 class Assessment:
     """Whether a mode can capture a target, and why (shown by --dry-run and auto)."""
 
@@ -54,6 +66,8 @@ class Assessment:
     reason: str
     creates: Sequence[str] = ()
     """What the mode would create or change, in words: "ephemeral container msnf-1a2b in ..."."""
+    mode: str = ""
+    """The mode this assessment is for: the one auto chose, when it is auto's."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,9 +109,17 @@ class RemoteCapture(Protocol):
 class CaptureMode(Protocol):
     name: str
 
-    async def assess(self, target: Target) -> Assessment: ...
+    async def assess(self, target: Target) -> Assessment:
+        """Whether this mode can capture the target, and why. Never raises for a failure to
+        prepare (no bundle, no access): that is an Assessment that says no, and why."""
+        ...
 
     def open(self, target: Target, spec: CaptureSpec) -> AbstractAsyncContextManager[RemoteCapture]:
         """Start tcpdump next to the target. Leaving the context ends it and removes whatever
         this mode created there (shielded and bounded; failures are logged with what is left)."""
+        ...
+
+    async def aclose(self) -> None:
+        """The session ends: remove whatever the mode created for it. Called once, shielded
+        and bounded in time by the engine; failures are logged with what is left."""
         ...

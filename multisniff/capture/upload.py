@@ -39,7 +39,7 @@ from multisniff.capture.execcapture import (
     run_to_end,
     signal_by_pidfile,
 )
-from multisniff.capture.model import Assessment, CaptureSpec, Target
+from multisniff.capture.model import Assessment, CaptureSpec, ModeOptions, Target
 from multisniff.errors import MultisniffError
 from multisniff.kube.model import Cluster, ExecChannel, PodRef
 
@@ -150,6 +150,13 @@ class UploadMode:
         """Per (pod uid, container): our captures there that have sent or found the bundle."""
         self.bytes_uploaded = 0
         """Bytes of bundles sent to targets so far (0 when every target had it already)."""
+
+    @classmethod
+    def from_options(cls, cluster: Cluster, options: ModeOptions) -> UploadMode:
+        return cls(cluster)
+
+    async def aclose(self) -> None:
+        """Nothing lives for the session: each capture's watchdog removes its bundle."""
 
     async def assess(self, target: Target) -> Assessment:
         name = target.container

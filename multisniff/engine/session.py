@@ -4,8 +4,9 @@ copies every capture into the output, and tears everything down on every way out
 Ways out: the end of every capture (without follow), --duration, --count or --max-size reached
 (totals over all pods), `stop()` (Ctrl-C, SIGTERM), the reader of a live output going away, and
 cancellation. Every one asks each remote tcpdump to stop (`RemoteCapture.stop()`), lets the
-readers drain for `stop_grace` seconds, then cancels what is left; leaving each mode's context
-removes what it created, and the output is flushed with its ISBs (shielded and bounded there).
+readers drain for `stop_grace` seconds, then cancels what is left; leaving each capture's
+context removes what the mode created for it, the mode's `aclose()` what it created for the
+session, and the output is flushed with its ISBs (all shielded and bounded).
 
 Exit codes of a session (multisniff.errors.ExitCode): 0 every target was captured, 1 some
 failed while others were captured, 3 nothing was captured, 130 interrupted (Ctrl-C/SIGTERM).
@@ -15,23 +16,22 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import anyio
-from anyio.abc import TaskGroup
+from anyio.abc import TaskGroup, TaskStatus
 
+from multisniff.capture.auto import assess
 from multisniff.capture.model import CaptureMode, CaptureSpec, RemoteCapture
 from multisniff.engine.output import FileOutput, LiveOutput
 from multisniff.engine.runs import CaptureRun, Transcoder
+from multisniff.engine.settings import CaptureSettings
 from multisniff.engine.targets import Candidate, candidate, covered, plan
 from multisniff.errors import ExitCode, MultisniffError, OutputError, RefusedError, UsageError
-from multisniff.kube.model import Cluster, PodEventType, PodInfo, PodSelector
+from multisniff.kube.model import Cluster, PodEventType, PodInfo, PodList, PodSelector
 from multisniff.pcap.blocks import NameRecord
-from multisniff.profiles import Profile
 
 log = logging.getLogger("multisniff")
 
@@ -40,20 +40,12 @@ class NothingMatches(MultisniffError):
     exit_code = ExitCode.NOTHING
 
 
-def chosen_mode(mode: CaptureMode, reason: str) -> str:
-    """The mode a target gets: a mode that chooses per target (auto) starts its reason with
-    the name of the one it chose ("upload: ...")."""
-    name, sep, _ = reason.partition(": ")
-    if sep and name in ("upload", "ephemeral") and mode.name not in ("upload", "ephemeral"):
-        return name
-    return mode.name
-
-
-def selector_of(profile: Profile, default_namespace: str) -> PodSelector:
-    """The pods the profile asks for; without -n or -A, those of `default_namespace` (the
+def selector_of(settings: CaptureSettings, default_namespace: str) -> PodSelector:
+    """The pods the settings ask for; without -n or -A, those of `default_namespace` (the
     kubeconfig context's namespace, as kubectl does)."""
-    namespace = None if profile.all_namespaces else (profile.namespace or default_namespace)
-    return PodSelector(namespace=namespace, labels=profile.labels, fields=profile.field_selector)
+    namespace = None if settings.all_namespaces else (settings.namespace or default_namespace)
+    return PodSelector(namespace=namespace, labels=settings.labels,
+                       fields=settings.field_selector)
 
 
 def where(selector: PodSelector) -> str:
@@ -93,6 +85,8 @@ async def no_match_message(cluster: Cluster, selector: PodSelector) -> str:
 
 @dataclass
 class SessionResult:
+    """What the summary shows: every capture, the pods not captured, how and why it ended."""
+
     runs: list[CaptureRun]
     skipped: list[Candidate]
     exit_code: ExitCode
@@ -101,7 +95,8 @@ class SessionResult:
     ended: float
     stop_reason: str
     output_bytes: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
+    """The sentence of the error that ended the session, if one did."""
 
     @property
     def packets(self) -> int:
@@ -109,14 +104,14 @@ class SessionResult:
 
 
 class Session:
-    def __init__(self, cluster: Cluster, mode: CaptureMode, profile: Profile,
+    def __init__(self, cluster: Cluster, mode: CaptureMode, settings: CaptureSettings,
                  output: LiveOutput | FileOutput, *,
                  wall_clock: Callable[[], float] = time.time) -> None:
         self.cluster = cluster
         self.mode = mode
-        self.profile = profile
+        self.settings = settings
         self.output = output
-        self.selector = selector_of(profile, cluster.default_namespace)
+        self.selector = selector_of(settings, cluster.default_namespace)
         self.wall_clock = wall_clock
         self.runs: list[CaptureRun] = []
         self.skipped: list[Candidate] = []
@@ -138,6 +133,18 @@ class Session:
         self._starting: set[CaptureRun] = set()
         """Runs of the pods found at the start that are not capturing (or over) yet."""
         self._all_started = anyio.Event()
+        self.started = False
+        self.ended = False
+        self._progress = anyio.Event()
+        """Set, and replaced, whenever the session starts or a capture stops starting."""
+        """The captures of the pods found at the start have been started."""
+        self.result: SessionResult | None = None
+        """Once the session ended: what the summary shows, also when an error ended it."""
+
+    @property
+    def pods(self) -> tuple[CaptureRun, ...]:
+        """Every capture so far, with its live state and counters."""
+        return tuple(self.runs)
 
     # --- control ------------------------------------------------------------------------------
 
@@ -154,73 +161,105 @@ class Session:
         if self._tg is not None:
             self._tg.cancel_scope.cancel()
 
-    def _lifetime(self) -> float:
-        """The remote tcpdump's own bound, counted from its start: the duration timer starts
-        at most `startup_timeout` later."""
-        profile = self.profile
-        if profile.duration is None:
-            return profile.max_lifetime
-        return profile.duration + profile.startup_timeout + profile.lifetime_margin
-
     def _started(self, run: CaptureRun) -> None:
+        """`run` is capturing, or over: it starts no more."""
         self._starting.discard(run)
         if not self._starting:
             self._all_started.set()
+        self._progress.set()
+        self._progress = anyio.Event()
+
+    async def ready(self) -> None:
+        """Return once the session has started and no capture of it is still starting:
+        every target found so far has its tcpdump listening, or its capture has ended."""
+        while not self.ended and (not self.started or
+                                  any(run.state == "starting" for run in self.runs)):
+            await self._progress.wait()
 
     def _spec(self) -> CaptureSpec:
-        profile = self.profile
-        return CaptureSpec(interface=profile.interface, bpf_filter=profile.filter,
-                           snaplen=profile.snaplen, lifetime=self._lifetime(),
-                           packet_count=profile.count, batch=self._batch())
-
-    def _batch(self) -> float:
-        batch = self.profile.batch_interval
-        if isinstance(self.output, LiveOutput):
-            # Batches held longer than a fraction of the reorder window would make the live
-            # output's packets late.
-            batch = min(batch, self.profile.reorder_window / 4)
-        return batch
+        settings = self.settings
+        return CaptureSpec(interface=settings.interface, bpf_filter=settings.filter,
+                           snaplen=settings.snaplen, lifetime=settings.remote_lifetime,
+                           packet_count=settings.count,
+                           batch=settings.remote_batch(live=isinstance(self.output, LiveOutput)))
 
     # --- the session --------------------------------------------------------------------------
 
-    async def run(self) -> SessionResult:
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+                  ) -> SessionResult:
+        """Capture until a way out is taken; the result, or the error that ended it (whose
+        result is then in `self.result`). `task_status.started()` is called once the pods
+        found at the start have their captures starting (or there are none)."""
         self._started_at = self.wall_clock()
+        try:
+            try:
+                await self._run(await self._prepare(), task_status)
+            finally:
+                self.ended = True
+                self._progress.set()
+                await self._close_mode()
+        except MultisniffError as exc:
+            self.fatal = self.fatal or exc
+        return self._result()
+
+    async def _prepare(self) -> PodList:
+        """Before anything starts: the pods, and the refusals that would stop every capture."""
         pod_list = await self.cluster.list_pods(self.selector)
         if not pod_list.pods:
             await check_namespace(self.cluster, self.selector)
             message = await no_match_message(self.cluster, self.selector)
-            if not self.profile.follow:
+            if not self.settings.follow:
                 raise NothingMatches(message.rstrip(".") + "; check -l and -n (or follow with "
                                      "the default instead of --no-follow).")
             log.warning("%s Waiting for matching pods (Ctrl-C to end).", message)
         await check_exec(self.cluster, pod_list.pods)
+        return pod_list
+
+    async def _run(self, pod_list: PodList, task_status: TaskStatus[None]) -> None:
+        log.debug("Remote tcpdumps end after at most %s.", self.settings.remote_lifetime_text())
         async with self.output.open():
             try:
                 async with anyio.create_task_group() as tg:
                     self._tg = tg
                     await self._names(pod_list.pods)
                     await self._names(await self._peers())
-                    for item in plan(pod_list.pods, self.profile.container):
+                    for item in plan(pod_list.pods, self.settings.container):
                         self._start(item)
                     self._starting = {run for run, _ in self.active.values()}
                     if not self._starting:
                         self._all_started.set()
-                    if self.profile.follow:
+                    if self.settings.follow:
                         tg.start_soon(self._watch, pod_list.resource_version)
                     elif not self.active:
                         self.stop("no pod could be captured")
-                    if self.profile.duration is not None:
-                        tg.start_soon(self._duration_timer, self.profile.duration)
+                    if self.settings.duration is not None:
+                        tg.start_soon(self._duration_timer, self.settings.duration)
                     tg.start_soon(self._supervise)
+                    self.started = True
+                    self._progress.set()
+                    self._progress = anyio.Event()
+                    task_status.started()
             except OutputError as exc:
                 self.fatal = exc
-        return self._result()
+
+    async def _close_mode(self) -> None:
+        """The mode's session ends: what it created for the session goes, shielded and bounded
+        by stop_grace, also when the session was cancelled."""
+        with anyio.CancelScope(shield=True), anyio.move_on_after(self.settings.stop_grace) \
+                as scope:
+            try:
+                await self.mode.aclose()
+            except Exception as exc:
+                log.error("Ending the %s mode failed: %s", self.mode.name, exc)
+        if scope.cancelled_caught:
+            log.error("Ending the %s mode took over %.0f s; it was cut off, and may have left "
+                      "things behind.", self.mode.name, self.settings.stop_grace)
 
     async def _duration_timer(self, seconds: float) -> None:
         """--duration counts from when the pods found at the start are all capturing (or
         failed), so that slow starts (uploads, image pulls) do not eat it; a start that takes
         longer than startup_timeout starts the clock anyway."""
-        with anyio.move_on_after(self.profile.startup_timeout):
+        with anyio.move_on_after(self.settings.startup_timeout):
             await self._all_started.wait()
         if self.runs:
             log.info("Capturing for %gs from now.", seconds)
@@ -233,14 +272,14 @@ class Session:
         self._watch_scope.cancel()
         for run, capture in list(self.active.values()):
             await self._stop_capture(run, capture)
-        with anyio.move_on_after(self.profile.stop_grace) as scope:
+        with anyio.move_on_after(self.settings.stop_grace) as scope:
             while self.active:
                 self._idle = anyio.Event()
                 await self._idle.wait()
         if scope.cancelled_caught:
             left = ", ".join(run.label for run, _ in self.active.values())
             log.error("Captures of %s did not end within %.0f s of being stopped; cutting them "
-                      "off.", left, self.profile.stop_grace)
+                      "off.", left, self.settings.stop_grace)
         assert self._tg is not None
         self._tg.cancel_scope.cancel()
 
@@ -248,7 +287,7 @@ class Session:
         if run.state in ("starting", "capturing"):
             run.state = "stopping"
         if capture is not None:
-            with anyio.move_on_after(self.profile.stop_grace):
+            with anyio.move_on_after(self.settings.stop_grace):
                 await capture.stop()
 
     # --- pods and targets ---------------------------------------------------------------------
@@ -292,7 +331,7 @@ class Session:
         if self._stopping or item.key in self.active:
             return
         run = CaptureRun(number=len(self.runs) + 1, target=item.target, mode=self.mode.name,
-                         interface=self.profile.interface, bpf_filter=self.profile.filter,
+                         interface=self.settings.interface, bpf_filter=self.settings.filter,
                          shared_with=item.shared_with, started=self.wall_clock())
         self.runs.append(run)
         self.active[item.key] = (run, None)
@@ -326,7 +365,7 @@ class Session:
         for key, (run, capture) in list(self.active.items()):
             if run.target.pod.uid != pod.uid or pod.host_network:
                 continue
-            item = candidate(pod, self.profile.container)
+            item = candidate(pod, self.settings.container)
             if gone or item.target is None or item.key != key:
                 why = "went away" if gone else "was restarted or stopped running"
                 log.info("%s %s; ending its capture, keeping what it sent.", run.label, why)
@@ -334,7 +373,7 @@ class Session:
         if gone:
             return
         await self._names([pod])
-        item = candidate(pod, self.profile.container)
+        item = candidate(pod, self.settings.container)
         if item.target is not None and pod.host_network:
             for run, _ in self.active.values():
                 if run.target.pod.host_network and run.target.pod.node == pod.node:
@@ -350,9 +389,9 @@ class Session:
     async def _capture(self, key: tuple[str, ...], run: CaptureRun) -> None:
         cancelled = False
         try:
-            assessment = await self.mode.assess(run.target)
+            assessment = await assess(self.mode, run.target)
             run.reason = assessment.reason
-            run.mode = chosen_mode(self.mode, assessment.reason)
+            run.mode = assessment.mode
             if not assessment.usable:
                 run.state = "refused"
                 run.error = assessment.reason
@@ -374,7 +413,7 @@ class Session:
                         await self._copy(run, capture)
                     finally:
                         announcing.cancel()
-                with anyio.move_on_after(self.profile.stop_grace):
+                with anyio.move_on_after(self.settings.stop_grace):
                     run.report = await capture.wait()
             if run.report is not None and run.report.exit_code not in (0, None) and \
                     not run.packets and not run.error:
@@ -405,7 +444,7 @@ class Session:
             run.ended = self.wall_clock()
             if not cancelled:
                 # When cancelled, the output's own shielded flush ends every run it has.
-                with anyio.move_on_after(self.profile.stop_grace):
+                with anyio.move_on_after(self.settings.stop_grace):
                     await self.output.end(run)
             self.active.pop(key, None)
             if not self._stopping:
@@ -414,7 +453,7 @@ class Session:
                          run.label, run.state, run.packets, run.dropped)
             if not self.active:
                 self._idle.set()
-                if not self.profile.follow:
+                if not self.settings.follow:
                     self.stop("every capture has ended")
 
     async def _announce(self, run: CaptureRun, capture: RemoteCapture,
@@ -422,7 +461,7 @@ class Session:
         """A run captures once its tcpdump says so: before, packets sent to the pod are not
         seen, and --duration must not count that time."""
         with scope:
-            with anyio.move_on_after(self.profile.startup_timeout):
+            with anyio.move_on_after(self.settings.startup_timeout):
                 await capture.listening()
             if run.state == "starting":
                 run.state = "capturing"
@@ -430,9 +469,9 @@ class Session:
             self._started(run)
 
     def _left(self) -> tuple[int | None, int | None]:
-        profile = self.profile
-        packets_left = None if profile.count is None else profile.count - self.packets
-        bytes_left = None if profile.max_size is None else profile.max_size - self.bytes
+        settings = self.settings
+        packets_left = None if settings.count is None else settings.count - self.packets
+        bytes_left = None if settings.max_size is None else settings.max_size - self.bytes
         return packets_left, bytes_left
 
     async def _copy(self, run: CaptureRun, capture: RemoteCapture) -> None:
@@ -456,9 +495,9 @@ class Session:
                 break
             packets_left, bytes_left = self._left()
             if packets_left is not None and packets_left <= 0:
-                self.stop(f"--count {self.profile.count} packets reached")
+                self.stop(f"--count {self.settings.count} packets reached")
             if bytes_left is not None and (bytes_left <= 0 or run.cut):
-                self.stop(f"--max-size {self.profile.max_size} bytes reached")
+                self.stop(f"--max-size {self.settings.max_size} bytes reached")
         problem = transcoder.finish()
         if problem is not None and not run.error:
             if transcoder.reader.format is None and run.state == "stopping":
@@ -469,15 +508,18 @@ class Session:
     # --- the end ------------------------------------------------------------------------------
 
     def _result(self) -> SessionResult:
-        if self.fatal is not None:
-            raise self.fatal
+        """The result, kept in `self.result`; raises the error that ended the session."""
         captured = [run for run in self.runs if run.state == "done"]
         failed = [run for run in self.runs if run.state != "done"]
-        if self.interrupted:
+        error: MultisniffError | None = self.fatal
+        if error is not None:
+            code = error.exit_code
+        elif self.interrupted:
             code = ExitCode.INTERRUPTED
         elif not captured and self.refusals and all(run.state == "refused" for run in self.runs):
             # The cluster refused every capture (Pod Security, RBAC): say why, once.
-            raise self.refusals[0]
+            error = self.refusals[0]
+            code = error.exit_code
         elif not captured:
             code = ExitCode.NOTHING
         elif failed:
@@ -485,48 +527,44 @@ class Session:
         else:
             code = ExitCode.OK
         captured_uids = {run.target.pod.uid for run in self.runs}
-        return SessionResult(
+        self.result = SessionResult(
             runs=self.runs,
             skipped=[item for item in self.skipped if item.pod.uid not in captured_uids],
             exit_code=code, output=self.output.path,
             started=self._started_at, ended=self.wall_clock(), stop_reason=self.stop_reason,
-            output_bytes=self.output.bytes_written)
+            output_bytes=self.output.bytes_written, error=str(error) if error else "")
+        if error is not None:
+            raise error
+        return self.result
 
 
-async def dry_run(cluster: Cluster, mode: CaptureMode, profile: Profile) -> list[str]:
+async def dry_run(cluster: Cluster, mode: CaptureMode, settings: CaptureSettings) -> list[str]:
     """What a capture would do: matched pods, the mode each would get and why, what it creates."""
-    selector = selector_of(profile, cluster.default_namespace)
+    selector = selector_of(settings, cluster.default_namespace)
     pods = (await cluster.list_pods(selector)).pods
     if not pods:
         return [await no_match_message(cluster, selector)]
     lines = [f"{len(pods)} pod{'s' if len(pods) != 1 else ''} in {where(selector)} match "
              f"{selector.labels or 'the selector'}:"]
-    for item in plan(pods, profile.container):
+    for item in plan(pods, settings.container):
         if item.target is None:
             lines.append(f"  {item.pod.ref}: not captured, {item.reason}")
             continue
-        assessment = await mode.assess(item.target)
+        assessment = await assess(mode, item.target)
         verdict = "would capture" if assessment.usable else "cannot capture"
-        name = chosen_mode(mode, assessment.reason) if assessment.usable else mode.name
-        lines.append(f"  {item.pod.ref}: {verdict} with mode {name} via container "
+        lines.append(f"  {item.pod.ref}: {verdict} with mode {assessment.mode} via container "
                      f"{item.target.container} on node {item.pod.node}: {assessment.reason}")
         lines.extend(f"    would create: {thing}" for thing in assessment.creates)
         if item.shared_with:
             lines.append(f"    host network, also carries {', '.join(item.shared_with)}")
-    if not math.isinf(profile.duration or math.inf):
-        duration = profile.duration or 0
-        lines.append(f"Remote tcpdumps would end after at most "
-                     f"{duration + profile.lifetime_margin:g} s (--duration {duration:g} s "
-                     f"plus lifetime_margin {profile.lifetime_margin:g} s).")
-    else:
-        lines.append(f"Remote tcpdumps would end after at most {profile.max_lifetime:g} s "
-                     "(max_lifetime, as no --duration is given; a profile may change it).")
+    lines.append(f"Remote tcpdumps would end after at most {settings.remote_lifetime_text()}.")
     return lines
 
 
-def check_profile(profile: Profile) -> None:
-    if profile.all_namespaces and profile.namespace:
+def check_settings(settings: CaptureSettings) -> None:
+    """Raise UsageError where the settings contradict themselves or name no pods."""
+    if settings.all_namespaces and settings.namespace:
         raise UsageError("Give either -n NAMESPACE or -A (all namespaces), not both.")
-    if not profile.labels and not profile.field_selector:
+    if not settings.labels and not settings.field_selector:
         raise UsageError("Say which pods to capture with -l SELECTOR (e.g. -l app=web) or "
                          "--field-selector, or a --profile that sets labels.")

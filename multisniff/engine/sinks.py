@@ -1,4 +1,5 @@
-"""Where live pcapng bytes go: a file descriptor (stdout) or Wireshark's stdin.
+"""Where live pcapng bytes go: a file descriptor (stdout), Wireshark's stdin, or a caller's own
+file object or async writer.
 
 A sink's `write` returns when the bytes are out; a slow reader makes it slow, which is the
 backpressure the whole session relies on. A reader that went away raises `SinkClosed`.
@@ -11,7 +12,7 @@ import errno
 import os
 import shutil
 import subprocess
-from typing import Protocol
+from typing import Any, BinaryIO, Protocol
 
 import anyio
 from anyio.abc import Process
@@ -109,3 +110,51 @@ class WiresharkSink:
         if self.process.stdin is not None:
             with contextlib.suppress(anyio.BrokenResourceError, OSError):
                 await self.process.stdin.aclose()
+
+
+class FileObjectSink:
+    """A caller's writable binary file object (an open file, a BytesIO, a socket's makefile),
+    written from a worker thread so that a slow one slows only the writer. The caller owns it:
+    it is flushed at the end, never closed."""
+
+    def __init__(self, file: BinaryIO, name: str | None = None) -> None:
+        self.file = file
+        self.name = name or str(getattr(file, "name", None) or type(file).__name__)
+
+    def _write_all(self, data: bytes) -> None:
+        try:
+            self.file.write(data)
+        except BrokenPipeError as exc:
+            raise SinkClosed(f"the reader of {self.name} went away") from exc
+        except (OSError, ValueError) as exc:  # ValueError: the caller closed it
+            raise SinkClosed(f"{self.name} cannot be written any more ({exc})") from exc
+
+    async def write(self, data: bytes) -> None:
+        await anyio.to_thread.run_sync(self._write_all, data)
+
+    async def aclose(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            await anyio.to_thread.run_sync(self.file.flush)
+
+
+class AsyncWriter(Protocol):
+    async def write(self, data: bytes, /) -> Any: ...
+
+
+class AsyncWriterSink:
+    """A caller's async byte sink: anything with ``async write(bytes)``, such as an anyio
+    ByteSendStream wrapped to have one, or an aiofiles file. The caller owns it: it is never
+    closed here."""
+
+    def __init__(self, writer: AsyncWriter, name: str | None = None) -> None:
+        self.writer = writer
+        self.name = name or type(writer).__name__
+
+    async def write(self, data: bytes) -> None:
+        try:
+            await self.writer.write(data)
+        except (BrokenPipeError, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
+            raise SinkClosed(f"the reader of {self.name} went away") from exc
+
+    async def aclose(self) -> None:
+        pass

@@ -14,7 +14,7 @@ import platform
 import struct
 from collections.abc import Iterable
 
-from multisniff import __version__
+from multisniff._version import __version__
 from multisniff.pcap import blocks as b
 from multisniff.pcap.blocks import (
     PAD,

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import struct
 from collections import deque
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from fakes import FakeCluster
 
+from multisniff.capture import registry
 from multisniff.capture.model import Assessment, CaptureReport, CaptureSpec, Target
 from multisniff.kube.model import PodEvent, PodSelector
 
@@ -130,6 +131,11 @@ class FakeMode:
     """Seconds that starting the capture of a pod takes (an upload, an image pull)."""
     opened: list[FakeCapture] = field(default_factory=list)
     specs: list[CaptureSpec] = field(default_factory=list)
+    sessions_closed: int = 0
+    """How often the engine ended the mode's session (once per session)."""
+
+    async def aclose(self) -> None:
+        self.sessions_closed += 1
 
     async def assess(self, target: Target) -> Assessment:
         if target.pod.ref.name in self.refuse:
@@ -155,6 +161,18 @@ class FakeMode:
                 capture._wake.set()
         finally:
             capture.closed = True
+
+
+@contextmanager
+def registered(mode: FakeMode) -> Iterator[FakeMode]:
+    """`mode` in the registry under its name while the block runs, so that
+    `multisniff.capture(mode=NAME, cluster=...)` uses it."""
+    registry.register(registry.ModeEntry(mode.name, lambda cluster, options: mode,
+                                         "a fake of our own", in_auto=False))
+    try:
+        yield mode
+    finally:
+        registry.unregister(mode.name)
 
 
 class WatchedCluster(FakeCluster):

@@ -101,25 +101,29 @@ async def test_sigint_stops_the_session_with_130(tmp_path: Path, anyio_backend: 
     import signal
 
     import anyio
-    from enginefakes import FakeCapture, FakeMode
+    from enginefakes import FakeCapture, FakeMode, registered
     from fakes import FakeCluster, make_pod
+
+    from multisniff import api
 
     cluster = FakeCluster()
     cluster.add_pod(make_pod("web-a", namespace="shop", labels={"app": "web"}))
     mode = FakeMode(make=lambda target: FakeCapture(name=target.pod.ref.name, total=1,
                                                     interval=0.005, forever=True))
     out = tmp_path / "o.pcapng"
-    args = args_of("-l", "app=web", "-n", "shop", "-o", str(out))
-    profile = cli.profile_from_args(args)
 
     async def interrupt() -> None:
         await anyio.sleep(0.4)
         os.kill(os.getpid(), signal.SIGINT)
 
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(interrupt)
-        with anyio.fail_after(20):
-            result = await cli._capture_session(args, profile, cluster, mode)
+    with registered(mode):
+        args = args_of("-l", "app=web", "-n", "shop", "-o", str(out), "--mode", "fake")
+        settings = api.settings_for(cli.profile_from_args(args))
+        cap = api.capture(profile=settings, output=args.output, cluster=cluster)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(interrupt)
+            with anyio.fail_after(20):
+                result = await cli.run_with_ui(cap, debug=False)
     assert result.exit_code == ExitCode.INTERRUPTED
     assert result.stop_reason == "interrupted (SIGINT)"
     assert all(capture.closed for capture in mode.opened)
