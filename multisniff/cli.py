@@ -269,18 +269,17 @@ async def run_with_ui(cap: Capture, *, debug: bool) -> SessionResult:
     table = console is not None and console.is_terminal
     # The capture's own error comes out of `async with cap` as itself: raised inside the
     # task group, it would come out wrapped in an exception group (a traceback).
-    async with cap:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(on_signals)
-            if table and console is not None:
-                with ui.terminal_logging(console, debug=debug):
-                    tg.start_soon(ui.LiveTable(cap, console).run)
-                    with contextlib.suppress(MultisniffError):
-                        await cap.wait()
-            else:
+    async with cap, anyio.create_task_group() as tg:
+        tg.start_soon(on_signals)
+        if table and console is not None:
+            with ui.terminal_logging(console, debug=debug):
+                tg.start_soon(ui.LiveTable(cap, console).run)
                 with contextlib.suppress(MultisniffError):
                     await cap.wait()
-            tg.cancel_scope.cancel()
+        else:
+            with contextlib.suppress(MultisniffError):
+                await cap.wait()
+        tg.cancel_scope.cancel()
     return cap.result
 
 

@@ -97,3 +97,27 @@ def test_profile_is_frozen() -> None:
     profile = Profile()
     with pytest.raises(AttributeError):
         profile.snaplen = 5  # type: ignore[misc]
+
+
+def test_an_unknown_key_suggests_the_closest(tmp_path: Path) -> None:
+    path = write(tmp_path, 'durration = "5m"\n')
+    with pytest.raises(UsageError, match=rf"{path}:1: unknown key 'durration' in profile "
+                                         r"mine.toml; did you mean 'duration'\?"):
+        load_profile(path)
+
+
+def test_the_keys_are_the_settings_fields() -> None:
+    """One list: every setting of the engine is a profile key, read as its field's type."""
+    import dataclasses
+
+    from multisniff.engine.settings import CaptureSettings
+
+    assert set(profiles.KEYS) == {f.name for f in dataclasses.fields(CaptureSettings)} | {
+        "description"}
+    path_text = 'reorder_window = "500ms"\nmax_size = "2M"\nbuffer_chunks = 8\n'
+    profile = profiles.profile_from_mapping(
+        {"reorder_window": "500ms", "max_size": "2M", "buffer_chunks": 8},
+        path=Path("x.toml"), text=path_text)
+    assert profile.reorder_window == 0.5 and profile.max_size == 2 << 20
+    assert profile.settings().buffer_chunks == 8
+    assert type(profile.settings()) is CaptureSettings
