@@ -170,10 +170,18 @@ class UploadMode:
                                      f"and capturing needs root")
         if "NET_RAW" in container.dropped_capabilities or "ALL" in container.dropped_capabilities:
             return Assessment(False, f"container {name} drops CAP_NET_RAW, which capturing needs")
-        bundle = await self._bundle(target)
+        # Without a bundle for the node (none can be had on this client) the probe still runs,
+        # so that a container that could never take one says why, not what this client lacks.
+        bundle: Bundle | None = None
+        unavailable: MultisniffError | None = None
+        try:
+            bundle = await self._bundle(target)
+        except MultisniffError as exc:
+            unavailable = exc
         script = _PROBE.format(
             commands=" ".join(_NEEDED_COMMANDS), directory=shlex.quote(self._directory),
-            present=presence_check(self.bundle_directory(bundle), bundle.digest))
+            present="true" if bundle is None else
+            presence_check(self.bundle_directory(bundle), bundle.digest))
         try:
             code, out, message = await run_to_end(self._cluster, target.pod.ref, name,
                                             ["sh", "-c", script])
@@ -204,6 +212,10 @@ class UploadMode:
                 return Assessment(False, f"container {name} runs as root without CAP_NET_RAW")
         except ValueError:
             pass
+        if unavailable is not None:
+            why = str(unavailable).rstrip(".")
+            return Assessment(False, f"container {name} could take tcpdump, but "
+                                     f"{why[:1].lower()}{why[1:]}")
         return Assessment(True, f"container {name} has tar and runs as root",
                           creates=(f"{self._directory}/.multisniff-<digest> in container {name} "
                                    f"(removed when the capture ends)",))

@@ -28,7 +28,6 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
@@ -45,14 +44,6 @@ log = logging.getLogger("multisniff")
 CHUNK = 1 << 20
 SPOOL_BYTES = 64 * 1024
 SPOOL_SECONDS = 1.0
-
-
-class Output(Protocol):
-    async def names(self, records: list[NameRecord]) -> None: ...
-
-    async def write(self, run: CaptureRun, data: bytes) -> None: ...
-
-    async def end(self, run: CaptureRun) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,7 +247,6 @@ class FileOutput:
         self._names: list[NameRecord] = []
         self.bytes_written = 0
         self.reader_gone: str | None = None
-        self.kept_parts = False
 
     async def names(self, records: list[NameRecord]) -> None:
         self._names.extend(records)
@@ -383,7 +373,6 @@ class FileOutput:
             # Local files only: the merge is bounded by their size, so no time bound here.
             await anyio.to_thread.run_sync(self._merge)
         except (OutputError, OSError) as exc:
-            self.kept_parts = True
             log.error("Could not merge the capture into %s (%s); the per-pod captures are kept "
                       "in %s: run `multisniff merge -o %s %s/*`.", self.path, exc, self.parts,
                       self.path, self.parts)
