@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import IO, Any, Protocol
@@ -137,7 +137,6 @@ class Capture:
         self._result: SessionResult | None = None
         self._done = anyio.Event()
         self._started_at = time.time()
-        self.on_output_closed: Callable[[str], None] | None = None
 
     @property
     def output_name(self) -> str:

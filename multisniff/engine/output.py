@@ -88,11 +88,6 @@ class LiveOutput:
         self.bytes_written = 0
         self._finished = False
 
-    @property
-    def buffered(self) -> int:
-        """Items waiting between the readers and the merger (bounded by buffer_chunks)."""
-        return self._send.statistics().current_buffer_used
-
     # --- the session's side -------------------------------------------------------------------
 
     async def names(self, records: list[NameRecord]) -> None:

@@ -160,3 +160,30 @@ def test_auto_falls_back_on_a_client_that_cannot_make_a_bundle(cluster: Any, wor
     rows = tshark_rows(out)
     for pod in ("sink", "dns"):
         assert len({m for interface, m in rows if interface == f"{namespace}/{pod}"}) == 20
+
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def test_the_readme_example_runs(cluster: Any, tmp_path: Path) -> None:
+    """The Python example of the README, as a user would paste it, against the demo's web
+    pods; capinfos reads what it wrote."""
+    text = README.read_text()
+    start = text.index("<!-- api-example -->")
+    block = text[start:text.index("<!-- /api-example -->")]
+    code = block.split("```python\n", 1)[1].split("```", 1)[0]
+    webs = cluster.kubectl("get", "pods", "-n", "demo", "-l", "app=web", "-o",
+                           "jsonpath={.items[*].metadata.name}").stdout.decode().split()
+    assert webs, "the cluster runs the demo workload (clusterctl demo)"
+    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig),
+           "MULTISNIFF_BUNDLES": str(tmp_path / "bundles")}
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("capturing demo/web-"), run.stdout
+    for name in webs:
+        assert f"demo/{name}: " in run.stdout and "mode upload" in run.stdout, run.stdout
+    info = subprocess.run(["capinfos", "-c", "-I", str(tmp_path / "web.pcapng")],
+                          capture_output=True, text=True, timeout=60)
+    assert info.returncode == 0, info.stderr
+    assert all(f"demo/{name}" in info.stdout for name in webs), info.stdout

@@ -201,3 +201,23 @@ def test_the_public_names() -> None:
 
     assert multisniff.capture.upload.UploadMode is UploadMode
     assert "upload" in multisniff.mode_names() and multisniff.mode_names()[0] == "auto"
+
+
+def test_the_modes_named_everywhere_come_from_the_registry(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from multisniff import cli
+    from multisniff.capture import registry
+
+    names = registry.mode_names()
+    assert names == multisniff.mode_names()
+    parser = cli.build_capture_parser()
+    help_text = parser.format_help()
+    assert "{" + ",".join(names) + "}" in help_text
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    table = readme[readme.index("### Capture modes"):readme.index("### Profiles")]
+    for name in names:
+        assert f"| `{name}`" in table, name
+    for entry in registry.entries():
+        assert entry.summary
+    with pytest.raises(UsageError, match="is not a mode; use one of auto, upload, ephemeral"):
+        api.settings_for(labels="app=web", mode="sideways")

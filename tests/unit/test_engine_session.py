@@ -197,7 +197,8 @@ async def test_stalled_sink_bounds_memory_and_counts_drops() -> None:
     async def watch_buffer() -> None:
         nonlocal most
         while True:
-            most = max(most, output.buffered)
+            # Items waiting between the readers and the merger (bounded by buffer_chunks).
+            most = max(most, output._send.statistics().current_buffer_used)
             await anyio.sleep(0.005)
 
     async with anyio.create_task_group() as tg:
