@@ -31,6 +31,8 @@ __all__ = [
     "Capture",
     "CaptureRun",
     "CaptureSettings",
+    "Event",
+    "EventKind",
     "NotReady",
     "Profile",
     "SessionResult",
@@ -39,6 +41,7 @@ __all__ = [
     "dry_run",
     "mode_names",
     "run_capture",
+    "settings_for",
 ]
 
 _LAZY = {
@@ -47,6 +50,9 @@ _LAZY = {
     "dry_run": "multisniff.api",
     "mode_names": "multisniff.api",
     "run_capture": "multisniff.api",
+    "settings_for": "multisniff.api",
+    "Event": "multisniff.engine.events",
+    "EventKind": "multisniff.engine.events",
     "CaptureRun": "multisniff.engine.runs",
     "SessionResult": "multisniff.engine.session",
     "CaptureSettings": "multisniff.engine.settings",

@@ -28,6 +28,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from multisniff import profiles
 from multisniff.capture import registry
 from multisniff.capture.model import ModeOptions
+from multisniff.engine.events import Event, EventKind, Timeline
 from multisniff.engine.output import FileOutput, LiveOutput
 from multisniff.engine.runs import CaptureRun
 from multisniff.engine.session import Session, SessionResult, check_settings
@@ -43,8 +44,8 @@ from multisniff.engine.sinks import (
 from multisniff.errors import MultisniffError, UsageError
 from multisniff.kube.model import Cluster
 
-__all__ = ["Capture", "NotReady", "capture", "dry_run", "mode_names", "run_capture",
-           "settings_for"]
+__all__ = ["Capture", "Event", "EventKind", "NotReady", "capture", "dry_run", "mode_names",
+           "run_capture", "settings_for"]
 
 
 class _AsyncWritable(Protocol):
@@ -266,6 +267,16 @@ class Capture:
                 f"{len(waiting)} pod{'s' if len(waiting) != 1 else ''} had no tcpdump "
                 f"listening after {timeout:g} s: {', '.join(waiting)}; see the log for why, "
                 f"or wait longer.") from None
+
+    @property
+    def timeline(self) -> Timeline:
+        """The events so far (`timeline.events`), and where `multisniff record` adds its own."""
+        return self.session.timeline
+
+    def mark(self, text: str) -> Event:
+        """Put `text` on the timeline now: a packet on the interface multisniff/events with
+        `text` as its comment, in time order among the pods' packets."""
+        return self.session.timeline.mark(text)
 
     def stop(self, reason: str = "stopped by the caller", *, interrupted: bool = False) -> None:
         """End the capture: every tcpdump is stopped, what they sent is written, and

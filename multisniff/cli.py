@@ -158,6 +158,9 @@ def build_capture_parser() -> argparse.ArgumentParser:
                      help="stop after SIZE of packet blocks in total (500k, 10M, 1G)")
     out.add_argument("--no-follow", dest="follow", action="store_const", const=False,
                      help="capture only the pods running now; end when their captures end")
+    out.add_argument("--events", action="store_const", const=True,
+                     help="write pods added, deleted and restarted, and each pod's capture "
+                          "starting and ending, as events on the interface multisniff/events")
     out.add_argument("--dry-run", action="store_true",
                      help="list matched pods, the mode each gets and why, what would be "
                           "created; capture nothing")
@@ -174,7 +177,8 @@ def profile_from_args(args: argparse.Namespace) -> Profile:
     profile, _ = resolve(args.profile)
     changes: dict[str, object] = {}
     for name in ("labels", "field_selector", "namespace", "all_namespaces", "container",
-                 "interface", "filter", "snaplen", "mode", "count", "follow", "ephemeral_image"):
+                 "interface", "filter", "snaplen", "mode", "count", "follow", "ephemeral_image",
+                 "events"):
         value = getattr(args, name)
         if value is not None:
             changes[name] = value

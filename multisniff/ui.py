@@ -8,7 +8,8 @@ written. The summary JSON (`--summary-json`) is for scripts and CI; its shape is
      "totals": {"pods", "captured", "failed", "packets", "bytes", "dropped", "late"},
      "pods": [{"namespace", "pod", "node", "container", "mode", "reason", "state", "error",
                "packets", "bytes", "dropped", "late", "interface"}],
-     "skipped": [{"namespace", "pod", "reason"}]}
+     "skipped": [{"namespace", "pod", "reason"}],
+     "events": [{"time": float, "kind": str, "text": str}]}
 """
 
 from __future__ import annotations
@@ -92,6 +93,10 @@ def summary_json(result: SessionResult | None, *, exit_code: int, output: str | 
             {"namespace": item.pod.ref.namespace, "pod": item.pod.ref.name,
              "reason": item.reason}
             for item in (result.skipped if result is not None else [])
+        ],
+        "events": [
+            {"time": event.time_ns / 1e9, "kind": event.kind.value, "text": event.text}
+            for event in (result.events if result is not None else [])
         ],
     }
 

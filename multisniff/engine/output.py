@@ -32,6 +32,7 @@ from pathlib import Path
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from multisniff.engine.events import EVENTS_INTERFACE, Event, encode_event, encode_header
 from multisniff.engine.runs import CaptureRun
 from multisniff.engine.sinks import ByteSink, SinkClosed, WiresharkSink
 from multisniff.errors import OutputError
@@ -87,6 +88,8 @@ class LiveOutput:
         self.reader_gone: str | None = None
         self.bytes_written = 0
         self._finished = False
+        self._open = False
+        self._events: Source | None = None
 
     # --- the session's side -------------------------------------------------------------------
 
@@ -99,6 +102,17 @@ class LiveOutput:
 
     async def end(self, run: CaptureRun) -> None:
         await self._send.send(_End(run))
+
+    def event(self, event: Event) -> None:
+        """An event, fed to the merger at once: it is as old as the clock says, so the events'
+        source is caught up to the clock at every tick and never holds the others back."""
+        if not self._open or self._finished:
+            log.debug("Not written, the output is closed: %s", event.text)
+            return
+        if self._events is None:
+            self._events = self.merger.add_source(EVENTS_INTERFACE)
+            self.merger.feed(self._events, encode_header())
+        self.merger.feed(self._events, encode_event(event))
 
     # --- merger and writer --------------------------------------------------------------------
 
@@ -140,6 +154,8 @@ class LiveOutput:
                     break
                 now = self.clock()
                 if now - last_tick >= tick:
+                    if self._events is not None:
+                        self.merger.mark_caught_up(self._events, now)
                     self.merger.advance(now)
                     last_tick = now
                 data = self.merger.pull()
@@ -201,6 +217,7 @@ class LiveOutput:
         # to leak.
         self._send, self._receive = anyio.create_memory_object_stream[_Item](self.buffer_chunks)
         self._out_send, self._out_receive = anyio.create_memory_object_stream[bytes](1)
+        self._open = True
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._merge_loop)
@@ -242,6 +259,9 @@ class FileOutput:
         self._names: list[NameRecord] = []
         self.bytes_written = 0
         self.reader_gone: str | None = None
+        self._events_fd: int | None = None
+        self._events_path = self.parts / "00-multisniff-events.pcapng"
+        self._open = False
 
     async def names(self, records: list[NameRecord]) -> None:
         self._names.extend(records)
@@ -295,6 +315,21 @@ class FileOutput:
             if fd is not None:
                 os.close(fd)
 
+    def event(self, event: Event) -> None:
+        """An event, spooled at once (a few hundred bytes, written in place rather than in a
+        worker thread: an event is rare, and this way it is on disk before anything after it)."""
+        if not self._open:
+            log.debug("Not written, the output is closed: %s", event.text)
+            return
+        try:
+            if self._events_fd is None:
+                self._events_fd = os.open(self._events_path, os.O_WRONLY | os.O_CREAT |
+                                          os.O_TRUNC | os.O_CLOEXEC, 0o600)
+                self._write_all(self._events_fd, encode_header(), str(self.parts))
+            self._write_all(self._events_fd, encode_event(event), str(self.parts))
+        except (OSError, OutputError) as exc:
+            log.error("Cannot write an event to %s (%s): %s", self._events_path, exc, event.text)
+
     def _create_output(self) -> int:
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -310,11 +345,17 @@ class FileOutput:
         if self._names:
             merger.writer.add_block(encode_nrb(NameBlock(records=self._names)))
         inputs: list[tuple[CaptureRun, Source, int]] = []
+        fds: dict[int, int] = {}
+        """Input file of each source, by the source's index."""
         out = self._create_output()
         try:
             for run, path in self._files:
-                inputs.append((run, merger.add_source(run.label), os.open(path, os.O_RDONLY)))
-            by_index = {source.index: (run, source, fd) for run, source, fd in inputs}
+                source = merger.add_source(run.label)
+                fds[source.index] = os.open(path, os.O_RDONLY)
+                inputs.append((run, source, fds[source.index]))
+            if self._events_path.exists():
+                source = merger.add_source(EVENTS_INTERFACE)
+                fds[source.index] = os.open(self._events_path, os.O_RDONLY)
 
             def step(source: Source, fd: int) -> None:
                 data = os.read(fd, CHUNK)
@@ -323,15 +364,14 @@ class FileOutput:
                 else:
                     merger.end_source(source)
 
-            for _, source, fd in inputs:
-                step(source, fd)
+            for source in merger.sources:
+                step(source, fds[source.index])
             while True:
                 self._write_all(out, merger.pull(), self.path)
                 wanted = merger.wanted()
                 if wanted is None:
                     break
-                _, source, fd = by_index[wanted.index]
-                step(source, fd)
+                step(wanted, fds[wanted.index])
             for run, source, _ in inputs:
                 stats = run.statistics()
                 if stats is not None and source.interface_ids:
@@ -341,7 +381,7 @@ class FileOutput:
             self.bytes_written = os.fstat(out).st_size
         finally:
             os.close(out)
-            for _, _, fd in inputs:
+            for fd in fds.values():
                 os.close(fd)
 
     @asynccontextmanager
@@ -352,9 +392,14 @@ class FileOutput:
             reason = (exc.strerror or str(exc)).lower()
             raise OutputError(f"Cannot create {self.parts}: {reason}; check the directory and "
                               "its permissions.") from exc
+        self._open = True
         try:
             yield self
         finally:
+            self._open = False
+            if self._events_fd is not None:
+                os.close(self._events_fd)
+                self._events_fd = None
             with anyio.CancelScope(shield=True):
                 for run in list({**self._pending, **self._fds}):
                     try:

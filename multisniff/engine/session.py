@@ -18,13 +18,14 @@ import ipaddress
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
 from multisniff.capture.auto import assess
 from multisniff.capture.model import CaptureMode, CaptureSpec, RemoteCapture
+from multisniff.engine.events import Event, Timeline
 from multisniff.engine.output import FileOutput, LiveOutput
 from multisniff.engine.runs import CaptureRun, Transcoder
 from multisniff.engine.settings import CaptureSettings
@@ -97,6 +98,8 @@ class SessionResult:
     output_bytes: int = 0
     error: str = ""
     """The sentence of the error that ended the session, if one did."""
+    events: list[Event] = field(default_factory=list)
+    """The events of the timeline (see engine/events.py), in the order they happened."""
 
     @property
     def packets(self) -> int:
@@ -140,6 +143,7 @@ class Session:
         """The captures of the pods found at the start have been started."""
         self.result: SessionResult | None = None
         """Once the session ended: what the summary shows, also when an error ended it."""
+        self.timeline = Timeline(output, pod_events=settings.events)
 
     @property
     def pods(self) -> tuple[CaptureRun, ...]:
@@ -223,6 +227,7 @@ class Session:
                     self._tg = tg
                     await self._names(pod_list.pods)
                     await self._names(await self._peers())
+                    self.timeline.pods_at_start(pod_list.pods)
                     for item in plan(pod_list.pods, self.settings.container):
                         self._start(item)
                     self._starting = {run for run, _ in self.active.values()}
@@ -360,6 +365,7 @@ class Session:
                 log.error("Following pods stopped: %s Captures already running go on.", exc)
 
     async def _on_event(self, kind: PodEventType, pod: PodInfo) -> None:
+        self.timeline.pod_event(kind, pod)
         gone = kind is PodEventType.DELETED or pod.deleting or pod.phase in ("Succeeded",
                                                                               "Failed")
         for key, (run, capture) in list(self.active.items()):
@@ -443,6 +449,7 @@ class Session:
             self._started(run)
             run.ended = self.wall_clock()
             if not cancelled:
+                self.timeline.capture_ended(run.label, run.state, run.packets, run.error)
                 # When cancelled, the output's own shielded flush ends every run it has.
                 with anyio.move_on_after(self.settings.stop_grace):
                     await self.output.end(run)
@@ -466,6 +473,7 @@ class Session:
             if run.state == "starting":
                 run.state = "capturing"
                 log.info("Capturing %s (%s).", run.label, run.description)
+                self.timeline.capture_started(run.label, run.description)
             self._started(run)
 
     def _left(self) -> tuple[int | None, int | None]:
@@ -532,7 +540,8 @@ class Session:
             skipped=[item for item in self.skipped if item.pod.uid not in captured_uids],
             exit_code=code, output=self.output.path,
             started=self._started_at, ended=self.wall_clock(), stop_reason=self.stop_reason,
-            output_bytes=self.output.bytes_written, error=str(error) if error else "")
+            output_bytes=self.output.bytes_written, error=str(error) if error else "",
+            events=self.timeline.events)
         if error is not None:
             raise error
         return self.result

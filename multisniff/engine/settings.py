@@ -41,6 +41,9 @@ class CaptureSettings:
     max_size: int | None = field(default=None, metadata={"unit": "bytes"})
     """Bytes of packet data (captured lengths) in total."""
     follow: bool = True
+    events: bool = False
+    """Write pod churn and the pods' captures starting and ending as events on the interface
+    multisniff/events (marks are written whenever they are made)."""
     buffer_chunks: int = 64
     """Chunks of pcap held between the capture readers and the output, all targets together."""
     reorder_window: float = 2.0
