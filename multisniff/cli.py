@@ -35,10 +35,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("multisniff")
 
 
-SUBCOMMANDS = ("merge", "inspect", "profiles")
+SUBCOMMANDS = ("merge", "inspect", "profiles", "record", "mark")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(*, record: bool = False) -> argparse.ArgumentParser:
+    """The sub-commands' parser; record's capture options (which import the API) only when
+    `record` is the command, so that merge and inspect stay light."""
     parser = argparse.ArgumentParser(
         prog="multisniff",
         description="Capture packets from many Kubernetes pods into one pcapng timeline.",
@@ -48,7 +50,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_offline_commands(sub)
     _add_profiles_command(sub)
+    _add_record_commands(sub, full=record)
     return parser
+
+
+def _add_record_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser], *,
+                         full: bool) -> None:
+    from multisniff import record
+
+    parser = sub.add_parser(
+        "record", help="capture around a command: start it once the pods capture, stop when "
+                       "it ends, exit with its code",
+        usage="multisniff record -l SELECTOR [options] -- COMMAND [ARGS...]",
+        description="Capture the matched pods while COMMAND runs (a chaos test in CI): COMMAND "
+                    "starts once every matched pod has a tcpdump listening, the capture stops "
+                    "--tail after COMMAND ends, and the exit code is COMMAND's. The pcapng "
+                    "is kept per --keep; the JSON summary is always written. Inside COMMAND, "
+                    "`multisniff mark TEXT` puts a mark on the timeline.")
+    if full:
+        add_capture_options(parser, record=True)
+        record.add_record_options(parser)
+    parser.set_defaults(run=run_record, command_argv=[])
+    record.add_mark_command(sub)
 
 
 def _add_profiles_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -62,10 +85,13 @@ def _add_profiles_command(sub: argparse._SubParsersAction[argparse.ArgumentParse
     profiles.set_defaults(run=run_profiles)
 
 
+def _first_word(argv: Sequence[str]) -> str | None:
+    return next((arg for arg in argv if arg != "--debug"), None)
+
+
 def _is_subcommand(argv: Sequence[str]) -> bool:
     """`multisniff merge ...` vs `multisniff -l app=web ...`: the first word decides."""
-    first = next((arg for arg in argv if arg != "--debug"), None)
-    return first in SUBCOMMANDS
+    return _first_word(argv) in SUBCOMMANDS
 
 
 def _add_offline_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -77,8 +103,16 @@ def _add_offline_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser() if _is_subcommand(arguments) else build_capture_parser()
+    command: list[str] = []
+    if _first_word(arguments) == "record":
+        from multisniff.record import split_command
+
+        arguments, command = split_command(arguments)
+    parser = (build_parser(record=_first_word(arguments) == "record")
+              if _is_subcommand(arguments) else build_capture_parser())
     args = parser.parse_args(arguments)
+    if args.command == "record":
+        args.command_argv = command
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO,
         format="multisniff: %(message)s",
@@ -108,20 +142,30 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def build_capture_parser() -> argparse.ArgumentParser:
-    from multisniff.api import mode_names
-
     parser = argparse.ArgumentParser(
         prog="multisniff",
-        usage="multisniff -l SELECTOR [options] -o FILE | multisniff {merge,inspect,profiles} "
-              "...",
+        usage="multisniff -l SELECTOR [options] -o FILE | multisniff "
+              "{record,mark,merge,inspect,profiles} ...",
         description="Capture packets from every pod matched by a label selector at once into "
                     "one pcapng timeline, each pod its own named interface.",
-        epilog="Sub-commands: merge (merge capture files), inspect (summarize one), profiles "
-               "(list/show). Exit codes: 0 all captured, 1 some pods failed, 2 usage error, "
-               "3 nothing captured, 4 refused by the cluster, 130 interrupted.",
+        epilog="Sub-commands: record (capture around a command: record -l SELECTOR -- "
+               "COMMAND), mark (a mark from inside that command), merge (merge capture "
+               "files), inspect (summarize one), profiles (list/show). Exit codes: 0 all "
+               "captured, 1 some pods failed, 2 usage error, 3 nothing captured, 4 refused "
+               "by the cluster, 130 interrupted (record: see its --help and the README).",
     )
     parser.add_argument("--version", action="version", version=f"multisniff {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    add_capture_options(parser, record=False)
+    parser.set_defaults(command="capture", run=run_capture)
+    return parser
+
+
+def add_capture_options(parser: argparse.ArgumentParser, *, record: bool) -> None:
+    """The options of a capture: which pods, what, where to and how long. `record` writes a
+    file that --keep decides about, so it has no live outputs and no --dry-run."""
+    from multisniff.api import mode_names
+
     which = parser.add_argument_group("which pods (kubectl conventions)")
     which.add_argument("-l", "--selector", dest="labels", metavar="SELECTOR",
                        help="label selector, e.g. app=web,tier!=cache")
@@ -147,27 +191,34 @@ def build_capture_parser() -> argparse.ArgumentParser:
     what.add_argument("--profile", metavar="NAME|PATH",
                       help="settings from a profile; flags override it")
     out = parser.add_argument_group("output and limits")
-    out.add_argument("-o", "--output", metavar="FILE",
-                     help="pcapng file (mode 0600), exactly time-ordered; - for a live stream "
-                          "on stdout")
-    out.add_argument("--wireshark", action="store_true",
-                     help="show the live stream in Wireshark; closing it ends the capture")
+    if record:
+        out.add_argument("-o", "--output", metavar="FILE",
+                         help="pcapng file (mode 0600), exactly time-ordered (default "
+                              "multisniff-record-DATE-TIME.pcapng)")
+    else:
+        out.add_argument("-o", "--output", metavar="FILE",
+                         help="pcapng file (mode 0600), exactly time-ordered; - for a live "
+                              "stream on stdout")
+        out.add_argument("--wireshark", action="store_true",
+                         help="show the live stream in Wireshark; closing it ends the capture")
     out.add_argument("--duration", metavar="D", help="stop after D (30s, 5m, 1h)")
     out.add_argument("--count", type=int, metavar="N", help="stop after N packets in total")
     out.add_argument("--max-size", metavar="SIZE",
                      help="stop after SIZE of packet blocks in total (500k, 10M, 1G)")
     out.add_argument("--no-follow", dest="follow", action="store_const", const=False,
                      help="capture only the pods running now; end when their captures end")
-    out.add_argument("--events", action="store_const", const=True,
-                     help="write pods added, deleted and restarted, and each pod's capture "
-                          "starting and ending, as events on the interface multisniff/events")
-    out.add_argument("--dry-run", action="store_true",
-                     help="list matched pods, the mode each gets and why, what would be "
-                          "created; capture nothing")
+    if not record:  # record always writes them
+        out.add_argument("--events", action="store_const", const=True,
+                         help="write pods added, deleted and restarted, and each pod's "
+                              "capture starting and ending, as events on the interface "
+                              "multisniff/events")
+    if not record:
+        out.add_argument("--dry-run", action="store_true",
+                         help="list matched pods, the mode each gets and why, what would be "
+                              "created; capture nothing")
     out.add_argument("--summary-json", metavar="PATH",
-                     help="write a JSON summary (per pod and totals) to PATH")
-    parser.set_defaults(command="capture", run=run_capture)
-    return parser
+                     help="write a JSON summary (per pod and totals) to PATH" +
+                          (" (default: the output's name with .json)" if record else ""))
 
 
 def profile_from_args(args: argparse.Namespace) -> Profile:
@@ -179,7 +230,7 @@ def profile_from_args(args: argparse.Namespace) -> Profile:
     for name in ("labels", "field_selector", "namespace", "all_namespaces", "container",
                  "interface", "filter", "snaplen", "mode", "count", "follow", "ephemeral_image",
                  "events"):
-        value = getattr(args, name)
+        value = getattr(args, name, None)
         if value is not None:
             changes[name] = value
     try:
@@ -285,6 +336,13 @@ async def run_with_ui(cap: Capture, *, debug: bool) -> SessionResult:
                 await cap.wait()
         tg.cancel_scope.cancel()
     return cap.result
+
+
+def run_record(args: argparse.Namespace) -> int:
+    from multisniff.api import settings_for
+    from multisniff.record import run_record as record
+
+    return record(args, settings_for(profile_from_args(args)), args.command_argv)
 
 
 def run_profiles(args: argparse.Namespace) -> int:
