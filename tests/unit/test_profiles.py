@@ -25,9 +25,10 @@ def test_every_key_is_documented_in_all_traffic() -> None:
 
 def test_values_are_converted() -> None:
     profile = load_profile(PACKAGE_PROFILES / "chaos-ci.toml")
-    assert profile.duration == 120.0
+    assert profile.duration == 600.0
     assert profile.max_size == 500 << 20
     assert profile.snaplen == 128
+    assert profile.events is True
 
 
 def write(tmp_path: Path, text: str) -> Path:
