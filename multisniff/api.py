@@ -30,6 +30,7 @@ from multisniff.capture import registry
 from multisniff.capture.model import ModeOptions
 from multisniff.engine.events import Event, EventKind, Timeline
 from multisniff.engine.output import FileOutput, LiveOutput
+from multisniff.engine.rotation import RotatingFileSink
 from multisniff.engine.runs import CaptureRun
 from multisniff.engine.session import Session, SessionResult, check_settings
 from multisniff.engine.session import dry_run as session_dry_run
@@ -113,6 +114,10 @@ def capture(selector: str | None = None, *, output: Output | None = None,
                          "--wireshark.")
     if output is not None and wireshark:
         raise UsageError("Give either -o or --wireshark, not both.")
+    if resolved.rotating and (wireshark or output == "-" or
+                              not isinstance(output, (str, os.PathLike))):
+        raise UsageError("--rotate-size and --rotate-every write a ring of files; give a "
+                         "file with -o, not a live stream.")
     if isinstance(output, str) and output == "-" and os.isatty(1):
         raise UsageError("Refusing to write binary pcapng to a terminal; redirect stdout "
                          "or give a file with -o.")
@@ -203,6 +208,10 @@ class Capture:
             sink = await WiresharkSink.start()
         elif target == "-":
             sink = FdSink(1, "stdout")
+        elif isinstance(target, (str, os.PathLike)) and settings.rotating:
+            sink = RotatingFileSink(os.fspath(target), max_size=settings.rotate_size,
+                                    every=settings.rotate_every,
+                                    keep_files=settings.keep_files)
         elif isinstance(target, (str, os.PathLike)):
             return FileOutput(os.fspath(target), grace=settings.stop_grace)
         elif target is not None and _is_async_writer(target):

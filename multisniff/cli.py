@@ -205,6 +205,14 @@ def add_capture_options(parser: argparse.ArgumentParser, *, record: bool) -> Non
     out.add_argument("--count", type=int, metavar="N", help="stop after N packets in total")
     out.add_argument("--max-size", metavar="SIZE",
                      help="stop after SIZE of packet blocks in total (500k, 10M, 1G)")
+    out.add_argument("--rotate-size", metavar="SIZE",
+                     help="a ring of files (as dumpcap -b filesize:): FILE_00001_TIME.pcapng, "
+                          "the next once this one has SIZE (100M); merged live, within the "
+                          "reorder window")
+    out.add_argument("--rotate-every", metavar="D",
+                     help="a ring of files (as dumpcap -b duration:): the next after D (10m)")
+    out.add_argument("--keep-files", type=int, metavar="N",
+                     help="keep only the newest N files of the ring (as dumpcap -b files:)")
     out.add_argument("--no-follow", dest="follow", action="store_const", const=False,
                      help="capture only the pods running now; end when their captures end")
     if not record:  # record always writes them
@@ -229,7 +237,7 @@ def profile_from_args(args: argparse.Namespace) -> Profile:
     changes: dict[str, object] = {}
     for name in ("labels", "field_selector", "namespace", "all_namespaces", "container",
                  "interface", "filter", "snaplen", "mode", "count", "follow", "ephemeral_image",
-                 "events"):
+                 "events", "keep_files"):
         value = getattr(args, name, None)
         if value is not None:
             changes[name] = value
@@ -238,14 +246,19 @@ def profile_from_args(args: argparse.Namespace) -> Profile:
             changes["duration"] = parse_duration(args.duration)
         if args.max_size is not None:
             changes["max_size"] = parse_size(args.max_size)
+        if args.rotate_size is not None:
+            changes["rotate_size"] = parse_size(args.rotate_size)
+        if args.rotate_every is not None:
+            changes["rotate_every"] = parse_duration(args.rotate_every)
     except ValueError as exc:
         raise UsageError(f"{exc}.") from exc
     if args.all_namespaces and args.namespace is None:
         changes["namespace"] = None
-    for name in ("snaplen", "count"):
+    for name in ("snaplen", "count", "keep_files", "rotate_size", "rotate_every"):
         value = changes.get(name)
-        if isinstance(value, int) and value <= 0:
-            raise UsageError(f"--{name} must be more than 0, not {value}.")
+        if isinstance(value, (int, float)) and value <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be more than 0, not "
+                             f"{value:g}.")
     return profile.replace(**changes)
 
 

@@ -276,8 +276,12 @@ class Recorder:
 
     def _keep(self, code: int) -> list[str]:
         """Apply --keep to the pcapng (and its parts, if merging them failed); what is left."""
+        from multisniff.engine.rotation import ring_files
+
         keep = self.keep == "always" or (self.keep == "on-failure" and code != 0)
         paths = [Path(self.output), Path(self.output + ".parts")]
+        if self.settings.rotating:
+            paths = ring_files(self.output)
         present = [path for path in paths if path.exists()]
         if keep:
             return [str(path) for path in present]

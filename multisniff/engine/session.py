@@ -577,3 +577,6 @@ def check_settings(settings: CaptureSettings) -> None:
     if not settings.labels and not settings.field_selector:
         raise UsageError("Say which pods to capture with -l SELECTOR (e.g. -l app=web) or "
                          "--field-selector, or a --profile that sets labels.")
+    if settings.keep_files is not None and not settings.rotating:
+        raise UsageError("--keep-files needs --rotate-size or --rotate-every, which make the "
+                         "files it keeps (as dumpcap's -b files: does).")

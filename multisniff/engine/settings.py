@@ -41,6 +41,13 @@ class CaptureSettings:
     max_size: int | None = field(default=None, metadata={"unit": "bytes"})
     """Bytes of packet data (captured lengths) in total."""
     follow: bool = True
+    rotate_size: int | None = field(default=None, metadata={"unit": "bytes"})
+    """Ring buffer (dumpcap -b filesize:): the next file begins once the current one has this
+    many bytes."""
+    rotate_every: float | None = field(default=None, metadata={"positive": True})
+    """Ring buffer (dumpcap -b duration:): the next file begins after this many seconds."""
+    keep_files: int | None = None
+    """Ring buffer (dumpcap -b files:): only the newest this many files are kept."""
     events: bool = False
     """Write pod churn and the pods' captures starting and ending as events on the interface
     multisniff/events (marks are written whenever they are made)."""
@@ -62,6 +69,11 @@ class CaptureSettings:
     """Seconds allowed for stopping, draining and cleaning up before work is cut off."""
     startup_timeout: float = 120.0
     """--duration starts once the pods found at the start capture, or after this at most."""
+
+    @property
+    def rotating(self) -> bool:
+        """The output is a ring of files (rotate_size or rotate_every)."""
+        return self.rotate_size is not None or self.rotate_every is not None
 
     def replace(self: _S, **changes: Any) -> _S:
         return dataclasses.replace(self, **changes)

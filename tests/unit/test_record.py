@@ -207,3 +207,17 @@ def test_the_readme_has_the_exit_code_table_as_the_code_has_it() -> None:
     start = readme.index("<!-- record-exit-codes -->\n") + len("<!-- record-exit-codes -->\n")
     end = readme.index("<!-- /record-exit-codes -->")
     assert readme[start:end].strip().splitlines() == exit_code_table()
+
+
+def test_record_into_a_ring_of_files_keeps_or_removes_them_all(tmp_path: Path,
+                                                              mode: FakeMode) -> None:
+    from multisniff.engine.rotation import ring_files
+
+    code, out, summary = record(tmp_path, ["sh", "-c", "sleep 0.5; exit 5"], rotate_size="4k",
+                                keep_files=2)
+    assert code == 5
+    files = ring_files(str(out))
+    assert 1 <= len(files) <= 2
+    assert summary["kept"] == [str(path) for path in files]
+    code, out, summary = record(tmp_path, ["true"], rotate_size="4k")
+    assert code == 0 and ring_files(str(out)) == [] and summary["kept"] == []
