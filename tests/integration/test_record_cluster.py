@@ -166,3 +166,41 @@ def test_a_signal_goes_to_the_command_first(cluster: Any, tmp_path: Path) -> Non
     assert "SIGTERM: passing it on to sh" in log_path.read_text()
     comments = [comment for _, interface, comment in frames(out) if interface == EVENTS]
     assert any(c.startswith("command ended, exit code 42") for c in comments), comments
+
+
+def test_a_ring_of_files_on_the_cluster(cluster: Any, tmp_path: Path) -> None:
+    from multisniff.engine.rotation import ring_files
+
+    label = f"msnf-ring-{secrets.token_hex(3)}"
+    out = tmp_path / "ring.pcapng"
+    with throwaway_namespace(cluster, "msx-ring") as namespace:
+        ips = apply_and_wait(cluster, [workload_pod(
+            "sink", namespace, labels={label: "x"},
+            command=["workload", "udp-listen", "-listen", f":{PORT}", "-quiet"])])
+        apply_and_wait(cluster, [workload_pod(
+            "sender", namespace, labels={label: "x"},
+            command=["workload", "udp", "-targets", f"{ips[f'{namespace}/sink']}:{PORT}",
+                     "-rate", "100", "-pod", "sender", "-size", "200", "-report", "0"])])
+        done = subprocess.run(
+            [sys.executable, "-m", "multisniff", "--kubeconfig", str(cluster.kubeconfig),
+             "-l", f"{label}=x", "-n", namespace, "-o", str(out), "--rotate-size", "20k",
+             "--keep-files", "3", "--duration", "6s"],
+            env=multisniff_env(), capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    files = ring_files(str(out))
+    assert len(files) == 3, done.stderr
+    assert int(files[0].name.split("_")[1]) > 1  # the oldest were removed
+    for path in files:
+        # Each file on its own: both pods' interfaces, and the names of their addresses.
+        rows = subprocess.run(
+            ["tshark", "-r", str(path), "-N", "n", "-Y", f"udp.dstport == {PORT}", "-T",
+             "fields", "-E", "separator=\t", "-e", "frame.interface_name", "-e",
+             "ip.dst_host"], capture_output=True, text=True, check=True,
+            timeout=60).stdout.splitlines()
+        assert rows, path
+        assert {row.split("\t")[1] for row in rows} == {f"{namespace}/sink"}
+        info = subprocess.run(["capinfos", "-I", str(path)], capture_output=True, text=True,
+                              check=True, timeout=60).stdout
+        names = sorted(line.split("=", 1)[1].strip() for line in info.splitlines()
+                       if line.strip().startswith("Name ="))
+        assert names == [f"{namespace}/sender", f"{namespace}/sink"], info
