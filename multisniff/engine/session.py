@@ -216,7 +216,7 @@ class Session:
         return pod_list
 
     async def _run(self, pod_list: PodList, task_status: TaskStatus[None]) -> None:
-        log.debug("Remote tcpdumps end after at most %s.", self.settings.remote_lifetime_text())
+        log.info("Remote tcpdumps end after at most %s.", self.settings.remote_lifetime_text())
         async with self.output.open():
             try:
                 async with anyio.create_task_group() as tg:
