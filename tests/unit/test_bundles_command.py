@@ -104,8 +104,10 @@ def test_the_package_store_comes_before_the_cache(
     assert bundle_for("amd64").digest == in_package.digest
     assert watchdog_for("amd64") == package_watchdog
 
+    (shipped / "amd64" / "msnf-watchdog.sha256").unlink()  # as in a wheel: in the bundle only
+    assert watchdog_for("amd64") == package_watchdog
+
     (shipped / "amd64" / "bundle.tar.gz").unlink()
-    (shipped / "amd64" / "msnf-watchdog.sha256").unlink()
     assert bundle_for("amd64").digest == in_cache.digest
     assert watchdog_for("amd64") == cache_watchdog
 

@@ -51,13 +51,12 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return built
 
 
-def test_the_wheel_ships_a_bundle_and_a_watchdog_for_each_architecture(wheel: Path) -> None:
+def test_the_wheel_ships_a_small_bundle_for_each_architecture(wheel: Path) -> None:
     archive = zipfile.ZipFile(wheel)
     names = set(archive.namelist())
 
     for arch in ("amd64", "arm64"):
-        for name in ("bundle.tar.gz", "bundle.index.json", "watchdog.sha256", "msnf-watchdog",
-                     "msnf-watchdog.sha256"):
+        for name in ("bundle.tar.gz", "bundle.index.json", "watchdog.sha256"):
             assert f"multisniff/capture/bundles/{arch}/{name}" in names
         # tcpdump built from Debian's sources, without D-Bus, systemd and libcrypto: tcpdump,
         # libc and the loader are all of it (from Debian's packages: 18 libraries, 5.4 MB).
@@ -88,13 +87,16 @@ def test_a_client_without_compiler_or_apt_uses_the_shipped_bundles(
                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     loaded = subprocess.run(
         [venv / "bin" / "python", "-c",
-         "import json, shutil, multisniff\n"
+         "import hashlib, json, shutil, multisniff\n"
          "from multisniff.capture.bundlecache import bundle_for, watchdog_for\n"
          "print(json.dumps({'module': multisniff.__file__,"
          " 'tools': [t for t in ('gcc', 'aarch64-linux-gnu-gcc', 'apt-get', 'dpkg')"
          " if shutil.which(t)],"
          " 'digests': {a: bundle_for(a).digest for a in ('amd64', 'arm64')},"
-         " 'watchdogs': {a: len(watchdog_for(a)) for a in ('amd64', 'arm64')}}))"],
+         " 'watchdogs': {a: hashlib.sha256(watchdog_for(a)).hexdigest()"
+         " for a in ('amd64', 'arm64')},"
+         " 'in_bundles': {a: bundle_for(a).manifest['files']['msnf-watchdog']['sha256']"
+         " for a in ('amd64', 'arm64')}}))"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
 
     assert listing.returncode == 0, listing.stderr
@@ -107,5 +109,5 @@ def test_a_client_without_compiler_or_apt_uses_the_shipped_bundles(
     assert facts["module"].startswith(str(site_packages))
     assert facts["tools"] == []
     assert facts["digests"] == {r["arch"]: r["digest"] for r in rows}
-    assert all(size > 0 for size in facts["watchdogs"].values())
+    assert facts["watchdogs"] == facts["in_bundles"]  # the ephemeral mode's, from the bundle
     assert not cache.exists()  # nothing was built or cached
