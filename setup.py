@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import shutil
 import sys
 import types
 from pathlib import Path
@@ -55,8 +56,7 @@ def make_bundles(target: Path) -> None:
         return
     bundlebuild, bundlestore = _bundle_modules()
     for arch in bundlebuild.ARCHITECTURES:
-        if bundlestore.load(target / arch, arch=arch, source="wheel") is not None:
-            continue  # an editable install's tree has this version's already
+        shutil.rmtree(target / arch, ignore_errors=True)  # an earlier build's is not this one's
         reasons = []
         for from_source in (True, False) if recipe == "source" else (False,):
             try:
