@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("multisniff")
 
 
-SUBCOMMANDS = ("merge", "inspect", "profiles")
+SUBCOMMANDS = ("merge", "inspect", "profiles", "bundles")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_offline_commands(sub)
     _add_profiles_command(sub)
+    _add_bundles_command(sub)
     return parser
 
 
@@ -73,6 +74,13 @@ def _add_offline_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
     from multisniff import offline  # imports only the pcap core, never the Kubernetes client
 
     offline.add_commands(sub)
+
+
+def _add_bundles_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`bundles list|build|export|import`: the upload mode's tcpdump bundles, no cluster."""
+    from multisniff import bundles
+
+    bundles.add_commands(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
