@@ -36,6 +36,7 @@ from multisniff.capture.bundlebuild import (
     prepare_sysroot,
     sysroot_dir,
 )
+from multisniff.errors import MultisniffError
 from multisniff.kube.model import Cluster, PodInfo
 
 __all__ = [
