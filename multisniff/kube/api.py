@@ -284,7 +284,7 @@ async def _load_configuration(kubeconfig: str | None,
 
         async def refresh(config: k8s.Configuration) -> None:
             async with lock:
-                left = loader.exec_plugin_expiry - datetime.datetime.now(datetime.UTC)
+                left = loader.exec_plugin_expiry - datetime.datetime.now(datetime.timezone.utc)
                 if left > EXEC_TOKEN_MARGIN:
                     return
                 await loader.load_from_exec_plugin()
