@@ -234,19 +234,17 @@ class EphemeralMode:
                 await self._end_sleeper(target, name)
 
     def _image_error(self, target: Target, exc: ContainerNotStarted) -> EphemeralError:
-        """The first pod whose node could not pull the image says so in full; the others
-        only that theirs failed the same way."""
+        """Said in full once per session, in the log; each pod's own error is short."""
         node = target.pod.node or ""
-        first = not self._no_image
+        if not self._no_image:
+            log.error("The image %s of the ephemeral containers could not be pulled on node %s "
+                      "(%s); pass --ephemeral-image with an image that has tcpdump and that the "
+                      "nodes can pull.", self._image, node or "of the pod", exc.reason)
+        if exc.detail:
+            log.debug("Pulling %s on node %s: %s", self._image, node, exc.detail)
         self._no_image[node] = exc.reason
-        if not first:
-            return EphemeralError(f"the image {self._image} could not be pulled for it either "
-                                  f"({exc.reason})")
-        detail = f": {exc.detail.strip().rstrip('.')}" if exc.detail else ""
-        return EphemeralError(
-            f"The image {self._image} of the ephemeral container could not be pulled on node "
-            f"{node or 'of the pod'} ({exc.reason}{detail}); pass --ephemeral-image with an "
-            "image that has tcpdump and that the nodes can pull.")
+        return EphemeralError(f"its ephemeral container's image {self._image} could not be "
+                              f"pulled ({exc.reason})")
 
     async def _end_sleeper(self, target: Target, name: str) -> None:
         ref = target.pod.ref

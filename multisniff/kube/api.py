@@ -190,11 +190,24 @@ def node_info(node: Mapping[str, Any]) -> NodeInfo:
     addresses = status.get("addresses") or ()
     internal = [str(a.get("address")) for a in addresses if a.get("type") == "InternalIP"]
     ips = [str(a.get("address")) for t in NODE_IP_TYPES for a in addresses if a.get("type") == t]
+    spec = node.get("spec") or {}
+    cidrs = spec.get("podCIDRs") or ([spec["podCIDR"]] if spec.get("podCIDR") else [])
+    ips.extend(_gateway(str(cidr)) for cidr in cidrs)
     return NodeInfo(name=str(meta.get("name", "")),
                     architecture=str(info.get("architecture", "")),
                     os=str(info.get("operatingSystem") or "linux"),
                     internal_ip=internal[0] if internal else None,
                     addresses=tuple(dict.fromkeys(ip for ip in ips if _is_ip(ip))))
+
+
+def _gateway(cidr: str) -> str:
+    """The first address of a pod CIDR, where bridge CNIs (bridge, flannel, kubenet) put the
+    node's own side of the pod network; "" when there is none."""
+    try:
+        network = ipaddress.ip_network(cidr, strict=False)
+    except ValueError:
+        return ""
+    return str(network.network_address + 1) if network.num_addresses > 2 else ""
 
 
 def _is_ip(text: str) -> bool:

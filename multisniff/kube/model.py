@@ -102,7 +102,9 @@ class NodeInfo:
     os: str = "linux"
     internal_ip: str | None = None
     addresses: tuple[str, ...] = ()
-    """Every IP address the node reports (InternalIP, ExternalIP), the internal ones first."""
+    """The addresses the node's own traffic (the kubelet's probes) comes from: those it reports
+    (InternalIP, then ExternalIP) and the first address of each of its pod CIDRs (the node's
+    side of a bridge CNI's pod network)."""
 
 
 @dataclass(frozen=True, slots=True)

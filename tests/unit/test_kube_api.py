@@ -259,9 +259,10 @@ def test_an_unreachable_api_server_names_its_address() -> None:
                           "Connection refused; check --context/--kubeconfig.")
 
 
-def test_node_info_keeps_every_ip_address_internal_first() -> None:
+def test_node_info_has_the_addresses_its_traffic_comes_from() -> None:
     node = node_info({
         "metadata": {"name": "node-1"},
+        "spec": {"podCIDR": "10.244.3.0/24", "podCIDRs": ["10.244.3.0/24", "fd10:3::/64"]},
         "status": {"nodeInfo": {"architecture": "arm64", "operatingSystem": "linux"},
                    "addresses": [{"type": "Hostname", "address": "node-1"},
                                  {"type": "ExternalIP", "address": "203.0.113.9"},
@@ -270,7 +271,8 @@ def test_node_info_keeps_every_ip_address_internal_first() -> None:
                                  {"type": "InternalDNS", "address": "node-1.internal"}]}})
 
     assert (node.name, node.architecture, node.internal_ip) == ("node-1", "arm64", "10.0.0.1")
-    assert node.addresses == ("10.0.0.1", "fd00::1", "203.0.113.9")
+    assert node.addresses == ("10.0.0.1", "fd00::1", "203.0.113.9", "10.244.3.1", "fd10:3::1")
+    assert node_info({"spec": {"podCIDR": "10.9.9.9/32"}}).addresses == ()
 
 
 def test_kubeconfig_paths_follow_kubectl(tmp_path: Path) -> None:
