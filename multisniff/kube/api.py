@@ -32,6 +32,7 @@ from multisniff.errors import (
     ClusterError,
     ContainerNotStarted,
     Forbidden,
+    Gone,
     MultisniffError,
     NamespaceNotFound,
     NotFound,
@@ -403,8 +404,8 @@ class KubeCluster:
 
     async def _watch_raw(self, selector: PodSelector, resource_version: str,
                          timeout_seconds: int) -> AsyncIterator[tuple[str, dict[str, Any]]]:
-        """One watch request: (type, object) pairs until the server ends it. A 410 Gone, as
-        the answer or as an ERROR event, is yielded as ("GONE", status)."""
+        """One watch request: (type, object) pairs until the server ends it. A 410, as the
+        answer or as an ERROR event, raises `Gone`: the version is too old to watch from."""
         request = ApiRequest("watch", "pods", selector.namespace)
         query: dict[str, Any] = {
             "label_selector": selector.labels, "field_selector": selector.fields,
@@ -417,9 +418,6 @@ class KubeCluster:
             response = await self._send(request, self._core.list_namespaced_pod,
                                         selector.namespace, **query)
         try:
-            if response.status == 410:
-                yield "GONE", _status_body(await response.read())
-                return
             if not 200 <= response.status < 300:
                 raise api_error(response.status, _status_body(await response.read()), request)
             while True:
@@ -435,9 +433,6 @@ class KubeCluster:
                 event = json.loads(line)
                 kind, obj = str(event.get("type")), event.get("object") or {}
                 if kind == "ERROR":
-                    if obj.get("code") == 410:
-                        yield "GONE", obj
-                        return
                     raise api_error(int(obj.get("code") or 500), obj, request)
                 yield kind, obj
         finally:
@@ -451,32 +446,30 @@ class KubeCluster:
             if listed is not None and listed.resource_version == resource_version else {})
         version = resource_version
         while True:
-            gone = False
             # Spread the reconnects of many watchers; the server ends each request then.
             seconds = WATCH_SECONDS + random.randint(0, 30)
-            async for kind, obj in self._watch_raw(selector, version, seconds):
-                if kind == "GONE":
-                    gone = True
-                    break
-                version = str((obj.get("metadata") or {}).get("resourceVersion") or version)
-                if kind == "BOOKMARK":
-                    continue
-                pod = pod_info(obj)
-                if kind == "DELETED":
-                    known.pop(pod.ref, None)
-                else:
-                    known[pod.ref] = pod
-                yield PodEvent(PodEventType(kind), pod)
-            if gone:
-                logger.debug("watch of %s: version %s expired; re-listing", selector, version)
-                relisted = await self.list_pods(selector)
-                for event in pod_changes(known, relisted.pods):
-                    if event.type is PodEventType.DELETED:
-                        known.pop(event.pod.ref, None)
+            try:
+                async for kind, obj in self._watch_raw(selector, version, seconds):
+                    version = str((obj.get("metadata") or {}).get("resourceVersion") or version)
+                    if kind == "BOOKMARK":
+                        continue
+                    pod = pod_info(obj)
+                    if kind == "DELETED":
+                        known.pop(pod.ref, None)
                     else:
-                        known[event.pod.ref] = event.pod
-                    yield event
-                version = relisted.resource_version
+                        known[pod.ref] = pod
+                    yield PodEvent(PodEventType(kind), pod)
+                continue
+            except Gone:
+                logger.debug("watch of %s: version %s expired; re-listing", selector, version)
+            relisted = await self.list_pods(selector)
+            for event in pod_changes(known, relisted.pods):
+                if event.type is PodEventType.DELETED:
+                    known.pop(event.pod.ref, None)
+                else:
+                    known[event.pod.ref] = event.pod
+                yield event
+            version = relisted.resource_version
 
     async def label_summary(self, namespace: str | None) -> list[str]:
         listed = await self.list_pods(PodSelector(namespace))
@@ -548,16 +541,15 @@ class KubeCluster:
                     version = str((obj.get("metadata") or {}).get("resourceVersion", ""))
                     if _settled(obj, pod, container):
                         return pod_info(obj)
-                    async for kind, event_obj in self._watch_raw(selector, version, 60):
-                        if kind == "GONE":
-                            break
-                        if kind == "DELETED":
-                            raise ClusterError(f"Pod {pod} was deleted while we waited for its "
-                                               f"container {container}.")
-                        if kind != "BOOKMARK":
-                            obj = event_obj
-                            if _settled(obj, pod, container):
-                                return pod_info(obj)
+                    with suppress(Gone):  # read the pod again
+                        async for kind, event_obj in self._watch_raw(selector, version, 60):
+                            if kind == "DELETED":
+                                raise ClusterError(f"Pod {pod} was deleted while we waited for "
+                                                   f"its container {container}.")
+                            if kind != "BOOKMARK":
+                                obj = event_obj
+                                if _settled(obj, pod, container):
+                                    return pod_info(obj)
         except TimeoutError:
             state = container_state(obj, container)
             why = f" (it is {state.state}{f': {state.reason}' if state.reason else ''})"
