@@ -201,14 +201,14 @@ class EphemeralMode:
         container_spec: Mapping[str, Any] = self.container_spec(name, target, spec)
         await self._cluster.add_ephemeral_container(ref, container_spec)
         capture: ExecCapture | None = None
-        sleeping = True
+        sleeper_runs = True
         try:
             program = await self._watchdogs.for_pod(target.pod)
             try:
                 await self._cluster.wait_container_running(ref, name,
                                                            timeout=self._start_timeout)
             except ContainerNotStarted as exc:
-                sleeping = not (exc.image_unavailable or exc.state == "terminated")
+                sleeper_runs = not (exc.image_unavailable or exc.state == "terminated")
                 if exc.image_unavailable:
                     raise self._image_error(target, exc) from exc
                 raise
@@ -230,7 +230,7 @@ class EphemeralMode:
         finally:
             # An exit status means the shell got to its end and left the file the sleeper
             # waits for: it ends within a second by itself.
-            if sleeping and (capture is None or capture.exit_code is None):
+            if sleeper_runs and (capture is None or capture.exit_code is None):
                 await self._end_sleeper(target, name)
 
     def _image_error(self, target: Target, exc: ContainerNotStarted) -> EphemeralError:

@@ -3,7 +3,7 @@
 This is the one place that talks to kubernetes-asyncio and aiohttp. Requests go through the
 generated client with `_preload_content=False`, and responses are read as plain JSON: pods become
 `PodInfo` by pure functions (`pod_info`), and every failed request becomes the
-`multisniff.errors.ApiError` class of its status (`api_error`), the client's exception chained:
+`multisniff.errors.ApiError` class of its status (`api_error`; a client exception is chained):
 callers catch `NotFound`, `Forbidden`, ... and never see ApiException or aiohttp.
 """
 

@@ -225,7 +225,7 @@ def handshake_refusal(status: int, pod: PodRef, container: str, detail: str) -> 
     """The error for a refused exec handshake (its HTTP status and reason phrase)."""
     request = exec_request(pod)
     if status == 403:
-        # Until Kubernetes 1.31 the WebSocket upgrade (a GET) was authorized as `get`.
+        # Before Kubernetes 1.31 the WebSocket upgrade (a GET) was authorized as `get`.
         return Forbidden(request, detail=detail, also=("get",))
     if status == 404:
         return NotFound(request, detail=f"pod {pod} or its container {container} does not "
