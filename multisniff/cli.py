@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("multisniff")
 
 
-SUBCOMMANDS = ("merge", "inspect", "profiles", "record", "mark")
+SUBCOMMANDS = ("merge", "inspect", "profiles", "bundles", "record", "mark")
 
 
 def build_parser(*, record: bool = False) -> argparse.ArgumentParser:
@@ -50,6 +50,7 @@ def build_parser(*, record: bool = False) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_offline_commands(sub)
     _add_profiles_command(sub)
+    _add_bundles_command(sub)
     _add_record_commands(sub, full=record)
     return parser
 
@@ -99,6 +100,13 @@ def _add_offline_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
     from multisniff import offline  # imports only the pcap core, never the Kubernetes client
 
     offline.add_commands(sub)
+
+
+def _add_bundles_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`bundles list|build|export|import`: the upload mode's tcpdump bundles, no cluster."""
+    from multisniff import bundles
+
+    bundles.add_commands(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

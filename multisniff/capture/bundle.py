@@ -278,16 +278,25 @@ class Closure:
         return posixpath.basename(self.loader.path)
 
 
-def resolve_closure(sysroot: Sysroot, programs: Sequence[str]) -> Closure:
+def resolve_closure(
+    sysroot: Sysroot,
+    programs: Sequence[str],
+    *,
+    built_programs: Mapping[str, Path] | None = None,
+) -> Closure:
     """Every library the ``programs`` need, recursively, resolved inside ``sysroot``.
 
-    ``programs`` are names looked up on PATH (``tcpdump``) or absolute paths inside the sysroot.
+    ``programs`` are names looked up on PATH (``tcpdump``) or absolute paths inside the sysroot;
+    ``built_programs`` (name -> file) are programs built elsewhere for the sysroot's libraries.
     All of them must be dynamically linked programs of one machine with one interpreter.
     """
     found: dict[str, ClosureFile] = {}
-    for program in programs:
-        path = sysroot.find_program(program)
-        source = sysroot.resolve(path)
+    candidates: list[tuple[str, Path | None]] = [(sysroot.find_program(p), None)
+                                                 for p in programs]
+    candidates += [(f"/usr/local/sbin/{name}", file)
+                   for name, file in sorted((built_programs or {}).items())]
+    for path, built in candidates:
+        source = built or sysroot.resolve(path)
         info = read_elf(source.read_bytes(), name=str(source))
         if info.interpreter is None:
             raise BundleError(
@@ -295,6 +304,8 @@ def resolve_closure(sysroot: Sysroot, programs: Sequence[str]) -> Closure:
                 f"or not a program."
             )
         found[posixpath.basename(path)] = ClosureFile(path, source, info)
+    if not found:
+        raise BundleError("A bundle needs at least one program.")
     first = next(iter(found.values()))
     for other in found.values():
         if not other.elf.compatible(first.elf) or other.elf.interpreter != first.elf.interpreter:
@@ -410,14 +421,19 @@ def build_bundle(
     sysroot: Sysroot | None = None,
     programs: Sequence[str] = ("tcpdump",),
     static_programs: Mapping[str, bytes] | None = None,
+    built_programs: Mapping[str, Path] | None = None,
+    notes: Mapping[str, object] | None = None,
 ) -> Bundle:
     """Bundle ``programs`` (tcpdump alone by default) from ``sysroot`` (the host by default).
 
     Programs go to the top of the bundle under their base names, libraries and the loader to
     ``lib/`` under their sonames. ``static_programs`` (name -> ELF bytes) go to the top as
     they are, run directly: they must be static programs for the same machine (the watchdog).
+    ``built_programs`` (name -> file) are dynamic programs built outside the sysroot, bundled
+    with the sysroot's libraries. ``notes`` go into the manifest as they are (where the
+    programs came from); they do not count in the digest, which covers the files alone.
     """
-    closure = resolve_closure(sysroot or Sysroot(), programs)
+    closure = resolve_closure(sysroot or Sysroot(), programs, built_programs=built_programs)
     files: dict[str, BundleFile] = {}
 
     def add(name: str, source: Path, mode: int) -> None:
@@ -463,6 +479,7 @@ def build_bundle(
         },
         "files": {f.name: {"sha256": f.sha256, "mode": f"{f.mode:04o}"} for f in ordered},
         "static_programs": sorted(static_programs or {}),
+        **(notes or {}),
     }
     manifest_file = BundleFile(
         MANIFEST_NAME, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode(), 0o644
@@ -503,8 +520,11 @@ def _normalised(info: tarfile.TarInfo) -> tarfile.TarInfo:
     return info
 
 
-def load_bundle(targz: bytes, *, name: str = "<bundle>") -> Bundle:
-    """A bundle read back from the tar.gz that `Bundle.targz` wrote (a cached build)."""
+def load_bundle(targz: bytes, *, name: str = "<bundle>",
+                way_out: str = "delete it to rebuild") -> Bundle:
+    """A bundle read back from the tar.gz that `Bundle.targz` wrote (a cached build).
+
+    Every error names ``name`` and ends with ``way_out``."""
     try:
         with tarfile.open(fileobj=io.BytesIO(targz), mode="r:gz") as tar:
             files = []
@@ -516,13 +536,18 @@ def load_bundle(targz: bytes, *, name: str = "<bundle>") -> Bundle:
                 files.append(BundleFile(member.name, extracted.read(), member.mode))
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise BundleError(
-            f"{name} is not a readable bundle ({exc}); delete it to rebuild."
+            f"{name} is not a readable bundle ({exc}); {way_out}."
         ) from exc
     by_name = {f.name: f for f in files}
     if MANIFEST_NAME not in by_name:
-        raise BundleError(f"{name} has no {MANIFEST_NAME}; delete it to rebuild.")
+        raise BundleError(f"{name} has no {MANIFEST_NAME}; {way_out}.")
     manifest_file = by_name.pop(MANIFEST_NAME)
-    manifest = json.loads(manifest_file.data)
+    try:
+        manifest = json.loads(manifest_file.data)
+        if not isinstance(manifest, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as exc:
+        raise BundleError(f"{name} has a damaged {MANIFEST_NAME} ({exc}); {way_out}.") from exc
     ordered = tuple(by_name[n] for n in sorted(by_name))
     digest = hashlib.sha256(
         json.dumps([[f.name, f.mode, f.sha256] for f in ordered], separators=(",", ":")).encode()
@@ -530,12 +555,15 @@ def load_bundle(targz: bytes, *, name: str = "<bundle>") -> Bundle:
     if manifest.get("format") != BUNDLE_FORMAT or manifest.get("digest") != digest:
         raise BundleError(
             f"{name} does not match its manifest (digest {digest[:12]}, manifest says "
-            f"{str(manifest.get('digest'))[:12]}); delete it to rebuild."
+            f"{str(manifest.get('digest'))[:12]}); {way_out}."
         )
+    if not isinstance(manifest.get("loader"), str) or not isinstance(
+            manifest.get("programs"), dict):
+        raise BundleError(f"{name} has a manifest without its loader or programs; {way_out}.")
     bundle = Bundle(
         manifest=manifest,
         digest=digest,
-        loader=str(manifest["loader"]),
+        loader=manifest["loader"],
         programs=tuple(manifest["programs"]),
         unpacked=(*ordered, manifest_file),
     )

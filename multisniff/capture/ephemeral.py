@@ -20,7 +20,9 @@ file at its very end (after its exit status is known), and the sleeper, which lo
 every second, ends then. Only when the capture did not get that far (its stream broke) do we
 end the sleeper by another exec: it wrote its PID into the ephemeral container's own /tmp, and
 we kill exactly that PID. Never ``kill 1``: in the shared PID namespace that is the target
-container's process.
+container's process. A container that never ran (its image could not be pulled) or has ended
+has no sleeper to end; an image that cannot be pulled is said once per session, and further
+pods on that node are not given a container that cannot start.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from multisniff.capture.execcapture import (
 )
 from multisniff.capture.model import Assessment, CaptureSpec, ModeOptions, Target
 from multisniff.capture.upload import capture_arguments, watchdog_arguments
-from multisniff.errors import MultisniffError
+from multisniff.errors import ContainerNotStarted, MultisniffError
 from multisniff.kube.model import Cluster
 
 log = logging.getLogger(__name__)
@@ -127,6 +129,8 @@ class EphemeralMode:
         self._watchdogs = PerArchitecture(cluster, lambda arch: self._make_watchdog(watchdogs,
                                                                                    arch))
         self._reviews: dict[tuple[str, str, str], tuple[float, bool]] = {}
+        self._no_image: dict[str, str] = {}
+        """Nodes where the image could not be pulled in this session -> the kubelet's reason."""
 
     @classmethod
     def from_options(cls, cluster: Cluster, options: ModeOptions) -> EphemeralMode:
@@ -166,10 +170,14 @@ class EphemeralMode:
             return Assessment(False, f"pod {target.label} has no container {name}")
         if pod.phase != "Running" or not container.running:
             return Assessment(False, f"container {name} is not running")
+        node = pod.node or ""
+        if node in self._no_image:
+            return Assessment(False, f"the image {self._image} could not be pulled on node "
+                                     f"{node} ({self._no_image[node]})")
         namespace = pod.ref.namespace
-        if not await self._can_i("update", namespace, "ephemeralcontainers"):
+        if not await self._can_i("patch", namespace, "ephemeralcontainers"):
             return Assessment(False, f"you may not add ephemeral containers to pods in "
-                                     f"namespace {namespace} (update pods/ephemeralcontainers)")
+                                     f"namespace {namespace} (patch pods/ephemeralcontainers)")
         if not await self._can_i("create", namespace, "exec"):
             return Assessment(False, f"you may not exec into pods in namespace {namespace}")
         return Assessment(
@@ -202,9 +210,17 @@ class EphemeralMode:
         container_spec: Mapping[str, Any] = self.container_spec(name, target, spec)
         await self._cluster.add_ephemeral_container(ref, container_spec)
         capture: ExecCapture | None = None
+        sleeper_runs = True
         try:
             program = await self._watchdogs.for_pod(target.pod)
-            await self._cluster.wait_container_running(ref, name, timeout=self._start_timeout)
+            try:
+                await self._cluster.wait_container_running(ref, name,
+                                                           timeout=self._start_timeout)
+            except ContainerNotStarted as exc:
+                sleeper_runs = not (exc.image_unavailable or exc.state == "terminated")
+                if exc.image_unavailable:
+                    raise self._image_error(target, exc) from exc
+                raise
             stderr = StderrLog()
             if program is None:
                 script = capture_script(spec)
@@ -223,8 +239,21 @@ class EphemeralMode:
         finally:
             # An exit status means the shell got to its end and left the file the sleeper
             # waits for: it ends within a second by itself.
-            if capture is None or capture.exit_code is None:
+            if sleeper_runs and (capture is None or capture.exit_code is None):
                 await self._end_sleeper(target, name)
+
+    def _image_error(self, target: Target, exc: ContainerNotStarted) -> EphemeralError:
+        """Said in full once per session, in the log; each pod's own error is short."""
+        node = target.pod.node or ""
+        if not self._no_image:
+            log.error("The image %s of the ephemeral containers could not be pulled on node %s "
+                      "(%s); pass --ephemeral-image with an image that has tcpdump and that the "
+                      "nodes can pull.", self._image, node or "of the pod", exc.reason)
+        if exc.detail:
+            log.debug("Pulling %s on node %s: %s", self._image, node, exc.detail)
+        self._no_image[node] = exc.reason
+        return EphemeralError(f"its ephemeral container's image {self._image} could not be "
+                              f"pulled ({exc.reason})")
 
     async def _end_sleeper(self, target: Target, name: str) -> None:
         ref = target.pod.ref

@@ -30,7 +30,16 @@ from multisniff.engine.output import FileOutput, LiveOutput
 from multisniff.engine.runs import CaptureRun, Transcoder
 from multisniff.engine.settings import CaptureSettings
 from multisniff.engine.targets import Candidate, candidate, covered, plan
-from multisniff.errors import ExitCode, MultisniffError, OutputError, RefusedError, UsageError
+from multisniff.errors import (
+    ApiRequest,
+    ExitCode,
+    Forbidden,
+    MultisniffError,
+    NamespaceNotFound,
+    OutputError,
+    RefusedError,
+    UsageError,
+)
 from multisniff.kube.model import Cluster, PodEventType, PodInfo, PodList, PodSelector
 from multisniff.pcap.blocks import NameRecord
 
@@ -54,10 +63,9 @@ def where(selector: PodSelector) -> str:
 
 
 async def check_namespace(cluster: Cluster, selector: PodSelector) -> None:
-    """Raise RefusedError when the namespace asked for does not exist."""
+    """Raise NamespaceNotFound when the namespace asked for does not exist."""
     if selector.namespace is not None and not await cluster.namespace_exists(selector.namespace):
-        raise RefusedError(f"Namespace {selector.namespace} does not exist; check -n "
-                           "(kubectl get namespaces lists them).")
+        raise NamespaceNotFound(ApiRequest("list", "pods", selector.namespace))
 
 
 async def check_exec(cluster: Cluster, pods: Sequence[PodInfo]) -> None:
@@ -68,10 +76,8 @@ async def check_exec(cluster: Cluster, pods: Sequence[PodInfo]) -> None:
         if await cluster.can_i("create", "pods", namespace=namespace, subresource="exec"):
             return
     if namespaces:
-        where = f"namespace{'s' if len(namespaces) > 1 else ''} {', '.join(namespaces)}"
-        raise RefusedError(f"You may not create pods/exec in {where} (RBAC), which every "
-                           "capture mode needs: ask for `create` (and `get`) on `pods/exec` "
-                           "there, or use a kubeconfig that has it.")
+        where = f"in namespace{'s' if len(namespaces) > 1 else ''} {', '.join(namespaces)}"
+        raise Forbidden(ApiRequest("create", "pods/exec"), also=("get",), where=where)
 
 
 async def no_match_message(cluster: Cluster, selector: PodSelector) -> str:
@@ -220,13 +226,14 @@ class Session:
         return pod_list
 
     async def _run(self, pod_list: PodList, task_status: TaskStatus[None]) -> None:
-        log.debug("Remote tcpdumps end after at most %s.", self.settings.remote_lifetime_text())
+        log.info("Remote tcpdumps end after at most %s.", self.settings.remote_lifetime_text())
         async with self.output.open():
             try:
                 async with anyio.create_task_group() as tg:
                     self._tg = tg
                     await self._names(pod_list.pods)
                     await self._names(await self._peers())
+                    await self._node_names()
                     self.timeline.pods_at_start(pod_list.pods)
                     for item in plan(pod_list.pods, self.settings.container):
                         self._start(item)
@@ -325,6 +332,22 @@ class Session:
             if namespace is None and self.selector.namespace is None:
                 break
         return ()
+
+    async def _node_names(self) -> None:
+        """node/NAME for the nodes' addresses: the kubelet's probes come from there."""
+        try:
+            nodes = await self.cluster.list_nodes()
+        except MultisniffError as exc:
+            log.debug("Cannot list nodes for names: %s", exc)
+            return
+        records: list[NameRecord] = []
+        for node in nodes:
+            for ip in node.addresses:
+                if ip not in self._seen_ips:
+                    self._seen_ips.add(ip)
+                    records.append(NameRecord(address=ipaddress.ip_address(ip).packed,
+                                              names=(f"node/{node.name}",)))
+        await self.output.names(records)
 
     def _start(self, item: Candidate) -> None:
         if item.target is None:

@@ -2,21 +2,23 @@
 
 This is the one place that talks to kubernetes-asyncio and aiohttp. Requests go through the
 generated client with `_preload_content=False`, and responses are read as plain JSON: pods become
-`PodInfo` by pure functions (`pod_info`), and every failure becomes a `multisniff.errors` class
-whose message is one sentence naming what was refused and the way out (`api_error`).
+`PodInfo` by pure functions (`pod_info`), and every failed request becomes the
+`multisniff.errors.ApiError` class of its status (`api_error`; a client exception is chained):
+callers catch `NotFound`, `Forbidden`, ... and never see ApiException or aiohttp.
 """
 
 from __future__ import annotations
 
 import collections
 import datetime
+import ipaddress
 import json
 import logging
 import os
 import random
 import re
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,21 @@ from typing import Any
 import aiohttp
 import anyio
 
-from multisniff.errors import ClusterError, MultisniffError, RefusedError, UsageError
+from multisniff.errors import (
+    ApiError,
+    ApiRequest,
+    ClusterError,
+    ContainerNotStarted,
+    Forbidden,
+    Gone,
+    MultisniffError,
+    NamespaceNotFound,
+    NotFound,
+    PodSecurityRefused,
+    Unreachable,
+    UsageError,
+    api_error_class,
+)
 from multisniff.kube.execstream import ExecStream, open_exec
 from multisniff.kube.k8sclient import ApiException, WsApiClient, k8s, k8s_config
 from multisniff.kube.model import (
@@ -42,11 +58,11 @@ logger = logging.getLogger(__name__)
 
 WATCH_SECONDS = 290
 """Server-side bound of one watch request; the watch is then resumed from the last version."""
-CONFLICT_RETRIES = 5
 EXEC_TOKEN_MARGIN = datetime.timedelta(seconds=10)
 """An exec credential plugin is asked for a new token when the one it gave has this little left."""
 NOISE_LABELS = frozenset({"pod-template-hash", "controller-revision-hash",
                           "pod-template-generation"})
+STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
 FAILED_WAITING_REASONS = frozenset({
     "ErrImageNeverPull", "ErrImagePull", "ImagePullBackOff", "InvalidImageName",
     "CreateContainerError", "CreateContainerConfigError", "RunContainerError",
@@ -164,49 +180,63 @@ def top_labels(label_sets: Iterable[Mapping[str, str]]) -> list[str]:
     return [label for label, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
 
 
-@dataclass(frozen=True, slots=True)
-class Action:
-    """What we asked the API to do, for the error message."""
+NODE_IP_TYPES = ("InternalIP", "ExternalIP")
 
-    verb: str
-    resource: str
-    namespace: str | None = None
 
-    @property
-    def where(self) -> str:
-        return f"in namespace {self.namespace}" if self.namespace else "cluster-wide"
+def node_info(node: Mapping[str, Any]) -> NodeInfo:
+    """A node as the API returns it in JSON -> `NodeInfo`."""
+    meta = node.get("metadata") or {}
+    status = node.get("status") or {}
+    info = status.get("nodeInfo") or {}
+    addresses = status.get("addresses") or ()
+    internal = [str(a.get("address")) for a in addresses if a.get("type") == "InternalIP"]
+    ips = [str(a.get("address")) for t in NODE_IP_TYPES for a in addresses if a.get("type") == t]
+    spec = node.get("spec") or {}
+    cidrs = spec.get("podCIDRs") or ([spec["podCIDR"]] if spec.get("podCIDR") else [])
+    ips.extend(_gateway(str(cidr)) for cidr in cidrs)
+    return NodeInfo(name=str(meta.get("name", "")),
+                    architecture=str(info.get("architecture", "")),
+                    os=str(info.get("operatingSystem") or "linux"),
+                    internal_ip=internal[0] if internal else None,
+                    addresses=tuple(dict.fromkeys(ip for ip in ips if _is_ip(ip))))
+
+
+def _gateway(cidr: str) -> str:
+    """The first address of a pod CIDR, where bridge CNIs (bridge, flannel, kubenet) put the
+    node's own side of the pod network; "" when there is none."""
+    try:
+        network = ipaddress.ip_network(cidr, strict=False)
+    except ValueError:
+        return ""
+    return str(network.network_address + 1) if network.num_addresses > 2 else ""
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 _POD_SECURITY = re.compile(r'violates PodSecurity "([^":]+)(?::[^"]*)?":\s*(.*)', re.DOTALL)
 
 
-def api_error(status: int, body: Mapping[str, Any], action: Action) -> MultisniffError:
-    """An API failure (HTTP status and metav1.Status body) -> our error, as one sentence."""
+def api_error(status: int, body: Mapping[str, Any], request: ApiRequest) -> ApiError:
+    """A failed request (HTTP status and metav1.Status body) -> the error of its status."""
     message = str(body.get("message") or body.get("reason") or "").strip()
     if status == 403:
         security = _POD_SECURITY.search(message)
         if security:
-            level, why = security.group(1), security.group(2).strip().rstrip(".")
-            return RefusedError(
-                f"Namespace {action.namespace} enforces Pod Security level {level!r}, which "
-                f"refuses this ({why}); use a capture mode that needs no privileges there, or "
-                "ask an admin to label the namespace "
-                "pod-security.kubernetes.io/enforce=privileged.")
-        return RefusedError(
-            f"You may not {action.verb} {action.resource} {action.where} (RBAC): ask for "
-            f"`{action.verb}` on `{action.resource}` there, or use a kubeconfig that has it.")
-    if status == 401:
-        return RefusedError("The API server did not accept our credentials (401 Unauthorized): "
-                            "log in again, or check --kubeconfig/--context.")
-    if status == 404:
-        return ClusterError(f"Cannot {action.verb} {action.resource} {action.where}: "
-                            f"{message or 'not found'}; check the name.")
-    if status == 422:
-        return ClusterError(f"The API server rejected the {action.resource} we sent as invalid: "
-                            f"{message}; this is a bug in multisniff, please report it.")
-    return ClusterError(f"The API server failed to {action.verb} {action.resource} "
-                        f"{action.where} ({status}): {message or 'no reason given'}; try again, "
-                        "or check the API server's health.")
+            return PodSecurityRefused(request, level=security.group(1), why=security.group(2),
+                                      detail=message)
+    if status == 404 and request.resource == "pods/ephemeralcontainers" and \
+            not (body.get("details") or {}).get("name"):
+        # A missing subresource (not a missing pod) has no name in its details.
+        return NotFound(request, detail=message, message=(
+            "This cluster does not serve pods/ephemeralcontainers (Kubernetes before 1.23, or "
+            "ephemeral containers are turned off); use --mode upload."))
+    return api_error_class(status)(request, status=status, detail=message)
 
 
 def _status_body(raw: bytes) -> dict[str, Any]:
@@ -284,7 +314,7 @@ async def _load_configuration(kubeconfig: str | None,
 
         async def refresh(config: k8s.Configuration) -> None:
             async with lock:
-                left = loader.exec_plugin_expiry - datetime.datetime.now(datetime.UTC)
+                left = loader.exec_plugin_expiry - datetime.datetime.now(datetime.timezone.utc)
                 if left > EXEC_TOKEN_MARGIN:
                     return
                 await loader.load_from_exec_plugin()
@@ -319,56 +349,54 @@ class KubeCluster:
 
     # -- requests --
 
-    def _unreachable(self, exc: BaseException) -> ClusterError:
-        return ClusterError(f"Cannot reach the Kubernetes API at {self.host}: {exc}; "
-                            "check --context/--kubeconfig.")
-
-    async def _send(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    async def _send(self, request: ApiRequest, call: Callable[..., Any], *args: Any,
+                    **kwargs: Any) -> Any:
         try:
             return await call(*args, _preload_content=False, **kwargs)
         except ApiException as exc:
-            raise api_error(exc.status or 0, _status_body(exc.body or b"{}"),
-                            Action("call", "the API")) from exc
+            raise api_error(exc.status or 0, _status_body(exc.body or b"{}"), request) from exc
         except (aiohttp.ClientConnectionError, OSError) as exc:
-            raise self._unreachable(exc) from exc
+            raise Unreachable(request, host=self.host, detail=str(exc)) from exc
 
-    async def _request(self, action: Action, call: Callable[..., Any], *args: Any,
-                       allow: Sequence[int] = (), **kwargs: Any) -> tuple[int, dict[str, Any]]:
-        """Send, read the JSON answer, raise for any status outside 2xx and `allow`."""
-        response = await self._send(call, *args, **kwargs)
+    async def _request(self, request: ApiRequest, call: Callable[..., Any], *args: Any,
+                       **kwargs: Any) -> dict[str, Any]:
+        """Send, read the JSON answer; raise the `ApiError` of any status outside 2xx."""
+        response = await self._send(request, call, *args, **kwargs)
         try:
             raw = await response.read()
         except (aiohttp.ClientError, OSError) as exc:
-            raise self._unreachable(exc) from exc
+            raise Unreachable(request, host=self.host, detail=str(exc)) from exc
         finally:
             response.release()
         body = _status_body(raw)
-        if 200 <= response.status < 300 or response.status in allow:
-            return response.status, body
-        if response.status == 404 and (body.get("details") or {}).get("kind") == "namespaces":
-            raise await self._no_namespace(action.namespace or "")
-        raise api_error(response.status, body, action)
+        if 200 <= response.status < 300:
+            return body
+        details = body.get("details") or {}
+        if response.status == 404 and request.namespace and \
+                details.get("kind") == "namespaces" and details.get("name") == request.namespace:
+            raise await self._no_namespace(request)
+        raise api_error(response.status, body, request)
 
-    async def _no_namespace(self, namespace: str) -> RefusedError:
+    async def _no_namespace(self, request: ApiRequest) -> NamespaceNotFound:
         try:
-            _, body = await self._request(Action("list", "namespaces"), self._core.list_namespace)
+            body = await self._request(ApiRequest("list", "namespaces"),
+                                       self._core.list_namespace)
         except MultisniffError:
-            return RefusedError(f"Namespace {namespace} does not exist; check -n/--namespace.")
+            return NamespaceNotFound(request)
         names = sorted(str(item["metadata"]["name"]) for item in body.get("items") or ())
-        return RefusedError(f"Namespace {namespace} does not exist; namespaces here: "
-                            f"{', '.join(names)}.")
+        return NamespaceNotFound(request, existing=names)
 
     # -- pods --
 
     async def list_pods(self, selector: PodSelector) -> PodList:
-        action = Action("list", "pods", selector.namespace)
+        request = ApiRequest("list", "pods", selector.namespace)
         query: dict[str, Any] = {"label_selector": selector.labels,
                                  "field_selector": selector.fields}
         if selector.namespace is None:
-            _, body = await self._request(action, self._core.list_pod_for_all_namespaces, **query)
+            body = await self._request(request, self._core.list_pod_for_all_namespaces, **query)
         else:
-            _, body = await self._request(action, self._core.list_namespaced_pod,
-                                          selector.namespace, **query)
+            body = await self._request(request, self._core.list_namespaced_pod,
+                                       selector.namespace, **query)
         listed = PodList(tuple(pod_info(item) for item in body.get("items") or ()),
                          str((body.get("metadata") or {}).get("resourceVersion", "")))
         self._listed[selector] = listed
@@ -376,25 +404,22 @@ class KubeCluster:
 
     async def _watch_raw(self, selector: PodSelector, resource_version: str,
                          timeout_seconds: int) -> AsyncIterator[tuple[str, dict[str, Any]]]:
-        """One watch request: (type, object) pairs until the server ends it. A 410 Gone, as
-        the answer or as an ERROR event, is yielded as ("GONE", status)."""
-        action = Action("watch", "pods", selector.namespace)
+        """One watch request: (type, object) pairs until the server ends it. A 410, as the
+        answer or as an ERROR event, raises `Gone`: the version is too old to watch from."""
+        request = ApiRequest("watch", "pods", selector.namespace)
         query: dict[str, Any] = {
             "label_selector": selector.labels, "field_selector": selector.fields,
             "watch": True, "allow_watch_bookmarks": True, "resource_version": resource_version,
             "timeout_seconds": timeout_seconds,
         }
         if selector.namespace is None:
-            response = await self._send(self._core.list_pod_for_all_namespaces, **query)
+            response = await self._send(request, self._core.list_pod_for_all_namespaces, **query)
         else:
-            response = await self._send(self._core.list_namespaced_pod, selector.namespace,
-                                        **query)
+            response = await self._send(request, self._core.list_namespaced_pod,
+                                        selector.namespace, **query)
         try:
-            if response.status == 410:
-                yield "GONE", _status_body(await response.read())
-                return
             if not 200 <= response.status < 300:
-                raise api_error(response.status, _status_body(await response.read()), action)
+                raise api_error(response.status, _status_body(await response.read()), request)
             while True:
                 try:
                     line = await response.content.readline()
@@ -408,10 +433,7 @@ class KubeCluster:
                 event = json.loads(line)
                 kind, obj = str(event.get("type")), event.get("object") or {}
                 if kind == "ERROR":
-                    if obj.get("code") == 410:
-                        yield "GONE", obj
-                        return
-                    raise api_error(int(obj.get("code") or 500), obj, action)
+                    raise api_error(int(obj.get("code") or 500), obj, request)
                 yield kind, obj
         finally:
             response.release()
@@ -424,32 +446,30 @@ class KubeCluster:
             if listed is not None and listed.resource_version == resource_version else {})
         version = resource_version
         while True:
-            gone = False
             # Spread the reconnects of many watchers; the server ends each request then.
             seconds = WATCH_SECONDS + random.randint(0, 30)
-            async for kind, obj in self._watch_raw(selector, version, seconds):
-                if kind == "GONE":
-                    gone = True
-                    break
-                version = str((obj.get("metadata") or {}).get("resourceVersion") or version)
-                if kind == "BOOKMARK":
-                    continue
-                pod = pod_info(obj)
-                if kind == "DELETED":
-                    known.pop(pod.ref, None)
-                else:
-                    known[pod.ref] = pod
-                yield PodEvent(PodEventType(kind), pod)
-            if gone:
-                logger.debug("watch of %s: version %s expired; re-listing", selector, version)
-                relisted = await self.list_pods(selector)
-                for event in pod_changes(known, relisted.pods):
-                    if event.type is PodEventType.DELETED:
-                        known.pop(event.pod.ref, None)
+            try:
+                async for kind, obj in self._watch_raw(selector, version, seconds):
+                    version = str((obj.get("metadata") or {}).get("resourceVersion") or version)
+                    if kind == "BOOKMARK":
+                        continue
+                    pod = pod_info(obj)
+                    if kind == "DELETED":
+                        known.pop(pod.ref, None)
                     else:
-                        known[event.pod.ref] = event.pod
-                    yield event
-                version = relisted.resource_version
+                        known[pod.ref] = pod
+                    yield PodEvent(PodEventType(kind), pod)
+                continue
+            except Gone:
+                logger.debug("watch of %s: version %s expired; re-listing", selector, version)
+            relisted = await self.list_pods(selector)
+            for event in pod_changes(known, relisted.pods):
+                if event.type is PodEventType.DELETED:
+                    known.pop(event.pod.ref, None)
+                else:
+                    known[event.pod.ref] = event.pod
+                yield event
+            version = relisted.resource_version
 
     async def label_summary(self, namespace: str | None) -> list[str]:
         listed = await self.list_pods(PodSelector(namespace))
@@ -458,19 +478,22 @@ class KubeCluster:
     async def namespace_exists(self, name: str) -> bool:
         """False only when the API says so; True also when we may not ask (the next request
         in that namespace then says what is wrong)."""
-        status, _ = await self._request(Action("get", "namespaces"), self._core.read_namespace,
-                                        name, allow=(403, 404))
-        return status != 404
+        try:
+            await self._request(ApiRequest("get", "namespaces", name=name),
+                                self._core.read_namespace, name)
+        except NotFound:
+            return False
+        except Forbidden:
+            pass
+        return True
 
     async def node(self, name: str) -> NodeInfo:
-        _, body = await self._request(Action("get", "nodes"), self._core.read_node, name)
-        status = body.get("status") or {}
-        info = status.get("nodeInfo") or {}
-        internal = [a.get("address") for a in status.get("addresses") or ()
-                    if a.get("type") == "InternalIP"]
-        return NodeInfo(name=name, architecture=str(info.get("architecture", "")),
-                        os=str(info.get("operatingSystem") or "linux"),
-                        internal_ip=internal[0] if internal else None)
+        return node_info(await self._request(ApiRequest("get", "nodes", name=name),
+                                             self._core.read_node, name))
+
+    async def list_nodes(self) -> tuple[NodeInfo, ...]:
+        body = await self._request(ApiRequest("list", "nodes"), self._core.list_node)
+        return tuple(node_info(item) for item in body.get("items") or ())
 
     async def can_i(self, verb: str, resource: str, *, namespace: str | None,
                     subresource: str = "") -> bool:
@@ -481,8 +504,8 @@ class KubeCluster:
             attributes["subresource"] = subresource
         review = {"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
                   "spec": {"resourceAttributes": attributes}}
-        _, body = await self._request(Action("create", "selfsubjectaccessreviews"),
-                                      self._authz.create_self_subject_access_review, review)
+        body = await self._request(ApiRequest("create", "selfsubjectaccessreviews"),
+                                   self._authz.create_self_subject_access_review, review)
         return bool((body.get("status") or {}).get("allowed", False))
 
     def exec(self, pod: PodRef, container: str, command: Sequence[str], *, stdin: bool = False,
@@ -492,66 +515,62 @@ class KubeCluster:
                          host=self.host)
 
     async def add_ephemeral_container(self, pod: PodRef, spec: Mapping[str, Any]) -> None:
-        action = Action("update", "pods/ephemeralcontainers", pod.namespace)
-        for _ in range(CONFLICT_RETRIES):
-            _, current = await self._request(Action("get", "pods", pod.namespace),
-                                             self._core.read_namespaced_pod,
-                                             pod.name, pod.namespace)
-            current.setdefault("spec", {})
-            current["spec"]["ephemeralContainers"] = [
-                *(current["spec"].get("ephemeralContainers") or ()), dict(spec)]
-            status, _ = await self._request(
-                action, self._core.replace_namespaced_pod_ephemeralcontainers,
-                pod.name, pod.namespace, current, allow=(409,))
-            if status != 409:
-                return
-        raise ClusterError(f"Pod {pod} kept changing while we added an ephemeral container "
-                           f"({CONFLICT_RETRIES} conflicts); try again.")
+        # As kubectl debug does: a strategic merge patch of the subresource. The list merges by
+        # name, so the server adds the container to those there: no read, no conflict to retry.
+        await self._request(
+            ApiRequest("patch", "pods/ephemeralcontainers", pod.namespace, pod.name),
+            self._core.patch_namespaced_pod_ephemeralcontainers, pod.name, pod.namespace,
+            {"spec": {"ephemeralContainers": [dict(spec)]}},
+            _content_type=STRATEGIC_MERGE_PATCH)
 
     async def wait_container_running(self, pod: PodRef, container: str, *,
                                      timeout: float) -> PodInfo:
-        action = Action("get", "pods", pod.namespace)
+        request = ApiRequest("get", "pods", pod.namespace, pod.name)
         selector = PodSelector(pod.namespace, fields=f"metadata.name={pod.name}")
         obj: dict[str, Any] = {}
         try:
             with anyio.fail_after(timeout):
                 while True:
-                    status, obj = await self._request(action, self._core.read_namespaced_pod,
-                                                      pod.name, pod.namespace, allow=(404,))
-                    if status == 404:
-                        raise ClusterError(f"Pod {pod} is gone while we waited for its "
-                                           f"container {container}.")
+                    try:
+                        obj = await self._request(request, self._core.read_namespaced_pod,
+                                                  pod.name, pod.namespace)
+                    except NotFound as exc:
+                        raise NotFound(request, detail=exc.detail, message=(
+                            f"Pod {pod} is gone while we waited for its container "
+                            f"{container}.")) from exc
                     version = str((obj.get("metadata") or {}).get("resourceVersion", ""))
                     if _settled(obj, pod, container):
                         return pod_info(obj)
-                    async for kind, event_obj in self._watch_raw(selector, version, 60):
-                        if kind == "GONE":
-                            break
-                        if kind == "DELETED":
-                            raise ClusterError(f"Pod {pod} was deleted while we waited for its "
-                                               f"container {container}.")
-                        if kind != "BOOKMARK":
-                            obj = event_obj
-                            if _settled(obj, pod, container):
-                                return pod_info(obj)
+                    with suppress(Gone):  # read the pod again
+                        async for kind, event_obj in self._watch_raw(selector, version, 60):
+                            if kind == "DELETED":
+                                raise ClusterError(f"Pod {pod} was deleted while we waited for "
+                                                   f"its container {container}.")
+                            if kind != "BOOKMARK":
+                                obj = event_obj
+                                if _settled(obj, pod, container):
+                                    return pod_info(obj)
         except TimeoutError:
             state = container_state(obj, container)
             why = f" (it is {state.state}{f': {state.reason}' if state.reason else ''})"
-            raise ClusterError(f"Container {container} of pod {pod} did not start within "
-                               f"{timeout:g} s{why}; check the node with kubectl describe pod "
-                               f"-n {pod.namespace} {pod.name}.") from None
+            raise ContainerNotStarted(
+                f"Container {container} of pod {pod} did not start within {timeout:g} s{why}; "
+                f"check the node with kubectl describe pod -n {pod.namespace} {pod.name}.",
+                pod=str(pod), container=container, state=state.state, reason=state.reason,
+                detail=state.message) from None
 
     async def create_pod(self, manifest: Mapping[str, Any]) -> PodRef:
         namespace = str((manifest.get("metadata") or {}).get("namespace") or "default")
-        _, body = await self._request(Action("create", "pods", namespace),
-                                      self._core.create_namespaced_pod, namespace, dict(manifest))
+        body = await self._request(ApiRequest("create", "pods", namespace),
+                                   self._core.create_namespaced_pod, namespace, dict(manifest))
         meta = body.get("metadata") or {}
         return PodRef(str(meta.get("namespace", namespace)), str(meta.get("name", "")))
 
     async def delete_pod(self, pod: PodRef, *, grace_seconds: int = 0) -> None:
-        await self._request(Action("delete", "pods", pod.namespace),
-                            self._core.delete_namespaced_pod, pod.name, pod.namespace,
-                            grace_period_seconds=grace_seconds, allow=(404,))
+        with suppress(NotFound):
+            await self._request(ApiRequest("delete", "pods", pod.namespace, pod.name),
+                                self._core.delete_namespaced_pod, pod.name, pod.namespace,
+                                grace_period_seconds=grace_seconds)
 
 
 def _settled(obj: Mapping[str, Any], pod: PodRef, container: str) -> bool:
@@ -561,12 +580,18 @@ def _settled(obj: Mapping[str, Any], pod: PodRef, container: str) -> bool:
         return True
     detail = f": {state.message}" if state.message else ""
     if state.state == "terminated":
-        raise ClusterError(f"Container {container} of pod {pod} ended ({state.reason or 'exit'}"
-                           f" {state.exit_code}){detail}; see kubectl logs -n {pod.namespace} "
-                           f"{pod.name} -c {container}.")
+        raise ContainerNotStarted(
+            f"Container {container} of pod {pod} ended ({state.reason or 'exit'} "
+            f"{state.exit_code}){detail}; see kubectl logs -n {pod.namespace} {pod.name} "
+            f"-c {container}.",
+            pod=str(pod), container=container, state=state.state, reason=state.reason,
+            detail=state.message)
     if state.state == "waiting" and state.reason in FAILED_WAITING_REASONS:
-        raise ClusterError(f"Container {container} of pod {pod} cannot start ({state.reason})"
-                           f"{detail}; check its image and security settings.")
+        raise ContainerNotStarted(
+            f"Container {container} of pod {pod} cannot start ({state.reason}){detail}; "
+            "check its image and security settings.",
+            pod=str(pod), container=container, state=state.state, reason=state.reason,
+            detail=state.message)
     if (obj.get("metadata") or {}).get("deletionTimestamp"):
         raise ClusterError(f"Pod {pod} is being deleted while we waited for its container "
                            f"{container}.")
@@ -574,15 +599,12 @@ def _settled(obj: Mapping[str, Any], pod: PodRef, container: str) -> bool:
 
 
 @asynccontextmanager
-async def connect(kubeconfig: str | None = None, context: str | None = None, *,
-                  pool_size: int | None = None) -> AsyncIterator[KubeCluster]:
-    """Load the configuration the kubectl way and open the clients; leaving closes them.
-
-    `pool_size` bounds the connections to the API server: every open exec holds one, so give
-    the number of pods plus some room; None means no bound.
-    """
+async def connect(kubeconfig: str | None = None,
+                  context: str | None = None) -> AsyncIterator[KubeCluster]:
+    """Load the configuration the kubectl way and open the clients; leaving closes them."""
     configuration, namespace = await _load_configuration(kubeconfig, context)
-    configuration.connection_pool_maxsize = pool_size if pool_size else 0  # 0: no bound
+    # No bound on the connections to the API server: every open exec holds one.
+    configuration.connection_pool_maxsize = 0
     cluster = KubeCluster(configuration, default_namespace=namespace)
     try:
         yield cluster

@@ -21,9 +21,18 @@ from typing import Any, Protocol
 import aiohttp
 import anyio
 
-from multisniff.errors import ClusterError, RefusedError
+from multisniff.errors import (
+    ApiError,
+    ApiRequest,
+    ClusterError,
+    Forbidden,
+    NotFound,
+    Unreachable,
+    api_error_class,
+)
 from multisniff.kube.k8sclient import k8s
 from multisniff.kube.model import ExecResult, PodRef
+from multisniff.kube.wsprivate import ReceiveQueue, chosen_protocol
 
 logger = logging.getLogger(__name__)
 
@@ -94,13 +103,6 @@ class FrameTransport(Protocol):
         ...
 
     async def send_frame(self, frame: bytes) -> None: ...
-
-
-class BufferedTransport(FrameTransport, Protocol):
-    """A transport that can say how many messages it holds already (received, not yet taken):
-    `receive_frame` returns those without waiting."""
-
-    def queued(self) -> int: ...
 
 
 class ExecStream:
@@ -187,23 +189,11 @@ class ExecStream:
         return parse_status(bytes(self._status))
 
 
-_DATA = (aiohttp.WSMsgType.BINARY, aiohttp.WSMsgType.TEXT)
-
-
 class _AiohttpTransport:
     def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         self._ws = ws
-        # aiohttp's queue of received messages (private; without it nothing is coalesced)
-        self._buffer: Sequence[Any] = getattr(getattr(ws, "_reader", None), "_buffer", ())
-
-    def queued(self) -> int:
-        """Data messages at the head of the queue (a ping or close there counts as none: its
-        `receive()` could wait for the next message)."""
-        buffer = self._buffer
-        if not buffer:
-            return 0
-        kind = getattr(buffer[0][0], "type", None)
-        return len(buffer) if kind in _DATA else 0
+        self.queued = ReceiveQueue(ws)
+        """Messages received and not taken yet: `receive_frame` returns those at once."""
 
     async def receive_frame(self) -> bytes | None:
         while True:
@@ -227,34 +217,24 @@ class _AiohttpTransport:
                                "have ended already.") from exc
 
 
-def _negotiated(ws: aiohttp.ClientWebSocketResponse) -> str | None:
-    # aiohttp fills `ws.protocol` only when it sent the offer itself, and WsApiClient passes the
-    # offer as a plain header; the server's choice is in the handshake response's headers.
-    response = getattr(ws, "_response", None)
-    headers = getattr(response, "headers", None)
-    if headers is None:
-        return None
-    chosen = headers.get("Sec-WebSocket-Protocol")
-    return chosen.strip() if isinstance(chosen, str) else None
+def exec_request(pod: PodRef) -> ApiRequest:
+    return ApiRequest("create", "pods/exec", pod.namespace, pod.name)
 
 
-def handshake_refusal(status: int, pod: PodRef, container: str, detail: str) -> Exception:
-    """The error for a refused exec handshake, as a sentence with the way out."""
+def handshake_refusal(status: int, pod: PodRef, container: str, detail: str) -> ApiError:
+    """The error for a refused exec handshake (its HTTP status and reason phrase)."""
+    request = exec_request(pod)
     if status == 403:
-        return RefusedError(
-            f"You may not create pods/exec in namespace {pod.namespace} (RBAC): ask for `create` "
-            "(and `get`) on `pods/exec` there, or use a kubeconfig that has it.")
-    if status == 401:
-        return RefusedError("The API server did not accept our credentials for exec (401): "
-                            "log in again or check --kubeconfig/--context.")
+        # Before Kubernetes 1.31 the WebSocket upgrade (a GET) was authorized as `get`.
+        return Forbidden(request, detail=detail, also=("get",))
     if status == 404:
-        return ClusterError(f"Cannot exec in {pod} container {container}: the pod or container "
-                            "does not exist (any more); check the name and that it runs.")
+        return NotFound(request, detail=f"pod {pod} or its container {container} does not "
+                                        "exist (any more)")
+    message = None
     if status == 400:
-        return ClusterError(f"Cannot exec in {pod} container {container}: the server said "
-                            f"{detail or 'bad request'} (400); the container may not be running.")
-    return ClusterError(f"Cannot exec in {pod} container {container}: the server answered "
-                        f"{status} {detail}; try again, or check the API server's health.")
+        message = (f"Cannot exec in {pod} container {container}: the server said "
+                   f"{detail or 'bad request'} (400); the container may not be running.")
+    return api_error_class(status)(request, status=status, detail=detail, message=message)
 
 
 @asynccontextmanager
@@ -286,10 +266,9 @@ async def open_exec(
     except aiohttp.WSServerHandshakeError as exc:
         raise handshake_refusal(exc.status, pod, container, exc.message) from exc
     except (aiohttp.ClientConnectionError, OSError) as exc:
-        raise ClusterError(f"Cannot reach the Kubernetes API at {host or 'its address'}: {exc}; "
-                           "check --context/--kubeconfig.") from exc
+        raise Unreachable(exec_request(pod), host=host, detail=str(exc)) from exc
     try:
-        yield ExecStream(_AiohttpTransport(ws), protocol=_negotiated(ws), on_stderr=on_stderr,
+        yield ExecStream(_AiohttpTransport(ws), protocol=chosen_protocol(ws), on_stderr=on_stderr,
                          linger=LINGER)
     finally:
         with anyio.CancelScope(shield=True):

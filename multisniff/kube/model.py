@@ -101,6 +101,10 @@ class NodeInfo:
     """GOARCH spelling, as the node reports it: amd64, arm64, ..."""
     os: str = "linux"
     internal_ip: str | None = None
+    addresses: tuple[str, ...] = ()
+    """The addresses the node's own traffic (the kubelet's probes) comes from: those it reports
+    (InternalIP, then ExternalIP) and the first address of each of its pod CIDRs (the node's
+    side of a bridge CNI's pod network)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,9 +146,10 @@ class ExecChannel(Protocol):
 
 
 class Cluster(Protocol):
-    """Everything multisniff asks of Kubernetes. Errors are `multisniff.errors` classes whose
-    messages name the verb, resource and namespace refused and the way out; nobody above
-    `kube/` sees ApiException or aiohttp."""
+    """Everything multisniff asks of Kubernetes. A failed request raises the
+    `multisniff.errors.ApiError` class of its answer (`Forbidden`, `NotFound`, `Unreachable`,
+    ...), whose message names the verb, resource and namespace refused and the way out;
+    nobody above `kube/` sees ApiException or aiohttp."""
 
     default_namespace: str
     """The namespace of the kubeconfig's (or --context's) context, else "default": where a
@@ -166,6 +171,10 @@ class Cluster(Protocol):
 
     async def node(self, name: str) -> NodeInfo: ...
 
+    async def list_nodes(self) -> tuple[NodeInfo, ...]:
+        """Every node. Nodes are cluster-scoped: many users may not list them (`Forbidden`)."""
+        ...
+
     async def can_i(self, verb: str, resource: str, *, namespace: str | None,
                     subresource: str = "") -> bool:
         """SelfSubjectAccessReview: may the current user do this?"""
@@ -184,14 +193,15 @@ class Cluster(Protocol):
         ...
 
     async def add_ephemeral_container(self, pod: PodRef, spec: Mapping[str, Any]) -> None:
-        """Patch the pod's ephemeralcontainers subresource with one more container (a
-        V1EphemeralContainer as a plain dict, camelCase keys)."""
+        """Add one container (a V1EphemeralContainer as a plain dict, camelCase keys) by a
+        `patch` of the pod's ephemeralcontainers subresource, as kubectl debug does."""
         ...
 
     async def wait_container_running(self, pod: PodRef, container: str, *,
                                      timeout: float) -> PodInfo:
-        """Wait until the (ephemeral or regular) container runs; raise if it terminates or
-        cannot start (image pull, Pod Security), with the reason."""
+        """Wait until the (ephemeral or regular) container runs. Raise
+        `multisniff.errors.ContainerNotStarted`, with the kubelet's state and reason, when it
+        terminates, cannot start (an image that cannot be pulled) or does not start in time."""
         ...
 
     async def create_pod(self, manifest: Mapping[str, Any]) -> PodRef: ...

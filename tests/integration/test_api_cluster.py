@@ -115,6 +115,14 @@ async def test_a_capture_started_and_awaited_from_python(cluster: Any, workload:
         f"{namespace}/sink": 30, f"{namespace}/dns": 30}
 
 
+NO_SHIPPED_BUNDLES = (
+    "import pathlib, sys\n"
+    "from multisniff.capture import bundlestore\n"
+    "bundlestore.SHIPPED_DIR = pathlib.Path(sys.argv[1])\n"
+    "from multisniff.cli import main\n"
+    "sys.exit(main(sys.argv[2:]))\n")
+
+
 def test_auto_falls_back_on_a_client_that_cannot_make_a_bundle(cluster: Any, workload: Any,
                                                                tmp_path: Path) -> None:
     """No gcc, apt or dpkg on PATH and an empty bundle cache: --dry-run and a capture still
@@ -122,9 +130,10 @@ def test_auto_falls_back_on_a_client_that_cannot_make_a_bundle(cluster: Any, wor
     namespace = workload["namespace"]
     empty = tmp_path / "empty-path"
     empty.mkdir()
-    env = {**os.environ, "PATH": str(empty), "MULTISNIFF_BUNDLES": str(tmp_path / "bundles"),
-           "MULTISNIFF_SHIPPED_BUNDLES": "0"}
-    common = [sys.executable, "-m", "multisniff", "-l", f"{workload['label']}=x", "-n",
+    env = {**os.environ, "PATH": str(empty), "MULTISNIFF_BUNDLES": str(tmp_path / "bundles")}
+    # As installed from a wheel built where no bundle could be made: no shipped bundles either.
+    common = [sys.executable, "-c", NO_SHIPPED_BUNDLES, str(empty), "-l",
+              f"{workload['label']}=x", "-n",
               namespace, "--kubeconfig", str(cluster.kubeconfig), "--ephemeral-image",
               TOOLS_IMAGE]
     dry = subprocess.run([*common, "--dry-run"], env=env, capture_output=True, text=True,

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kubenamespace import sleeper, throwaway_namespace
 
 from multisniff.errors import ExitCode
 
@@ -120,3 +121,28 @@ def test_a_missing_namespace_is_named(cluster: Any, tmp_path: Path) -> None:
     message = one_sentence(result.stderr)
     assert result.returncode == ExitCode.REFUSED, result.stderr
     assert f"Namespace {missing} does not exist" in message, message
+
+
+def test_an_ephemeral_image_that_cannot_be_pulled_is_said_once(cluster: Any,
+                                                               tmp_path: Path) -> None:
+    image = "multisniff.local/does-not-exist:1"  # the ephemeral mode pulls IfNotPresent
+    with throwaway_namespace(cluster, "msx-pull") as namespace:
+        pods = [sleeper(name, namespace) for name in ("one", "two")]
+        for pod in pods:
+            pod["metadata"]["labels"]["pull"] = "test"
+        cluster.kubectl("apply", "-f", "-", input=json.dumps(
+            {"apiVersion": "v1", "kind": "List", "items": pods}).encode())
+        cluster.kubectl("wait", "-n", namespace, "--for=condition=Ready", "--timeout=60s",
+                        "pod/one", "pod/two", timeout=90)
+
+        result = run_multisniff(cluster.kubeconfig, tmp_path, "-n", namespace, "-l",
+                                "pull=test", "--mode", "ephemeral", "--ephemeral-image", image,
+                                "--no-follow", "--duration", "5")
+
+    assert result.returncode == ExitCode.NOTHING, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    said = [line for line in result.stderr.splitlines() if "--ephemeral-image" in line]
+    assert len(said) == 1, result.stderr
+    assert f"The image {image} of the ephemeral containers could not be pulled" in said[0]
+    assert "kubectl exec" not in result.stderr and "Could not end" not in result.stderr, \
+        result.stderr

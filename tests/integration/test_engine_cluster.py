@@ -3,6 +3,7 @@ file and live to stdout, judged by tshark; nothing keeps running afterwards."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import stat
 import subprocess
@@ -76,6 +77,23 @@ def test_three_coredns_pods_to_a_file(cluster: Any, tmp_path: Path) -> None:
     while not no_capture_left_running(cluster):
         assert time.monotonic() < deadline, "an ephemeral capture container is still running"
         time.sleep(1)
+
+
+def test_the_nodes_addresses_are_named_in_the_capture(cluster: Any, tmp_path: Path) -> None:
+    out = tmp_path / "names.pcapng"
+    result = multisniff(cluster, "--duration", "2s", "-o", str(out))
+    assert result.returncode == 0, result.stderr.decode()
+
+    hosts = subprocess.run(["tshark", "-r", str(out), "-q", "-z", "hosts"], capture_output=True,
+                           text=True, check=True, timeout=60).stdout
+    names = dict(line.split("\t", 1) for line in hosts.splitlines()
+                 if line and not line.startswith("#"))
+    # The kubelet probes pods from the node's side of the pod network (the bridge, first address
+    # of the node's pod CIDR); the node's own address is named too.
+    bridge = str(ipaddress.ip_network(cluster.node_pod_cidr).network_address + 1)
+    assert names.get(cluster.node_ip) == f"node/{cluster.node_name}", hosts
+    assert names.get(bridge) == f"node/{cluster.node_name}", hosts
+    assert set(coredns_pods(cluster)) <= set(names.values()), hosts
 
 
 def test_live_stream_on_stdout(cluster: Any) -> None:

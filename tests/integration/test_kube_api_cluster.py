@@ -1,5 +1,5 @@
 """The Kubernetes client against the real cluster: listing, watching (410 included), refusals
-as sentences, ephemeral containers, and an unreachable API."""
+as sentences and types, ephemeral containers, nodes, and an unreachable API."""
 
 from __future__ import annotations
 
@@ -9,11 +9,19 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import anyio
 import pytest
 from kubenamespace import TOOLS_IMAGE, run_sleeper, sleeper, throwaway_namespace
 
-from multisniff.errors import ClusterError, RefusedError
+from multisniff.errors import (
+    ClusterError,
+    ContainerNotStarted,
+    Forbidden,
+    NamespaceNotFound,
+    RefusedError,
+    Unreachable,
+)
 from multisniff.kube.api import connect
 from multisniff.kube.model import PodEvent, PodEventType, PodRef, PodSelector
 
@@ -103,6 +111,38 @@ async def test_rbac_refusal_is_a_sentence(cluster, namespace) -> None:  # type: 
     assert str(refused.value) == (
         f"You may not create pods in namespace {namespace} (RBAC): ask for `create` on `pods` "
         "there, or use a kubeconfig that has it.")
+    assert isinstance(refused.value, Forbidden) and refused.value.status == 403
+
+
+@pytest.mark.anyio
+async def test_nodes_are_listed_with_their_addresses_unless_rbac_refuses(cluster) -> None:  # type: ignore[no-untyped-def]
+    async with connect(str(cluster.kubeconfig)) as kube:
+        nodes = await kube.list_nodes()
+    async with connect(str(cluster.viewer_kubeconfig)) as kube:
+        with pytest.raises(Forbidden) as refused:
+            await kube.list_nodes()
+
+    (node,) = nodes
+    bridge = cluster.node_pod_cidr.split("/")[0].rsplit(".", 1)[0] + ".1"
+    assert node.name == cluster.node_name
+    assert node.addresses == (cluster.node_ip, bridge)
+    assert str(refused.value) == ("You may not list nodes cluster-wide (RBAC): ask for `list` "
+                                  "on `nodes` there, or use a kubeconfig that has it.")
+
+
+@pytest.mark.anyio
+async def test_a_user_without_patch_may_not_add_ephemeral_containers(cluster, namespace) -> None:  # type: ignore[no-untyped-def]
+    spec = {"name": "msx-never", "image": TOOLS_IMAGE, "imagePullPolicy": "Never",
+            "command": ["sleep", "600"], "targetContainerName": "main"}
+    async with connect(str(cluster.viewer_kubeconfig)) as kube:
+        assert not await kube.can_i("patch", "pods", namespace=namespace,
+                                    subresource="ephemeralcontainers")
+        with pytest.raises(Forbidden) as refused:
+            await kube.add_ephemeral_container(PodRef(namespace, "target"), spec)
+
+    assert str(refused.value) == (
+        f"You may not patch pods/ephemeralcontainers in namespace {namespace} (RBAC): ask for "
+        "`patch` on `pods/ephemeralcontainers` there, or use a kubeconfig that has it.")
 
 
 @pytest.mark.anyio
@@ -126,6 +166,7 @@ async def test_a_missing_namespace_lists_the_ones_there(cluster) -> None:  # typ
         with pytest.raises(RefusedError) as refused:
             await kube.create_pod(sleeper("x", "msx-missing"))
 
+    assert isinstance(refused.value, NamespaceNotFound)
     assert re.fullmatch(r"Namespace msx-missing does not exist; namespaces here: .*\bdemo\b.*\.",
                         str(refused.value))
 
@@ -141,9 +182,14 @@ async def test_ephemeral_container_is_added_and_runs(cluster, namespace) -> None
         async with kube.exec(target, "msx-dbg", ["sh", "-c", "echo hi"]) as channel:
             out = await channel.read()
             result = await channel.wait()
+        # The patch merges by name: a second container joins the first, replacing nothing
+        # (the merged list starts with the patch's items; the order means nothing).
+        await kube.add_ephemeral_container(target, {**spec, "name": "msx-dbg2"})
+        again = await kube.wait_container_running(target, "msx-dbg2", timeout=60)
 
     assert [(c.name, c.running) for c in pod.ephemeral_containers] == [("msx-dbg", True)]
     assert (out, result.exit_code) == (b"hi\n", 0)
+    assert sorted(c.name for c in again.ephemeral_containers) == ["msx-dbg", "msx-dbg2"]
 
 
 @pytest.mark.anyio
@@ -153,8 +199,18 @@ async def test_a_container_that_cannot_start_says_why(cluster, namespace) -> Non
             "imagePullPolicy": "Never", "targetContainerName": "main"}
     async with connect(str(cluster.kubeconfig)) as kube:
         await kube.add_ephemeral_container(target, spec)
-        with pytest.raises(ClusterError, match="ErrImageNeverPull"):
+        with pytest.raises(ClusterError, match="ErrImageNeverPull") as never:
             await kube.wait_container_running(target, "msx-missing-image", timeout=60)
+        # IfNotPresent: the node tries to pull, and cannot (this cluster reaches no registry).
+        await kube.add_ephemeral_container(target, {**spec, "name": "msx-unpullable",
+                                                    "imagePullPolicy": "IfNotPresent"})
+        with pytest.raises(ContainerNotStarted) as unpullable:
+            await kube.wait_container_running(target, "msx-unpullable", timeout=60)
+
+    assert isinstance(never.value, ContainerNotStarted) and never.value.image_unavailable
+    assert unpullable.value.image_unavailable
+    assert unpullable.value.reason in ("ErrImagePull", "ImagePullBackOff")
+    assert "multisniff.local/absent:1" in unpullable.value.detail
 
 
 @pytest.mark.anyio
@@ -165,5 +221,8 @@ async def test_an_unreachable_api_server_is_a_sentence(cluster, tmp_path: Path) 
     (tmp_path / "config").write_text(json.dumps(config))
     async with connect(str(tmp_path / "config")) as kube:
         with pytest.raises(ClusterError, match=r"^Cannot reach the Kubernetes API at "
-                                               r"https://127\.0\.0\.1:1: .*; check "):
+                                               r"https://127\.0\.0\.1:1: .*; check ") as caught:
             await kube.list_pods(PodSelector("default"))
+
+    assert isinstance(caught.value, Unreachable) and caught.value.status is None
+    assert isinstance(caught.value.__cause__, (aiohttp.ClientError, OSError))

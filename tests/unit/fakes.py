@@ -18,6 +18,7 @@ from typing import Any
 import anyio
 from anyio.abc import Process
 
+from multisniff.errors import ApiRequest, ContainerNotStarted, Forbidden
 from multisniff.kube.model import (
     ContainerInfo,
     ExecResult,
@@ -86,6 +87,9 @@ class FakeCluster:
     nodes: dict[str, NodeInfo] = field(default_factory=dict)
     allowed: set[tuple[str, str, str]] | None = None
     """(verb, resource, subresource) that `can_i` grants; None grants everything."""
+    may_list_nodes: bool = True
+    unpullable: set[str] = field(default_factory=set)
+    """Images the nodes cannot pull: an ephemeral container with one never starts."""
     rewrite: Rewrite | None = None
     can_close_stdin: bool = True
     """False behaves like a v4 exec server: stdin ends only with the whole stream."""
@@ -126,6 +130,11 @@ class FakeCluster:
 
     async def node(self, name: str) -> NodeInfo:
         return self.nodes.get(name) or NodeInfo(name=name, architecture="amd64")
+
+    async def list_nodes(self) -> tuple[NodeInfo, ...]:
+        if not self.may_list_nodes:
+            raise Forbidden(ApiRequest("list", "nodes"))
+        return tuple(self.nodes.values())
 
     async def can_i(self, verb: str, resource: str, *, namespace: str | None,
                     subresource: str = "") -> bool:
@@ -171,7 +180,8 @@ class FakeCluster:
     async def add_ephemeral_container(self, pod: PodRef, spec: Mapping[str, Any]) -> None:
         self.ephemeral_specs.append((pod, dict(spec)))
         info = self.pods[pod]
-        container = ContainerInfo(name=str(spec["name"]), image=str(spec["image"]), running=True)
+        container = ContainerInfo(name=str(spec["name"]), image=str(spec["image"]),
+                                  running=spec["image"] not in self.unpullable)
         self.pods[pod] = replace(info, ephemeral_containers=(*info.ephemeral_containers,
                                                              container))
 
@@ -181,6 +191,12 @@ class FakeCluster:
         names = [c.name for c in (*info.containers, *info.ephemeral_containers)]
         if container not in names:
             raise LookupError(f"{pod} has no container {container}")
+        for ephemeral in info.ephemeral_containers:
+            if ephemeral.name == container and ephemeral.image in self.unpullable:
+                raise ContainerNotStarted(
+                    f"Container {container} of pod {pod} cannot start (ErrImagePull).",
+                    pod=str(pod), container=container, state="waiting", reason="ErrImagePull",
+                    detail=f"failed to pull image {ephemeral.image}")
         return info
 
     async def create_pod(self, manifest: Mapping[str, Any]) -> PodRef:

@@ -20,7 +20,7 @@ from fakes import FakeCluster, make_pod
 
 from multisniff.capture.auto import AutoMode, NoUsableMode
 from multisniff.capture.bundlecache import BundleUnavailable
-from multisniff.capture.ephemeral import EphemeralMode
+from multisniff.capture.ephemeral import EphemeralError, EphemeralMode
 from multisniff.capture.model import CaptureSpec, Target
 from multisniff.capture.upload import UploadMode
 from multisniff.kube.model import PodRef
@@ -137,7 +137,7 @@ async def test_assess_names_the_missing_permission(cluster: SleeperCluster) -> N
 
     assert not assessment.usable
     assert assessment.reason == ("you may not add ephemeral containers to pods in namespace "
-                                 "default (update pods/ephemeralcontainers)")
+                                 "default (patch pods/ephemeralcontainers)")
 
 
 @pytest.mark.anyio
@@ -175,5 +175,36 @@ async def test_access_reviews_are_asked_once_per_namespace(cluster: SleeperClust
     assert (await mode.assess(second)).usable
 
     assert sorted(cluster.access_reviews) == [("create", "pods", "default", "exec"),
-                                              ("update", "pods", "default",
+                                              ("patch", "pods", "default",
                                                "ephemeralcontainers")]
+
+
+@pytest.mark.anyio
+async def test_an_image_that_cannot_be_pulled_is_said_once_and_nothing_is_left_to_end(
+        caplog: pytest.LogCaptureFixture) -> None:
+    cluster = FakeCluster(unpullable={"nope:1"})
+    targets = [Target(cluster.add_pod(make_pod(f"app-{i}")), "app") for i in range(3)]
+    mode = EphemeralMode(cluster, image="nope:1", watchdogs=no_watchdog)
+    # At the start of a session every pod is assessed before any container has failed.
+    assert all([(await mode.assess(target)).usable for target in targets[:2]])
+
+    errors = []
+    with caplog.at_level(logging.ERROR, logger="multisniff"):
+        for target in targets[:2]:
+            with pytest.raises(EphemeralError) as caught:
+                async with mode.open(target, CaptureSpec()):
+                    pass
+            errors.append(str(caught.value))
+    later = await mode.assess(targets[2])
+
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert said == [
+        "The image nope:1 of the ephemeral containers could not be pulled on node node-1 "
+        "(ErrImagePull); pass --ephemeral-image with an image that has tcpdump and that the "
+        "nodes can pull."]
+    assert errors == ["its ephemeral container's image nope:1 could not be pulled "
+                      "(ErrImagePull)"] * 2
+    assert not cluster.execs  # no exec to end a sleeper that never ran
+    assert not later.usable
+    assert later.reason == "the image nope:1 could not be pulled on node node-1 (ErrImagePull)"
+    assert len(cluster.ephemeral_specs) == 2

@@ -3,6 +3,8 @@ backpressure and teardown. Outputs are read back with our reader and, where it m
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 import os
 import shutil
 import stat
@@ -19,7 +21,7 @@ from multisniff.capture.model import Target
 from multisniff.engine.output import FileOutput, LiveOutput
 from multisniff.engine.session import NothingMatches, Session, dry_run
 from multisniff.errors import ExitCode
-from multisniff.kube.model import ContainerInfo, PodEvent, PodEventType
+from multisniff.kube.model import ContainerInfo, NodeInfo, PodEvent, PodEventType
 from multisniff.pcap.reading import CaptureReader, packet_fields
 from multisniff.profiles import Profile
 
@@ -419,6 +421,33 @@ async def test_peers_that_are_not_captured_have_names_too(out: Path) -> None:
              for record in block.records}
     assert names[bytes([10, 9, 0, 7])] == ("front/client",)
     assert ("shop/web-a",) in names.values()
+
+
+@pytest.mark.parametrize("may_list_nodes", [True, False], ids=["nodes", "no-nodes"])
+async def test_node_addresses_are_named_when_nodes_may_be_listed(
+        out: Path, may_list_nodes: bool, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="multisniff")
+    cluster = cluster_with("web-a")
+    cluster.nodes["node-1"] = NodeInfo("node-1", "amd64", internal_ip="192.168.5.1",
+                                       addresses=("192.168.5.1", "fd00::5:1"))
+    cluster.may_list_nodes = may_list_nodes
+
+    result = await Session(cluster, mode_with({"web-a": 3}), PROFILE,
+                           FileOutput(str(out), grace=5)).run()
+
+    assert result.exit_code == ExitCode.OK
+    batch = CaptureReader().feed(out.read_bytes())
+    names = {bytes(record.address): record.names for block in batch.names
+             for record in block.records}
+    node_names = {address: name for address, name in names.items()
+                  if name[0].startswith("node/")}
+    if may_list_nodes:
+        assert node_names == {bytes([192, 168, 5, 1]): ("node/node-1",),
+                              ipaddress.ip_address("fd00::5:1").packed: ("node/node-1",)}
+    else:
+        assert node_names == {}
+        assert "Cannot list nodes for names: You may not list nodes cluster-wide" in caplog.text
+    assert names[bytes([10, 1, 0, 10])] == ("shop/web-a",)
 
 
 @pytest.mark.parametrize("kind", ["file", "live"])

@@ -1,5 +1,6 @@
-"""Pure parts of the Kubernetes client: pods from JSON, container states, re-list differences,
-label summaries, error sentences, kubeconfig paths. No cluster, no client library objects."""
+"""Pure parts of the Kubernetes client: pods and nodes from JSON, container states, re-list
+differences, label summaries, errors by status and their sentences, kubeconfig paths. No
+cluster, no client library objects."""
 
 from __future__ import annotations
 
@@ -8,16 +9,34 @@ from pathlib import Path
 
 import pytest
 
-from multisniff.errors import ClusterError, RefusedError, UsageError
+from multisniff.errors import (
+    ApiError,
+    ApiRequest,
+    ClusterError,
+    Conflict,
+    ExitCode,
+    Forbidden,
+    Gone,
+    Invalid,
+    NamespaceNotFound,
+    NotFound,
+    PodSecurityRefused,
+    RefusedError,
+    Unauthorized,
+    Unavailable,
+    Unreachable,
+    UsageError,
+)
 from multisniff.kube.api import (
-    Action,
     api_error,
     container_state,
     kubeconfig_paths,
+    node_info,
     pod_changes,
     pod_info,
     top_labels,
 )
+from multisniff.kube.execstream import handshake_refusal
 from multisniff.kube.model import PodEventType, PodRef
 
 
@@ -117,7 +136,7 @@ def test_top_labels_most_common_first_without_hash_noise() -> None:
 
 def test_rbac_refusal_names_verb_resource_namespace_and_the_way_out() -> None:
     error = api_error(403, {"message": 'pods is forbidden: User "v" cannot create ...'},
-                      Action("create", "pods", "demo"))
+                      ApiRequest("create", "pods", "demo"))
 
     assert isinstance(error, RefusedError)
     assert str(error) == ("You may not create pods in namespace demo (RBAC): ask for `create` "
@@ -128,19 +147,132 @@ def test_pod_security_refusal_names_the_level() -> None:
     message = ('pods "p" is forbidden: violates PodSecurity "restricted:latest": privileged '
                '(container "c" must not set securityContext.privileged=true)')
 
-    error = api_error(403, {"message": message}, Action("create", "pods", "restricted"))
+    error = api_error(403, {"message": message}, ApiRequest("create", "pods", "restricted"))
 
-    assert isinstance(error, RefusedError)
+    assert isinstance(error, PodSecurityRefused) and isinstance(error, RefusedError)
     assert "Namespace restricted enforces Pod Security level 'restricted'" in str(error)
     assert "securityContext.privileged=true" in str(error)
     assert "pod-security.kubernetes.io/enforce=privileged" in str(error)
 
 
 def test_other_failures_are_cluster_errors_with_the_server_message() -> None:
-    error = api_error(500, {"message": "etcd timeout"}, Action("list", "pods", None))
+    error = api_error(500, {"message": "etcd timeout"}, ApiRequest("list", "pods", None))
 
     assert isinstance(error, ClusterError)
     assert "etcd timeout" in str(error) and "cluster-wide" in str(error)
+
+
+PATCH = ApiRequest("patch", "pods/ephemeralcontainers", "demo", "web-1")
+
+
+@pytest.mark.parametrize(("status", "kind", "base", "exit_code"), [
+    (401, Unauthorized, RefusedError, ExitCode.REFUSED),
+    (403, Forbidden, RefusedError, ExitCode.REFUSED),
+    (404, NotFound, ClusterError, ExitCode.NOTHING),
+    (409, Conflict, ClusterError, ExitCode.NOTHING),
+    (410, Gone, ClusterError, ExitCode.NOTHING),
+    (422, Invalid, ClusterError, ExitCode.NOTHING),
+    (429, Unavailable, ClusterError, ExitCode.NOTHING),
+    (500, Unavailable, ClusterError, ExitCode.NOTHING),
+    (503, Unavailable, ClusterError, ExitCode.NOTHING),
+    (400, ApiError, ApiError, ExitCode.NOTHING),
+])
+def test_each_status_is_its_own_type_with_the_request_it_failed(
+        status: int, kind: type, base: type, exit_code: ExitCode) -> None:
+    error = api_error(status, {"message": "the server's words", "details": {"name": "web-1"}},
+                      PATCH)
+
+    assert type(error) is kind and isinstance(error, base)
+    assert error.exit_code == exit_code
+    assert (error.status, error.request, error.detail) == (status, PATCH, "the server's words")
+    assert str(error).endswith(".") and "\n" not in str(error)
+
+
+def test_the_sentences_name_the_request_and_the_way_out() -> None:
+    def sentence(status: int, message: str = "") -> str:
+        return str(api_error(status, {"message": message, "details": {"name": "web-1"}},
+                             PATCH))
+
+    assert sentence(401) == ("The API server did not accept our credentials (401 "
+                             "Unauthorized): log in again, or check --kubeconfig/--context.")
+    assert sentence(403) == (
+        "You may not patch pods/ephemeralcontainers in namespace demo (RBAC): ask for `patch` "
+        "on `pods/ephemeralcontainers` there, or use a kubeconfig that has it.")
+    assert sentence(404, 'pods "web-1" not found') == (
+        'Cannot patch pods/ephemeralcontainers web-1 in namespace demo: pods "web-1" not '
+        "found; check the name.")
+    assert sentence(409, "the object has been modified") == (
+        "The API server failed to patch pods/ephemeralcontainers web-1 in namespace demo "
+        "(409): the object has been modified; try again, or check the API server's health.")
+    assert sentence(422, "spec.ephemeralContainers[0].name: Required value") == (
+        "The API server rejected the pods/ephemeralcontainers we sent as invalid: "
+        "spec.ephemeralContainers[0].name: Required value; this is a bug in multisniff, "
+        "please report it.")
+
+
+def test_a_missing_ephemeralcontainers_subresource_points_to_the_upload_mode() -> None:
+    # Unlike a missing pod, a missing subresource has no name in the details (as kubectl tells).
+    error = api_error(404, {"message": "the server could not find the requested resource",
+                            "details": {}}, PATCH)
+
+    assert isinstance(error, NotFound)
+    assert str(error).startswith("This cluster does not serve pods/ephemeralcontainers")
+    assert str(error).endswith("use --mode upload.")
+
+
+def test_a_missing_namespace_is_a_refusal_with_the_namespaces_there() -> None:
+    request = ApiRequest("create", "pods", "shop")
+
+    listed = NamespaceNotFound(request, existing=["default", "demo"])
+    unlisted = NamespaceNotFound(request)
+
+    assert isinstance(listed, NotFound) and isinstance(listed, RefusedError)
+    assert listed.exit_code == ExitCode.REFUSED
+    assert str(listed) == "Namespace shop does not exist; namespaces here: default, demo."
+    assert str(unlisted) == ("Namespace shop does not exist; check -n/--namespace (kubectl get "
+                             "namespaces lists them).")
+
+
+def test_an_exec_handshake_refusal_is_the_same_type_and_sentence() -> None:
+    pod = PodRef("demo", "web-1")
+
+    forbidden = handshake_refusal(403, pod, "app", "Forbidden")
+    unauthorized = handshake_refusal(401, pod, "app", "Unauthorized")
+    missing = handshake_refusal(404, pod, "app", "Not Found")
+    broken = handshake_refusal(503, pod, "app", "Service Unavailable")
+
+    assert isinstance(forbidden, Forbidden) and str(forbidden) == (
+        "You may not create pods/exec in namespace demo (RBAC): ask for `create` (and `get`) "
+        "on `pods/exec` there, or use a kubeconfig that has it.")
+    assert isinstance(unauthorized, Unauthorized)
+    assert str(unauthorized) == str(api_error(401, {}, PATCH))
+    assert isinstance(missing, NotFound) and "pod demo/web-1 or its container app" in str(missing)
+    assert isinstance(broken, Unavailable) and broken.status == 503
+
+
+def test_an_unreachable_api_server_names_its_address() -> None:
+    error = Unreachable(ApiRequest("list", "pods", "demo"), host="https://10.0.0.1:6443",
+                        detail="Connection refused")
+
+    assert isinstance(error, ClusterError) and error.status is None
+    assert str(error) == ("Cannot reach the Kubernetes API at https://10.0.0.1:6443: "
+                          "Connection refused; check --context/--kubeconfig.")
+
+
+def test_node_info_has_the_addresses_its_traffic_comes_from() -> None:
+    node = node_info({
+        "metadata": {"name": "node-1"},
+        "spec": {"podCIDR": "10.244.3.0/24", "podCIDRs": ["10.244.3.0/24", "fd10:3::/64"]},
+        "status": {"nodeInfo": {"architecture": "arm64", "operatingSystem": "linux"},
+                   "addresses": [{"type": "Hostname", "address": "node-1"},
+                                 {"type": "ExternalIP", "address": "203.0.113.9"},
+                                 {"type": "InternalIP", "address": "10.0.0.1"},
+                                 {"type": "InternalIP", "address": "fd00::1"},
+                                 {"type": "InternalDNS", "address": "node-1.internal"}]}})
+
+    assert (node.name, node.architecture, node.internal_ip) == ("node-1", "arm64", "10.0.0.1")
+    assert node.addresses == ("10.0.0.1", "fd00::1", "203.0.113.9", "10.244.3.1", "fd10:3::1")
+    assert node_info({"spec": {"podCIDR": "10.9.9.9/32"}}).addresses == ()
 
 
 def test_kubeconfig_paths_follow_kubectl(tmp_path: Path) -> None:

@@ -1,0 +1,113 @@
+"""The wheel built from this tree ships both upload bundles, and a client that installs it uses
+them as they are: no gcc, apt or dpkg on its PATH, an empty bundle cache, nothing built."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import anyio
+import pytest
+
+from multisniff.capture.bundlebuild import foreign_architectures, host_arch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.timeout(900),  # the first build compiles tcpdump twice; later ones reuse it
+    pytest.mark.skipif(host_arch() != "amd64", reason="cross-builds arm64 from amd64"),
+    pytest.mark.skipif(
+        any(shutil.which(t) is None for t in ("gcc", "aarch64-linux-gnu-gcc", "dpkg"))
+        or "arm64" not in foreign_architectures(),
+        reason="the package build needs gcc, gcc-aarch64-linux-gnu and dpkg (see .ci/setup)",
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # A copy of the tree as git sees it: no build/ or bundles left from an earlier build.
+    tree = tmp_path_factory.mktemp("tree")
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT,
+                           capture_output=True, check=True).stdout.decode().split("\0")
+    for name in filter(None, files):
+        if (ROOT / name).is_file():
+            (tree / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, tree / name)
+    out = tmp_path_factory.mktemp("wheel")
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-v", str(tree), "-w", str(out)],
+        capture_output=True, text=True, timeout=880)
+    assert result.returncode == 0, result.stderr
+    print("\n".join(line for line in (result.stdout + result.stderr).splitlines()
+                    if "multisniff:" in line))
+    (built,) = out.glob("multisniff-*.whl")
+    return built
+
+
+def test_the_wheel_ships_a_small_bundle_for_each_architecture(wheel: Path) -> None:
+    archive = zipfile.ZipFile(wheel)
+    names = set(archive.namelist())
+
+    for arch in ("amd64", "arm64"):
+        for name in ("bundle.tar.gz", "bundle.index.json", "watchdog.sha256"):
+            assert f"multisniff/capture/bundles/{arch}/{name}" in names
+        # tcpdump built from Debian's sources, without D-Bus, systemd and libcrypto: tcpdump,
+        # libc and the loader are all of it (from Debian's packages: 18 libraries, 5.4 MB).
+        index = json.loads(archive.read(f"multisniff/capture/bundles/{arch}/bundle.index.json"))
+        assert index["manifest"]["built_from"]["recipe"] == "debian-source"
+        libraries = sorted(n for n in index["manifest"]["files"] if n.startswith("lib/"))
+        assert [n for n in libraries if "ld-linux" not in n] == ["lib/libc.so.6"]
+        assert archive.getinfo(f"multisniff/capture/bundles/{arch}/bundle.tar.gz").file_size \
+            < 2_500_000
+
+
+def test_a_client_without_compiler_or_apt_uses_the_shipped_bundles(
+        wheel: Path, tmp_path: Path) -> None:
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    subprocess.run([venv / "bin" / "pip", "install", "-q", "--no-deps", "--no-index", wheel],
+                   check=True, timeout=120)
+    # The dependencies come from this venv's site-packages, as a plain path (its editable
+    # multisniff is not: that needs the .pth files there, which a plain path does not run).
+    dependencies = Path(anyio.__file__).parents[1]
+    (site_packages,) = venv.glob("lib/python*/site-packages")
+    (site_packages / "dependencies.pth").write_text(f"{dependencies}\n")
+    cache = tmp_path / "empty-cache"
+    env = {"PATH": str(venv / "bin"), "HOME": str(tmp_path), "MULTISNIFF_BUNDLES": str(cache),
+           "LANG": os.environ.get("LANG", "C.UTF-8")}
+
+    listing = subprocess.run([venv / "bin" / "multisniff", "bundles", "list", "--json"],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    loaded = subprocess.run(
+        [venv / "bin" / "python", "-c",
+         "import hashlib, json, shutil, multisniff\n"
+         "from multisniff.capture.bundlecache import bundle_for, watchdog_for\n"
+         "print(json.dumps({'module': multisniff.__file__,"
+         " 'tools': [t for t in ('gcc', 'aarch64-linux-gnu-gcc', 'apt-get', 'dpkg')"
+         " if shutil.which(t)],"
+         " 'digests': {a: bundle_for(a).digest for a in ('amd64', 'arm64')},"
+         " 'watchdogs': {a: hashlib.sha256(watchdog_for(a)).hexdigest()"
+         " for a in ('amd64', 'arm64')},"
+         " 'in_bundles': {a: bundle_for(a).manifest['files']['msnf-watchdog']['sha256']"
+         " for a in ('amd64', 'arm64')}}))"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+
+    assert listing.returncode == 0, listing.stderr
+    rows = json.loads(listing.stdout)
+    assert [(r["arch"], r["source"], r["used"]) for r in rows] == [
+        ("amd64", "wheel", True), ("arm64", "wheel", True)]
+    assert all(r["path"].startswith(str(site_packages)) for r in rows)
+    assert loaded.returncode == 0, loaded.stderr
+    facts = json.loads(loaded.stdout)
+    assert facts["module"].startswith(str(site_packages))
+    assert facts["tools"] == []
+    assert facts["digests"] == {r["arch"]: r["digest"] for r in rows}
+    assert facts["watchdogs"] == facts["in_bundles"]  # the ephemeral mode's, from the bundle
+    assert not cache.exists()  # nothing was built or cached
