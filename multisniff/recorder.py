@@ -125,6 +125,11 @@ class Recorder:
                         "(--require-ready would not run it).", exc)
         if self._interrupted:
             return
+        ending = cap.session.stop_reason
+        if cap.done or ending:
+            log.error("The capture is over before the command could start (%s); COMMAND is "
+                      "not run.", ending or "see above")
+            return
         path = os.path.join(socket_dir, "marks")
         listener = await anyio.create_unix_listener(path)
         os.chmod(path, 0o600)

@@ -95,7 +95,14 @@ def test_the_chaos_scenario_is_recorded(cluster: Any, tmp_path: Path) -> None:
     rows = frames(out)
     events = [(time, comment) for time, interface, comment in rows if interface == EVENTS]
     packets = [(time, interface) for time, interface, _ in rows if interface != EVENTS]
-    assert [time for time, _, _ in rows] == sorted(time for time, _, _ in rows)
+    # Exactly merged: in time order, where a packet earlier than one before it on its own
+    # interface (tcpdump on "any" may go back a little) keeps its place behind that one.
+    newest: dict[str, Decimal] = {}
+    keys = []
+    for time, interface, _ in rows:
+        newest[interface] = max(time, newest.get(interface, time))
+        keys.append(newest[interface])
+    assert keys == sorted(keys)
 
     # Every pod's traffic: a deleted pod's interface ends, its successor's begins.
     a, b, client = (f"{namespace}/{name}" for name in ("server-a", "server-b", "client"))
@@ -120,8 +127,7 @@ def test_the_chaos_scenario_is_recorded(cluster: Any, tmp_path: Path) -> None:
 
     texts = [comment for _, comment in events]
     order = ["command started", "mark: chaos: deleting server-a", f"pod {a} deleted",
-             f"pod {a} added", "mark: chaos: server-a is back",
-             "mark: chaos: restarting server-b", f"container main of pod {b} restarted",
+             f"pod {a} added", "mark: chaos: restarting server-b", f"container main of pod {b} restarted",
              "mark: chaos: done", "command ended, exit code 7"]
     positions = [next(i for i, text in enumerate(texts) if text.startswith(step))
                  for step in order]
@@ -134,7 +140,7 @@ def test_the_chaos_scenario_is_recorded(cluster: Any, tmp_path: Path) -> None:
     assert min(times(f"{a}#2")) > when(f"pod {a} added")
     assert max(times(b)) < when(f"container main of pod {b} restarted")
     assert min(times(f"{b}#2")) > when("mark: chaos: restarting server-b")
-    assert min(times(client)) < when("command started") < max(times(client))
+    assert min(times(client)) < when("mark: chaos: deleting server-a") < max(times(client))
 
 
 def test_a_signal_goes_to_the_command_first(cluster: Any, tmp_path: Path) -> None:

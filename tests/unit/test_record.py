@@ -221,3 +221,13 @@ def test_record_into_a_ring_of_files_keeps_or_removes_them_all(tmp_path: Path,
     assert summary["kept"] == [str(path) for path in files]
     code, out, summary = record(tmp_path, ["true"], rotate_size="4k")
     assert code == 0 and ring_files(str(out)) == [] and summary["kept"] == []
+
+
+def test_a_capture_over_before_the_command_starts_does_not_run_it(tmp_path: Path,
+                                                                  mode: FakeMode) -> None:
+    mode.refuse = {"web-a", "web-b"}
+    marker = tmp_path / "ran"
+    code, _, summary = record(tmp_path, ["touch", str(marker)], follow=False)
+    assert code == ExitCode.NOTHING
+    assert not marker.exists()
+    assert summary["command"]["exit_code"] is None

@@ -18,7 +18,7 @@ k exec client -- workload udp -targets "$new_ip:$PORT" -count 200 -rate 20 -pod 
     -report 0 >/dev/null
 
 $MULTISNIFF mark "chaos: restarting server-b"
-k exec server-b -- kill -TERM 1
+k exec server-b -- kill -TERM 1 || true  # the exec may die with the container it ends
 i=0
 until [ "$(k get pod server-b -o jsonpath='{.status.containerStatuses[0].restartCount}')" = 1 ] &&
       [ "$(k get pod server-b -o jsonpath='{.status.containerStatuses[0].ready}')" = true ]; do
