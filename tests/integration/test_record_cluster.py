@@ -127,7 +127,8 @@ def test_the_chaos_scenario_is_recorded(cluster: Any, tmp_path: Path) -> None:
 
     texts = [comment for _, comment in events]
     order = ["command started", "mark: chaos: deleting server-a", f"pod {a} deleted",
-             f"pod {a} added", "mark: chaos: restarting server-b", f"container main of pod {b} restarted",
+             f"pod {a} added", "mark: chaos: restarting server-b",
+             f"container main of pod {b} restarted",
              "mark: chaos: done", "command ended, exit code 7"]
     positions = [next(i for i, text in enumerate(texts) if text.startswith(step))
                  for step in order]
