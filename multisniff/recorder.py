@@ -121,8 +121,8 @@ class Recorder:
                 log.error("%s COMMAND is not run (--require-ready).", exc)
                 cap.stop("not ready (--require-ready)")
                 return
-            log.warning("%s Running COMMAND anyway; those pods are captured once they are "
-                        "(--require-ready would not run it).", exc)
+            log.warning("%s Running COMMAND anyway; those pods are captured once their "
+                        "tcpdump listens (--require-ready would not run it).", exc)
         if self._interrupted:
             return
         ending = cap.session.stop_reason
@@ -144,6 +144,9 @@ class Recorder:
         except PermissionError:
             self.command_code = COMMAND_NOT_EXECUTABLE
             self.command_how = "not executable"
+        except OSError as exc:  # e.g. a script without #! line: ENOEXEC
+            self.command_code = COMMAND_NOT_EXECUTABLE
+            self.command_how = f"cannot be executed ({(exc.strerror or str(exc)).lower()})"
         if self.process is None:
             log.error("Cannot run %s: %s; check the command after --.", self.command[0],
                       self.command_how)

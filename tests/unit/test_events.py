@@ -232,3 +232,14 @@ async def test_the_summary_json_lists_the_events(tmp_path: Path, mode: FakeMode)
     summary = ui.summary_json(cap.result, exit_code=0, output="x.pcapng")
     assert [(e["kind"], e["text"]) for e in summary["events"]] == [("mark", "mark: one")]
     assert summary["events"][0]["time"] >= before
+
+
+def test_a_gap_is_a_warning_on_the_timeline() -> None:
+    sink = Recorded()
+    timeline = Timeline(sink, pod_events=True)
+    timeline.gap("shop/web-a", "its stream broke for 2.1 s and was opened again")
+    (event,) = sink.events
+    assert event.kind is EventKind.GAP and event.warning
+    assert event.text == ("gap in the capture of shop/web-a: its stream broke for 2.1 s and "
+                          "was opened again")
+    assert b"<12>multisniff: gap in the capture" in encode_event(event)  # USER.WARNING

@@ -231,3 +231,15 @@ def test_a_capture_over_before_the_command_starts_does_not_run_it(tmp_path: Path
     assert code == ExitCode.NOTHING
     assert not marker.exists()
     assert summary["command"]["exit_code"] is None
+
+
+def test_a_command_that_cannot_be_executed_exits_126(tmp_path: Path, mode: FakeMode) -> None:
+    script = tmp_path / "no-shebang"
+    script.write_bytes(b"\x7fELF not really\n")
+    script.chmod(0o755)
+    code, _, summary = record(tmp_path, [str(script)])
+    assert code == 126
+    assert summary["command"]["how"].startswith("cannot be executed (exec format error")
+    script.chmod(0o644)
+    code, _, summary = record(tmp_path, [str(script)])
+    assert code == 126 and summary["command"]["how"] == "not executable"
