@@ -26,9 +26,11 @@ from pathlib import Path
 import anyio
 
 from multisniff.errors import OutputError
-from multisniff.pcap.blocks import IDB, NRB, SHB
+from multisniff.pcap.blocks import EPB, IDB, NRB, PACKET_BLOCK, SHB, SPB
 
 _HEADER = struct.Struct("<II")
+_PACKETS = (EPB, SPB, PACKET_BLOCK)
+"""A new file begins only for a packet: statistics and other blocks end the current one."""
 
 
 def ring_name(path: str, counter: int, begun: float) -> str:
@@ -127,7 +129,7 @@ class RotatingFileSink:
                 if block_type == SHB:
                     self._header = []
                 self._header.append(bytes(view[at:at + length]))
-            elif self._due():
+            elif block_type in _PACKETS and self._due():
                 # Before the first file, every block so far is in the header it begins with.
                 if self._fd is not None and at > start:
                     self._write(view[start:at])
@@ -135,7 +137,7 @@ class RotatingFileSink:
                 self._begin()
             at += length
         if self._fd is None:
-            self._begin()
+            self._begin()  # the header alone, as a capture without packets has it
         elif start < end:
             self._write(view[start:end])
 

@@ -190,3 +190,23 @@ def test_time_in_names_is_when_the_file_began() -> None:
     begun = time.mktime((2026, 1, 2, 3, 4, 5, 0, 0, -1))
     assert ring_name("/x/out.pcapng", 7, begun) == "/x/out_00007_20260102030405.pcapng"
     assert ring_name("out", 1, begun) == "out_00001_20260102030405"
+
+
+def test_statistics_at_the_end_stay_in_the_last_file(tmp_path: Path) -> None:
+    from multisniff.pcap.blocks import InterfaceStatistics
+    from multisniff.pcap.writing import encode_isb
+
+    chunks, _ = stream()
+    sink = RotatingFileSink(str(tmp_path / "rec.pcapng"), max_size=2000, every=None,
+                            keep_files=None)
+    for chunk in chunks:
+        sink.write_blocks(chunk)
+    files = list(sink.files)
+    sink._size = 10**6  # the current file is full when the statistics come
+    sink.write_blocks(encode_isb(InterfaceStatistics(interface_id=0, timestamp=1)))
+    sink._close()
+    assert sink.files == files  # no file of statistics alone
+    reader = CaptureReader()
+    batch = reader.feed(Path(files[-1]).read_bytes())
+    assert reader.finish() is None
+    assert batch.packets and len(batch.statistics) == 1
