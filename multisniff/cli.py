@@ -69,6 +69,8 @@ def _add_record_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
                     "is kept per --keep; the JSON summary is always written. Inside COMMAND, "
                     "`multisniff mark TEXT` puts a mark on the timeline.")
     if full:
+        parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                            help="show tracebacks and debug logs")
         add_capture_options(parser, record=True)
         record.add_record_options(parser)
     parser.set_defaults(run=run_record, command_argv=[])

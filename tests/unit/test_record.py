@@ -243,3 +243,13 @@ def test_a_command_that_cannot_be_executed_exits_126(tmp_path: Path, mode: FakeM
     script.chmod(0o644)
     code, _, summary = record(tmp_path, [str(script)])
     assert code == 126 and summary["command"]["how"] == "not executable"
+
+
+@pytest.mark.parametrize("argv", [["--debug", "record", "-l", "a=b", "--", "true"],
+                                  ["record", "--debug", "-l", "a=b", "--", "true"],
+                                  ["record", "-l", "a=b", "--", "true", "--debug"]])
+def test_debug_before_or_after_record_and_the_commands_own(argv: list[str]) -> None:
+    arguments, command = split_command(argv)
+    args = cli.build_parser(record=True).parse_args(arguments)
+    assert args.debug is ("--debug" in arguments)
+    assert command == ["true", "--debug"][:len(command)]
