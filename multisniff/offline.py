@@ -24,6 +24,7 @@ import struct
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 
 from multisniff.errors import ExitCode, InputError, OutputError, UsageError
@@ -365,7 +366,7 @@ def _merge_files(inputs: Sequence[str], labels: Sequence[str], fds: Sequence[int
 # --- inspect ----------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(slots=True)
 class InterfaceSummary:
     info: InterfaceInfo
     packets: int = 0
@@ -435,11 +436,9 @@ def run_inspect(args: argparse.Namespace) -> int:
     summaries, total, error, reader = summarize(path)
     fmt = reader.format
     if args.json:
-        document = {"file": path, "packets": total,
-                    "interfaces": [summary.as_json() for summary in summaries]}
-        sys.stdout.write(json.dumps(document, indent=2) + "\n")
+        _write_json(path, total, summaries)
     else:
-        sys.stdout.write(_text_report(path, fmt, total, summaries))
+        _write_text(path, fmt, total, summaries)
     sys.stdout.flush()
     warnings = _recovered_sentences(path, reader)
     for sentence in warnings:
@@ -450,16 +449,45 @@ def run_inspect(args: argparse.Namespace) -> int:
     return ExitCode.PARTIAL if error is not None or warnings else ExitCode.OK
 
 
-def _text_report(path: str, fmt: str | None, total: int,
-                 summaries: Sequence[InterfaceSummary]) -> str:
-    lines = [f"{path}: {fmt or 'unknown format'}, {len(summaries)} interface"
-             f"{'s' if len(summaries) != 1 else ''}, {total} packets"]
+def _write_json(path: str, total: int, summaries: Sequence[InterfaceSummary]) -> None:
+    """The document json.dumps(indent=2) would give, written one interface at a time: a file
+    may declare hundreds of thousands of interfaces."""
+    write = sys.stdout.write
+    head = json.dumps({"file": path, "packets": total, "interfaces": []}, indent=2)
+    if not summaries:
+        write(head + "\n")
+        return
+    write(head[: -len("[]\n}")] + "[")
+    for number, summary in enumerate(summaries):
+        item = json.dumps(summary.as_json(), indent=2).replace("\n", "\n    ")
+        write(("," if number else "") + "\n    " + item)
+    write("\n  ]\n}\n")
+
+
+def _write_text(path: str, fmt: str | None, total: int,
+                summaries: Sequence[InterfaceSummary]) -> None:
+    """A table, one row per interface: the rows are made twice (for the column widths, then
+    to write them) rather than kept, as a file may declare hundreds of thousands."""
+    write = sys.stdout.write
+    write(f"{path}: {fmt or 'unknown format'}, {_count(len(summaries), 'interface')}, "
+          f"{_count(total, 'packet')}\n")
     header = ("#", "name", "linktype", "packets", "bytes", "first", "last", "dropped")
-    rows = [header]
+    widths = [len(cell) for cell in header]
+    for row in _rows(summaries):
+        widths = [max(width, len(cell)) for width, cell in zip(widths, row, strict=True)]
+    for row in chain([header], _rows(summaries)):
+        write("  " + "  ".join(cell.ljust(width)
+                               for cell, width in zip(row, widths, strict=True)).rstrip() + "\n")
+    for summary in summaries:
+        if summary.info.description:
+            write(f"  {summary.info.name or '-'}: {summary.info.description}\n")
+
+
+def _rows(summaries: Sequence[InterfaceSummary]) -> Iterator[tuple[str, ...]]:
     for number, summary in enumerate(summaries):
         item = summary.as_json()
         linktype = summary.info.linktype
-        rows.append((
+        yield (
             str(number),
             str(item["name"] or "-"),
             f"{linktype} {LINKTYPE_NAMES.get(linktype, '')}".strip(),
@@ -468,15 +496,11 @@ def _text_report(path: str, fmt: str | None, total: int,
             str(item["first"] or "-"),
             str(item["last"] or "-"),
             "-" if item["dropped"] is None else str(item["dropped"]),
-        ))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    for row in rows:
-        lines.append("  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths,
-                                                                                 strict=True)).rstrip())
-    for summary in summaries:
-        if summary.info.description:
-            lines.append(f"  {summary.info.name or '-'}: {summary.info.description}")
-    return "\n".join(lines) + "\n"
+        )
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 # --- command line -----------------------------------------------------------------------------

@@ -676,7 +676,7 @@ class CaptureReader:
         while at + 4 <= end:
             code, size = unpack(buf, at)
             if code == b.OPT_ENDOFOPT:
-                return at + 4 == end
+                return size == 0 and at + 4 == end
             value_end = at + 4 + size
             if value_end > end or not valid(b.EPB, code, buf[at + 4 : value_end]):
                 return False
