@@ -444,9 +444,9 @@ class CaptureReader:
         if len(buf) - pos < 24:
             return pos
         _, major, minor, _, _, snaplen, linktype_field = _PCAP_HEADER[order].unpack_from(buf, pos)
-        if major != 2:
-            raise self._corrupt(f"pcap version {major}.{minor} is not supported (only 2.x)",
-                                base + pos)
+        if major < 2:  # a later major version is read as 2.x, as Wireshark reads it
+            raise self._corrupt(f"pcap version {major}.{minor} is not supported (only 2.x "
+                                "and later)", base + pos)
         fcslen = None
         if linktype_field & LINKTYPE_FCS_PRESENT:
             fcslen = ((linktype_field >> 28) & 0xF) * 2

@@ -14,8 +14,9 @@ as records of that variant; multisniff reads none of those variants, so for such
 packet count is not compared (everything else is).
 
 MULTISNIFF_FUZZ_CASES sets the number of cases (40 by default, `make fuzz` runs many more) and
-MULTISNIFF_FUZZ_SEED the seed. A failing case is kept as a file and named in the failure with
-the damage done to it, so that it can be replayed with `multisniff merge`.
+MULTISNIFF_FUZZ_SEED the seed. A failing case is kept as a file (in MULTISNIFF_FUZZ_FAILURES,
+by default the test's temporary directory) and named in the failure with the damage done to it,
+so that it can be replayed with `multisniff merge`.
 """
 
 from __future__ import annotations
@@ -214,7 +215,11 @@ EXTREMES = (0, 1, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF)
 
 
 def _put(data: bytearray, at: int, fmt: str, value: int) -> None:
-    if at >= 0 and at + struct.calcsize(fmt) <= len(data):
+    """Write `value` (cut to the field's width) at `at`, if the field is inside `data`."""
+    size = struct.calcsize(fmt)
+    if fmt[-1] in "HI":
+        value &= (1 << 8 * size) - 1
+    if at >= 0 and at + size <= len(data):
         struct.pack_into(fmt, data, at, value)
 
 
@@ -418,6 +423,8 @@ def _kept_by_mergecap(path: Path, workdir: Path) -> int:
 
 def test_damaged_captures(bases: dict[str, bytes], tmp_path: Path) -> None:
     rng = random.Random(SEED)
+    keep = Path(os.environ.get("MULTISNIFF_FUZZ_FAILURES", tmp_path))
+    keep.mkdir(parents=True, exist_ok=True)
     names = sorted(bases)
     failures: list[str] = []
     for number in range(CASES):
@@ -429,6 +436,7 @@ def test_damaged_captures(bases: dict[str, bytes], tmp_path: Path) -> None:
         if problem is None:
             path.unlink()
         else:
+            path = path.rename(keep / f"seed{SEED}-{path.name}")
             failures.append(f"{path} ({name}: {'; '.join(said)}): {problem}")
     assert not failures, (f"{len(failures)} of {CASES} cases failed (seed {SEED}):\n"
                           + "\n".join(failures[:20]))

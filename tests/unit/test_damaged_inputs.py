@@ -228,6 +228,20 @@ def test_names_without_end_record_are_left_out_and_reading_goes_on(
     assert code == ExitCode.PARTIAL and document["packets"] == 7
 
 
+def test_a_pcap_header_with_a_later_major_version_is_read_as_wireshark_reads_it() -> None:
+    blob = bytearray(cf.pcap_file([(1, 0, b"x", 1)]))
+    for major, readable in ((3, True), (0x102, True), (1, False)):
+        struct.pack_into("<H", blob, 4, major)
+        reader, batches = read_all(bytes(blob))
+        if readable:
+            assert reader.finish() is None
+            assert [decode(p)[2] for batch in batches for p in batch.packets] == [b"x"]
+        else:
+            assert isinstance(reader.error, CorruptCaptureError)
+            assert reader.error.reason == ("pcap version 1.4 is not supported (only 2.x and "
+                                           "later)")
+
+
 # --- 7: singular and plural -------------------------------------------------------------------
 
 
