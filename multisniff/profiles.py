@@ -59,9 +59,9 @@ class Profile:
     flush_interval: float = 0.25
     """Live output: how often the clock releases packets that idle pods would hold back."""
     max_pending: int = 100_000
-    batch_interval: float = 1.0
-    """Seconds the remote side may hold tcpdump's output to send it in fewer, larger frames."""
     """Live output: packets held for reordering at most; older ones are written early."""
+    flush_delay: float = 0.05
+    """Seconds a packet may wait on the pod's side to go on with the next ones in one frame."""
     max_lifetime: float = 3600.0
     """Seconds a remote tcpdump may live when no --duration bounds it."""
     lifetime_margin: float = 60.0
@@ -95,11 +95,16 @@ _KEY_TYPES: dict[str, tuple[type, ...]] = {
     "reorder_window": (int, float),
     "flush_interval": (int, float),
     "max_pending": (int,),
-    "batch_interval": (int, float),
+    "flush_delay": (int, float),
     "max_lifetime": (int, float, str),
     "lifetime_margin": (int, float),
     "stop_grace": (int, float),
     "startup_timeout": (int, float),
+}
+
+_REPLACED = {
+    "batch_interval": "flush_delay, the seconds a packet may wait on the pod's side (0.05 by "
+                      "default; packets waiting longer die with a crashing container)",
 }
 
 _TYPE_WORDS = {str: "a string", bool: "true or false", int: "an integer", float: "a number"}
@@ -145,6 +150,9 @@ def profile_from_mapping(data: Mapping[str, Any], *, path: Path, text: str,
     for key, value in data.items():
         where = _where(path, text, key)
         types = _KEY_TYPES.get(key)
+        if key in _REPLACED:
+            raise UsageError(f"{where}: {key} was replaced by {_REPLACED[key]}; fix the profile "
+                             f"{path.name}.")
         if types is None:
             known = ", ".join(sorted(_KEY_TYPES))
             raise UsageError(f"{where}: unknown key {key!r} in profile {path.name}; "
@@ -177,7 +185,7 @@ def _convert(key: str, value: Any) -> Any:
     if key in ("snaplen", "count", "buffer_chunks", "max_pending") and value <= 0:
         raise ValueError("must be more than 0")
     if key in ("reorder_window", "flush_interval", "lifetime_margin", "stop_grace",
-               "startup_timeout", "batch_interval"):
+               "startup_timeout", "flush_delay"):
         if value < 0 or (key == "flush_interval" and value == 0):
             raise ValueError("must be a positive number of seconds")
         return float(value)

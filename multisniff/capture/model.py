@@ -42,7 +42,7 @@ class CaptureSpec:
     """Hard bound in seconds: the watchdog ends tcpdump then, whatever happens to the stream."""
     packet_count: int | None = None
     """tcpdump -c: stop after this many packets (per target)."""
-    batch: float = 1.0
+    flush_delay: float = 0.05
     """Seconds the watchdog may hold tcpdump's output to pass it on in batches (0: at once)."""
 
 

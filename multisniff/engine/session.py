@@ -171,15 +171,15 @@ class Session:
         profile = self.profile
         return CaptureSpec(interface=profile.interface, bpf_filter=profile.filter,
                            snaplen=profile.snaplen, lifetime=self._lifetime(),
-                           packet_count=profile.count, batch=self._batch())
+                           packet_count=profile.count, flush_delay=self._flush_delay())
 
-    def _batch(self) -> float:
-        batch = self.profile.batch_interval
+    def _flush_delay(self) -> float:
+        delay = self.profile.flush_delay
         if isinstance(self.output, LiveOutput):
             # Batches held longer than a fraction of the reorder window would make the live
             # output's packets late.
-            batch = min(batch, self.profile.reorder_window / 4)
-        return batch
+            delay = min(delay, self.profile.reorder_window / 4)
+        return delay
 
     # --- the session --------------------------------------------------------------------------
 

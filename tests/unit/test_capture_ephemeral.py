@@ -98,7 +98,7 @@ async def test_capture_runs_in_the_ephemeral_container_and_its_sleeper_is_ended(
     assert pcap.count(b"MSNF eph") == 3
     capture_script = cluster.execs[0].command[-1]
     if watched:  # the watchdog came over stdin, ran tcpdump, and removed itself
-        assert "msnf-watchdog" in capture_script and "--batch 1" in capture_script
+        assert "msnf-watchdog" in capture_script and "--batch 0.05" in capture_script
         assert not list(tmp_path.glob("msnf-run-*"))
     else:
         assert "msnf-watchdog" not in capture_script

@@ -423,15 +423,15 @@ async def test_peers_that_are_not_captured_have_names_too(out: Path) -> None:
 @pytest.mark.parametrize("kind", ["file", "live"])
 async def test_remote_batches_stay_well_inside_the_live_reorder_window(out: Path,
                                                                        kind: str) -> None:
-    # A pod's side may hold packets for batch_interval; live output holds them for the reorder
+    # A pod's side may hold packets for flush_delay; live output holds them for the reorder
     # window only, so its batches are cut to a quarter of that window.
-    profile = PROFILE.replace(batch_interval=1.0, reorder_window=2.0)
+    profile = PROFILE.replace(flush_delay=1.0, reorder_window=2.0)
     output = FileOutput(str(out), grace=5) if kind == "file" else live(MemorySink(),
                                                                        reorder_window=2.0)
     mode = mode_with({"web-0": 3})
     await Session(cluster_with("web-0"), mode, profile, output).run()
 
-    assert [spec.batch for spec in mode.specs] == [1.0 if kind == "file" else 0.5]
+    assert [spec.flush_delay for spec in mode.specs] == [1.0 if kind == "file" else 0.5]
 
 
 async def test_a_capture_is_announced_once_its_tcpdump_listens(
