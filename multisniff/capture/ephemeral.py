@@ -7,12 +7,12 @@ would put it into the target container's PID namespace, whose every process the 
 when the target's first process dies, so a crash of the target would end the capture. In a PID
 namespace of its own, the capture goes on across the target's restarts, on the same interface.
 It gets CAP_NET_ADMIN and CAP_NET_RAW and nothing else (never privileged), and its own process
-is only a sleeper (``sleep LIFETIME``) that ends by itself when the capture's lifetime is over. tcpdump (the
-image's) runs by exec in it under the same static watchdog as in the upload mode, sent at the
-start of that exec's stdin (``head -c SIZE``, checked by size): it stops tcpdump at the stream's
-end or the lifetime, passes its output on in batches, and removes itself at the end. Where no
-watchdog can be had for the node's architecture (no compiler here), a POSIX shell watchdog
-does the stopping instead: tcpdump in the background (under ``timeout`` where the image has
+is only a sleeper (``sleep LIFETIME``) that ends by itself when the capture's lifetime is over.
+tcpdump (the image's) runs by exec in it under the same static watchdog as in the upload mode,
+sent at the start of that exec's stdin (``head -c SIZE``, checked by size): it stops tcpdump at
+the stream's end or the lifetime, passes its output on in batches, and removes itself at the
+end. Where no watchdog can be had for the node's architecture (no compiler here), a POSIX shell
+watchdog does the stopping instead: tcpdump in the background (under ``timeout`` where the image has
 it), the shell waits for its stdin to reach EOF (stream closed, client gone) and then sends
 tcpdump SIGTERM, which makes it flush and print its statistics; its packets come one frame
 each, which costs more CPU here.
@@ -214,7 +214,7 @@ class EphemeralMode:
                 if program is not None:
                     await channel.write(program)
                 capture = ExecCapture(self._cluster, ref, name, channel, stderr,
-                                      stop_command=stop)
+                                      stop_command=stop, bound_to_container=False)
                 yield capture
         finally:
             # An exit status means the shell got to its end and left the file the sleeper

@@ -74,6 +74,11 @@ class CaptureReport:
 class RemoteCapture(Protocol):
     """A tcpdump running next to a target, writing pcap to us."""
 
+    bound_to_container: bool
+    """True when tcpdump runs in the target container and ends with it (upload); False when
+    it holds only the pod's network namespace, which outlives the container's restarts, and
+    goes on across them (ephemeral)."""
+
     async def read(self) -> bytes:
         """Next chunk of the pcap stream; b"" at its end. Not reading pauses tcpdump."""
         ...
