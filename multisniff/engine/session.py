@@ -257,7 +257,10 @@ class Session:
             run.state = "stopping"
         if capture is not None:
             with anyio.move_on_after(self.profile.stop_grace):
-                await capture.stop()
+                try:
+                    await capture.stop()
+                except MultisniffError as exc:  # its stream is closing already: it ends
+                    log.debug("Stopping the capture of %s: %s", run.label, exc)
 
     # --- pods and targets ---------------------------------------------------------------------
 
