@@ -1,7 +1,8 @@
 """The watchdog, compiled here and run locally: each way of stopping ends its program, which
 gets SIGINT first (and SIGKILL after the grace), and nothing is left behind; with --batch, the
-program's output is passed on whole and in order, in batches, and a reader that stops reading
-does not keep anything alive past the bounds."""
+program's output is passed on whole and in order, in batches (its first write, tcpdump's
+header, at once; a lone packet after the delay), and a reader that stops reading does not keep
+anything alive past the bounds."""
 
 from __future__ import annotations
 

@@ -563,9 +563,10 @@ async def test_a_capture_cut_off_while_its_container_lives_on_is_not_ended(out: 
     assert run.state != "ended" and run.ended_by == ""
 
 
-@pytest.mark.parametrize("interface", ["any", "eth0"])
+@pytest.mark.parametrize(("interface", "kind"), [("any", "file"), ("eth0", "file"),
+                                                 ("any", "live")])
 async def test_a_capture_that_sent_nothing_has_its_interface_and_statistics(
-        out: Path, interface: str) -> None:
+        out: Path, interface: str, kind: str) -> None:
     # Killed before tcpdump's header arrived: the interface is declared all the same, with
     # tcpdump's link type for the interface (LINUX_SLL2 for any).
     cluster = cluster_with("web-a", "web-b")
@@ -573,8 +574,12 @@ async def test_a_capture_that_sent_nothing_has_its_interface_and_statistics(
     mode = mode_with({"web-a": 0, "web-b": 3})
     make = mode.make
     mode.make = lambda target: replace(make(target), silent=target.pod.ref == ref)
+    sink = MemorySink()
+    output = FileOutput(str(out), grace=5) if kind == "file" else live(sink)
     await Session(cluster, mode, PROFILE.replace(interface=interface, stop_grace=1),
-                  FileOutput(str(out), grace=5)).run()
+                  output).run()
+    if kind == "live":
+        out.write_bytes(bytes(sink.data))
 
     reader = CaptureReader()
     batch = reader.feed(out.read_bytes())
