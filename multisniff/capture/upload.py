@@ -49,6 +49,7 @@ from multisniff.kube.model import Cluster, ExecChannel, PodRef
 log = logging.getLogger(__name__)
 
 _CAP_NET_RAW = 1 << 13
+IMMEDIATE_BUFFER_KIB = 8192
 _UPLOAD_CHUNK = 64 * 1024
 _NEEDED_COMMANDS = ("tar", "head", "mkdir", "mv", "rm")
 _PROBE = (
@@ -78,9 +79,13 @@ def capture_arguments(spec: CaptureSpec, *, immediate: bool = False) -> list[str
     """tcpdump's arguments after ``-Z root`` for a capture spec: pcap to stdout, unbuffered,
     with nanosecond timestamps (the merge's own unit: no conversion per packet). ``immediate``:
     each packet leaves the kernel's capture buffer as it comes, instead of when a block of it
-    fills or a second has passed, for a tcpdump that dies with the container it captures."""
-    args = ["-U", *(["--immediate-mode"] if immediate else []), "--time-stamp-precision=nano",
-            "-w", "-", "-i", spec.interface, "-s", str(spec.snaplen)]
+    fills or a second has passed, for a tcpdump that dies with the container it captures. In
+    that mode libpcap's ring has one slot of the snapshot length per packet (for ``any``): the
+    default 2 MiB hold 8 packets of 256 KiB, which a tcpdump short of CPU for 80 ms at 100
+    packets a second overflows, so the buffer is IMMEDIATE_BUFFER instead."""
+    args = ["-U", *(["--immediate-mode", "-B", str(IMMEDIATE_BUFFER_KIB)] if immediate else []),
+            "--time-stamp-precision=nano", "-w", "-", "-i", spec.interface,
+            "-s", str(spec.snaplen)]
     if spec.packet_count is not None:
         args += ["-c", str(spec.packet_count)]
     if spec.bpf_filter:

@@ -37,14 +37,16 @@ WRITE_CHUNK = 256 * 1024
 """Largest stdin frame we send; bigger writes are split so no frame nears a size limit."""
 READ_CHUNK = 256 * 1024
 """Most stdout bytes one `read()` hands on: frames already queued are joined up to this."""
-LINGER = 0.05
+LINGER = 0.25
 """Seconds `read()` lets frames gather after the first one (tcpdump -U sends one message per
-packet): one chunk per pod per LINGER instead of one trip through every layer per packet. The
-queue of the WebSocket stays bounded (aiohttp pauses the socket when it is full). Only from the
-LINGER_AFTER-th read on: short commands, which read a chunk or two, are not slowed down. And only
-after a frame smaller than LINGER_BELOW: a remote side that sends batches (the watchdog's
---batch) has done the gathering already."""
+packet, the watchdog one per flush_delay): one chunk per pod per LINGER instead of one trip
+through every layer per frame. Frames that reached us are safe from a crash of the remote side,
+so only the remote side's batches need to be short. The queue of the WebSocket stays bounded
+(aiohttp pauses the socket when it is full). Only from the LINGER_AFTER-th read on: short
+commands, which read a chunk or two, are not slowed down. And only after a frame smaller than
+LINGER_BELOW: a big frame says that traffic is heavy enough to gather by itself."""
 LINGER_AFTER = 4
+HOLD_RELEASE_STEPS = 3
 LINGER_BELOW = 4096
 CLOSE_GRACE = 5.0
 """Seconds the closing handshake of the WebSocket may take before the connection is dropped."""
@@ -114,6 +116,7 @@ class ExecStream:
                  linger: float = 0.0) -> None:
         self._transport = transport
         self._queued: Callable[[], int] | None = getattr(transport, "queued", None)
+        self._hold: Callable[[bool], None] | None = getattr(transport, "hold", None)
         self._linger = linger
         self._reads = 0
         self.protocol = protocol
@@ -132,7 +135,7 @@ class ExecStream:
         self._reads += 1
         if self._linger > 0 and self._reads >= LINGER_AFTER and len(first) < LINGER_BELOW and \
                 not queued():
-            await anyio.sleep(self._linger)
+            await self._gather()
         parts = [first]
         size = len(first)
         while size < READ_CHUNK and not self._ended and queued():
@@ -142,6 +145,21 @@ class ExecStream:
             parts.append(payload)
             size += len(payload)
         return first if len(parts) == 1 else b"".join(parts)
+
+    async def _gather(self) -> None:
+        """Let frames arrive for `linger` seconds; where the transport can hold them in its
+        socket meanwhile, they are decrypted and parsed in one go afterwards, not one by one."""
+        hold = self._hold
+        if hold is None:
+            await anyio.sleep(self._linger)
+            return
+        hold(True)
+        try:
+            await anyio.sleep(self._linger)
+        finally:
+            hold(False)
+        for _ in range(HOLD_RELEASE_STEPS):  # the release takes effect in the loop's next turns
+            await anyio.sleep(0)
 
     async def _next_stdout(self) -> bytes:
         while not self._ended:
@@ -195,6 +213,27 @@ class _AiohttpTransport:
         self._ws = ws
         # aiohttp's queue of received messages (private; without it nothing is coalesced)
         self._buffer: Sequence[Any] = getattr(getattr(ws, "_reader", None), "_buffer", ())
+
+    def hold(self, held: bool) -> None:
+        """Stop (True) or resume (False) taking bytes off the connection: held bytes wait in
+        the kernel's socket buffer, and are then read, decrypted and parsed in one go instead of
+        a TCP segment at a time. aiohttp's own flow control pauses the same way (and pauses
+        again on the next message if its queue is still full after we resume); under TLS the
+        socket's own transport is paused too, or the TLS layer would go on reading it."""
+        connection = getattr(getattr(self._ws, "_response", None), "connection", None)
+        protocol = getattr(connection, "protocol", None)  # private: no public handle for this
+        if protocol is None:
+            return
+        transport = getattr(connection, "transport", None)
+        raw = getattr(getattr(transport, "_ssl_protocol", None), "_transport", None)
+        if held:
+            protocol.pause_reading()
+            if raw is not None:
+                raw.pause_reading()
+        else:
+            if raw is not None:
+                raw.resume_reading()
+            protocol.resume_reading()
 
     def queued(self) -> int:
         """Data messages at the head of the queue (a ping or close there counts as none: its

@@ -173,7 +173,7 @@ def test_the_capture_command_runs_tcpdump_under_the_watchdog(bundle_cache: Path)
                         "--remove", d]
     assert argv[7] == "--"
     assert argv[8:11] == [f"{d}/{bundle.loader}", "--library-path", f"{d}/lib"]
-    assert argv[11:] == [f"{d}/tcpdump", "-Z", "root", "-U", "--immediate-mode",
+    assert argv[11:] == [f"{d}/tcpdump", "-Z", "root", "-U", "--immediate-mode", "-B", "8192",
                          "--time-stamp-precision=nano", "-w",
                         "-", "-i", "eth0",
                         "-s", "262144", "-c", "3", "udp"]
