@@ -7,7 +7,7 @@ written. The summary JSON (`--summary-json`) is for scripts and CI; its shape is
     {"exit_code": int, "output": str, "duration": float, "stop_reason": str, "error": str,
      "totals": {"pods", "captured", "failed", "packets", "bytes", "dropped", "late"},
      "pods": [{"namespace", "pod", "node", "container", "mode", "reason", "state", "error",
-               "packets", "bytes", "dropped", "late", "interface"}],
+               "ended_by", "restarts", "packets", "bytes", "dropped", "late", "interface"}],
      "skipped": [{"namespace", "pod", "reason"}]}
 """
 
@@ -59,6 +59,8 @@ def run_json(run: CaptureRun) -> dict[str, Any]:
         "reason": run.reason,
         "state": run.state,
         "error": run.error,
+        "ended_by": run.ended_by,
+        "restarts": run.restarts,
         "packets": run.packets,
         "bytes": run.bytes,
         "dropped": run.dropped,
@@ -80,8 +82,8 @@ def summary_json(result: SessionResult | None, *, exit_code: int, output: str | 
         "error": error,
         "totals": {
             "pods": len(runs),
-            "captured": sum(run.state == "done" for run in runs),
-            "failed": sum(run.state != "done" for run in runs),
+            "captured": sum(run.state in ("done", "ended") for run in runs),
+            "failed": sum(run.state not in ("done", "ended") for run in runs),
             "packets": sum(run.packets for run in runs),
             "bytes": sum(run.bytes for run in runs),
             "dropped": sum(run.dropped for run in runs),
@@ -107,8 +109,12 @@ def write_summary_json(path: str, summary: dict[str, Any]) -> None:
 def summary_lines(result: SessionResult) -> list[str]:
     lines = []
     for run in result.runs:
-        line = (f"{run.label}: {run.state}, {run.packets} packets, {human_bytes(run.bytes)}, "
-                f"{run.dropped} dropped, {run.late} late (mode {run.mode})")
+        line = (f"{run.label}: {run.outcome}, {run.packets} packets, "
+                f"{human_bytes(run.bytes)}, {run.dropped} dropped, {run.late} late "
+                f"(mode {run.mode})")
+        if run.restarts:
+            line += (f", went on across {run.restarts} container restart"
+                     f"{'s' if run.restarts != 1 else ''}")
         if run.error:
             line += f": {run.error}"
         lines.append(line)

@@ -46,7 +46,7 @@ class CaptureSpec:
     """Hard bound in seconds: the watchdog ends tcpdump then, whatever happens to the stream."""
     packet_count: int | None = None
     """tcpdump -c: stop after this many packets (per target)."""
-    batch: float = 1.0
+    flush_delay: float = 0.05
     """Seconds the watchdog may hold tcpdump's output to pass it on in batches (0: at once)."""
 
 
@@ -87,6 +87,11 @@ class CaptureReport:
 
 class RemoteCapture(Protocol):
     """A tcpdump running next to a target, writing pcap to us."""
+
+    bound_to_container: bool
+    """True when tcpdump runs in the target container and ends with it (upload); False when
+    it holds only the pod's network namespace, which outlives the container's restarts, and
+    goes on across them (ephemeral)."""
 
     async def read(self) -> bytes:
         """Next chunk of the pcap stream; b"" at its end. Not reading pauses tcpdump."""
