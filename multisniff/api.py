@@ -137,6 +137,14 @@ class Capture:
         self._result: SessionResult | None = None
         self._done = anyio.Event()
         self._started_at = time.time()
+        self.mode_options = mode_options(settings)
+        """What the modes are told, the session's mark (its id: `session_id`) among it."""
+
+    @property
+    def session_id(self) -> str:
+        """The id of the session label on everything it creates (`multisniff cleanup
+        --session ID` finds what a killed run left)."""
+        return self.mode_options.session.session_id
 
     @property
     def output_name(self) -> str:
@@ -158,8 +166,7 @@ class Capture:
 
                 cluster = await self._stack.enter_async_context(
                     connect(self._kubeconfig, self._context))
-            mode = registry.create(self.settings.mode, cluster, ModeOptions(
-                ephemeral_image=self.settings.ephemeral_image))
+            mode = registry.create(self.settings.mode, cluster, self.mode_options)
             output = await self._make_output()
             self._session = session = Session(cluster, mode, self.settings, output)
             if isinstance(output, LiveOutput):
@@ -227,6 +234,8 @@ class Capture:
             if not session.started:
                 task_status.started()
         finally:
+            if self._result is not None:
+                self._result.left_behind = list(self.mode_options.leftovers.entries)
             self._done.set()
 
     def _fail(self, exc: BaseException) -> None:
@@ -304,6 +313,15 @@ class Capture:
         return self._error
 
 
+def mode_options(settings: CaptureSettings) -> ModeOptions:
+    """What the capture modes are told of the settings, for one session."""
+    return ModeOptions(ephemeral_image=settings.ephemeral_image,
+                       agent_image=settings.agent_image,
+                       agent_namespace=settings.agent_namespace,
+                       allow_privileged=settings.allow_privileged,
+                       remote_lifetime=settings.remote_lifetime)
+
+
 def _is_async_writer(target: object) -> bool:
     import inspect
 
@@ -324,8 +342,7 @@ async def dry_run(selector: str | None = None, *, profile: str | CaptureSettings
             from multisniff.kube.api import connect
 
             cluster = await stack.enter_async_context(connect(kubeconfig, context))
-        mode = registry.create(resolved.mode, cluster,
-                               ModeOptions(ephemeral_image=resolved.ephemeral_image))
+        mode = registry.create(resolved.mode, cluster, mode_options(resolved))
         try:
             return await session_dry_run(cluster, mode, resolved)
         finally:

@@ -144,6 +144,11 @@ def build_capture_parser() -> argparse.ArgumentParser:
                            "takes the first of the others that can)")
     what.add_argument("--ephemeral-image", metavar="IMAGE",
                       help="image with tcpdump for the ephemeral mode's debug container")
+    what.add_argument("--agent-image", metavar="IMAGE",
+                      help="image of the privileged mode's agent pods (sh, tar and head suffice)")
+    what.add_argument("--agent-namespace", metavar="NAMESPACE",
+                      help="namespace of the privileged mode's agent pods (default: the "
+                           "namespace of each node's first pod)")
     what.add_argument("--profile", metavar="NAME|PATH",
                       help="settings from a profile; flags override it")
     out = parser.add_argument_group("output and limits")
@@ -174,7 +179,8 @@ def profile_from_args(args: argparse.Namespace) -> Profile:
     profile, _ = resolve(args.profile)
     changes: dict[str, object] = {}
     for name in ("labels", "field_selector", "namespace", "all_namespaces", "container",
-                 "interface", "filter", "snaplen", "mode", "count", "follow", "ephemeral_image"):
+                 "interface", "filter", "snaplen", "mode", "count", "follow", "ephemeral_image",
+                 "agent_image", "agent_namespace"):
         value = getattr(args, name)
         if value is not None:
             changes[name] = value

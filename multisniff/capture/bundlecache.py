@@ -192,10 +192,23 @@ def watchdog_for(arch: str) -> bytes:
 
 def bundle_for(arch: str) -> Bundle:
     """The bundle for nodes of ``arch``: from the cache, else built now and cached."""
+    return _bundle_for(arch, programs=("tcpdump",), name="bundle")
+
+
+AGENT_PROGRAMS = ("tcpdump", "nsenter")
+
+
+def agent_bundle_for(arch: str) -> Bundle:
+    """The privileged mode's bundle for nodes of ``arch``: tcpdump, nsenter (util-linux) and
+    the watchdog, so that the agent's image needs only a shell and tar."""
+    return _bundle_for(arch, programs=AGENT_PROGRAMS, name="agent-bundle")
+
+
+def _bundle_for(arch: str, *, programs: tuple[str, ...], name: str) -> Bundle:
     directory = cache_dir() / arch
-    archive = directory / "bundle.tar.gz"
-    index = directory / "bundle.index.json"
-    stamp = directory / "watchdog.sha256"
+    archive = directory / f"{name}.tar.gz"
+    index = directory / f"{name}.index.json"
+    stamp = directory / ("watchdog.sha256" if name == "bundle" else f"{name}.watchdog.sha256")
     source_digest = _watchdog_source_digest()
     if archive.is_file() and stamp.is_file() and stamp.read_text().strip() == source_digest:
         try:
@@ -218,10 +231,11 @@ def bundle_for(arch: str) -> Bundle:
         sysroot = Sysroot(root)
     watchdog = compile_watchdog(arch)
     try:
-        bundle = build_bundle(sysroot=sysroot, static_programs={WATCHDOG_NAME: watchdog})
+        bundle = build_bundle(sysroot=sysroot, programs=programs,
+                              static_programs={WATCHDOG_NAME: watchdog})
     except BundleError as exc:
         raise BundleUnavailable(
-            f"A tcpdump bundle for {arch} nodes cannot be built here: {exc}"
+            f"A bundle of {', '.join(programs)} for {arch} nodes cannot be built here: {exc}"
         ) from exc
     targz = bundle.targz
     _store(archive, targz)

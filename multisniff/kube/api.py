@@ -468,9 +468,19 @@ class KubeCluster:
         info = status.get("nodeInfo") or {}
         internal = [a.get("address") for a in status.get("addresses") or ()
                     if a.get("type") == "InternalIP"]
+        ready = [c.get("status") for c in status.get("conditions") or ()
+                 if c.get("type") == "Ready"]
         return NodeInfo(name=name, architecture=str(info.get("architecture", "")),
                         os=str(info.get("operatingSystem") or "linux"),
-                        internal_ip=internal[0] if internal else None)
+                        internal_ip=internal[0] if internal else None,
+                        ready=ready == ["True"])
+
+    async def namespace_labels(self, name: str) -> Mapping[str, str] | None:
+        status, body = await self._request(Action("get", "namespaces"),
+                                           self._core.read_namespace, name, allow=(403, 404))
+        if status != 200:
+            return None
+        return dict((body.get("metadata") or {}).get("labels") or {})
 
     async def can_i(self, verb: str, resource: str, *, namespace: str | None,
                     subresource: str = "") -> bool:
@@ -567,6 +577,10 @@ def _settled(obj: Mapping[str, Any], pod: PodRef, container: str) -> bool:
     if state.state == "waiting" and state.reason in FAILED_WAITING_REASONS:
         raise ClusterError(f"Container {container} of pod {pod} cannot start ({state.reason})"
                            f"{detail}; check its image and security settings.")
+    pod_status = obj.get("status") or {}
+    if pod_status.get("phase") == "Failed":
+        why = pod_status.get("message") or pod_status.get("reason") or "the pod failed"
+        raise ClusterError(f"Pod {pod} failed before its container {container} ran: {why}.")
     if (obj.get("metadata") or {}).get("deletionTimestamp"):
         raise ClusterError(f"Pod {pod} is being deleted while we waited for its container "
                            f"{container}.")

@@ -101,6 +101,8 @@ class NodeInfo:
     """GOARCH spelling, as the node reports it: amd64, arm64, ..."""
     os: str = "linux"
     internal_ip: str | None = None
+    ready: bool = True
+    """Its Ready condition is True: its kubelet runs pods."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +165,11 @@ class Cluster(Protocol):
         ...
 
     async def namespace_exists(self, name: str) -> bool: ...
+
+    async def namespace_labels(self, name: str) -> Mapping[str, str] | None:
+        """The namespace's labels (its Pod Security levels among them); None when we may not
+        read it or it does not exist."""
+        ...
 
     async def node(self, name: str) -> NodeInfo: ...
 

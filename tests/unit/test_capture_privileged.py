@@ -1,0 +1,245 @@
+"""The privileged mode's pieces that need no cluster: finding a container's process by its
+cgroup (the lookup script run by real shells over /proc trees written here from the formats
+documented for each runtime and cgroup driver), the agent pod's manifest, and the refusals of
+its assessment against a FakeCluster."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from fakes import FakeCluster, make_pod
+
+from multisniff.capture import registry
+from multisniff.capture.auto import AutoMode
+from multisniff.capture.model import (
+    MANAGED_BY_LABEL,
+    SESSION_LABEL,
+    ModeOptions,
+    SessionMark,
+    Target,
+)
+from multisniff.capture.privileged import (
+    PrivilegedMode,
+    agent_manifest,
+    choose_pid,
+    lookup_script,
+    path_names_container,
+    runtime_container_id,
+)
+from multisniff.kube.model import ContainerInfo, NodeInfo
+
+ID = "4f1a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f708192a3b4c5d6e7f8"
+OTHER = "9e8d7c6b5a4f3e2d1c0b9a8f7e6d5c4b3a2f1e0d9c8b7a6f5e4d3c2b1a0f9e8d"
+UID = "0d4bd0a2-7c1e-4d6b-9f0a-3e2b1c4d5e6f"
+SLICE_UID = UID.replace("-", "_")
+
+V1_CONTROLLERS = ("12:pids", "11:memory", "9:cpu,cpuacct", "4:devices", "1:name=systemd")
+
+
+def v1(path: str) -> str:
+    """A /proc/PID/cgroup of cgroup v1: the same path in every hierarchy."""
+    return "".join(f"{hierarchy}:{path}\n" for hierarchy in V1_CONTROLLERS)
+
+
+def v2(path: str) -> str:
+    return f"0::{path}\n"
+
+
+# Per runtime and driver: (the container's cgroup file, a file of something else on the node
+# that must never be chosen, though it may mention the ID).
+LAYOUTS: dict[str, tuple[str, str]] = {
+    "containerd, cgroup v1, cgroupfs (burstable)": (
+        v1(f"/kubepods/burstable/pod{UID}/{ID}"),
+        v1(f"/kubepods/burstable/pod{UID}/{OTHER}")),
+    "containerd, cgroup v1, cgroupfs (guaranteed)": (
+        v1(f"/kubepods/pod{UID}/{ID}"), v1("/system.slice/containerd.service")),
+    "containerd, cgroup v2, systemd": (
+        v2(f"/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{SLICE_UID}"
+           f".slice/cri-containerd-{ID}.scope"),
+        v2(f"/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{SLICE_UID}"
+           f".slice/cri-containerd-{OTHER}.scope")),
+    "containerd, cgroup v2, seen from a container's own cgroup namespace": (
+        v2(f"/../../kubepods-burstable-pod{SLICE_UID}.slice/cri-containerd-{ID}.scope"),
+        v2("/")),
+    "cri-o, cgroup v1, systemd (conmon in the host network)": (
+        v1(f"/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{SLICE_UID}.slice/"
+           f"crio-{ID}.scope"),
+        v1(f"/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{SLICE_UID}.slice/"
+           f"crio-conmon-{ID}.scope")),
+    "cri-o, cgroup v2, systemd, nested container cgroup": (
+        v2(f"/kubepods.slice/kubepods-pod{SLICE_UID}.slice/crio-{ID}.scope/container"),
+        v2(f"/kubepods.slice/kubepods-pod{SLICE_UID}.slice/crio-conmon-{ID}.scope")),
+    "cri-o, cgroup v1, cgroupfs": (
+        v1(f"/kubepods/besteffort/pod{UID}/crio-{ID}"),
+        v1(f"/kubepods/besteffort/pod{UID}/crio-conmon-{ID}")),
+    "docker, cgroup v1, cgroupfs": (
+        v1(f"/kubepods/besteffort/pod{UID}/{ID}"), v1(f"/docker/{OTHER}")),
+    "docker, cgroup v2, systemd": (
+        v2(f"/system.slice/docker-{ID}.scope"), v2("/system.slice/docker.service")),
+}
+
+
+def shells() -> list[list[str]]:
+    """The POSIX shells here: dash as /bin/sh, and busybox's ash (agent images have it)."""
+    found = [["/bin/sh"]]
+    busybox = shutil.which("busybox") or next(
+        (str(p) for p in Path("/var/cache/multisniff/build").glob("busybox-*/busybox")), None)
+    if busybox:
+        found.append([busybox, "sh"])
+    return found
+
+
+def write_proc(root: Path, files: dict[int, str]) -> Path:
+    proc = root / "proc"
+    for pid, content in files.items():
+        (proc / str(pid)).mkdir(parents=True)
+        (proc / str(pid) / "cgroup").write_text(content)
+    # What /proc also has, and a process that ended before its file could be read.
+    (proc / "self").mkdir()
+    (proc / "sys").mkdir()
+    (proc / "4242").mkdir()
+    return proc
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("shell", shells(), ids=lambda argv: Path(argv[0]).name)
+def test_the_lookup_finds_the_containers_first_process_and_nothing_else(
+        tmp_path: Path, layout: str, shell: list[str]) -> None:
+    mine, other = LAYOUTS[layout]
+    # The other process has the lowest PID: choosing it would be the mistake.
+    proc = write_proc(tmp_path, {1: v1("/") if "v1" in layout else v2("/"), 300: other,
+                                 812: mine, 813: mine, 2000: v2("/user.slice")})
+    listing = subprocess.run([*shell, "-c", lookup_script(ID, proc=str(proc))],
+                             capture_output=True, text=True, check=True, timeout=30)
+    assert listing.stderr == ""
+    assert choose_pid(listing.stdout, ID) == 812, listing.stdout
+
+
+@pytest.mark.parametrize("shell", shells(), ids=lambda argv: Path(argv[0]).name)
+def test_the_lookup_finds_nothing_when_the_container_has_no_process(
+        tmp_path: Path, shell: list[str]) -> None:
+    proc = write_proc(tmp_path, {1: v1("/"), 77: v1(f"/kubepods/pod{UID}/{OTHER}")})
+    listing = subprocess.run([*shell, "-c", lookup_script(ID, proc=str(proc))],
+                             capture_output=True, text=True, check=True, timeout=30)
+    assert choose_pid(listing.stdout, ID) is None
+
+
+def test_a_path_names_the_container_only_by_a_whole_component() -> None:
+    assert path_names_container(f"/kubepods/pod{UID}/{ID}", ID)
+    assert not path_names_container(f"/kubepods/pod{UID}/{ID}x", ID)
+    assert not path_names_container(f"/kubepods/pod{UID}/crio-conmon-{ID}.scope", ID)
+    assert not path_names_container(f"/kubepods/pod{UID}/{ID[:12]}", ID)
+
+
+def test_container_ids_of_each_runtime_and_none_of_others() -> None:
+    assert runtime_container_id(f"containerd://{ID}") == ID
+    assert runtime_container_id(f"cri-o://{ID}") == ID
+    assert runtime_container_id(f"docker://{ID}") == ID
+    assert runtime_container_id(f"rkt://{ID}") is None
+    assert runtime_container_id("containerd://not-hex; rm -rf /") is None
+    assert runtime_container_id(None) is None
+    with pytest.raises(ValueError):
+        lookup_script("$(reboot)")
+
+
+MARK = SessionMark(session_id="ab12cd34", host="laptop", user="ana",
+                   started="2026-11-29T21:00:00Z")
+
+
+def test_the_agent_pod_is_pinned_privileged_marked_and_bounded() -> None:
+    manifest = agent_manifest(name="msnf-agent-x", namespace="web", node="node-7",
+                              image="busybox:1", deadline=3720, session=MARK)
+    meta, spec = manifest["metadata"], manifest["spec"]
+    assert meta["labels"][MANAGED_BY_LABEL] == "multisniff"
+    assert meta["labels"][SESSION_LABEL] == "ab12cd34"
+    assert {"multisniff/client-host": "laptop", "multisniff/client-user": "ana",
+            "multisniff/started": "2026-11-29T21:00:00Z"}.items() <= meta["annotations"].items()
+    assert spec["nodeName"] == "node-7" and spec["hostPID"] is True
+    assert spec["tolerations"] == [{"operator": "Exists"}]
+    assert spec["automountServiceAccountToken"] is False
+    assert spec["activeDeadlineSeconds"] == 3720
+    (container,) = spec["containers"]
+    assert container["securityContext"] == {"privileged": True}
+    assert container["command"] == ["sleep", "3720"]
+    assert set(container["resources"]) == {"requests", "limits"}
+
+
+def non_root_target(namespace: str = "web") -> Target:
+    container = ContainerInfo("app", "app:1", running=True, container_id=f"containerd://{ID}",
+                              run_as_non_root=True, dropped_capabilities=("ALL",))
+    return Target(make_pod("web-0", namespace=namespace, containers=[container]), "app")
+
+
+def mode(cluster: FakeCluster, **options: object) -> PrivilegedMode:
+    made = registry.create("privileged", cluster, ModeOptions(session=MARK, **options))  # type: ignore[arg-type]
+    assert isinstance(made, PrivilegedMode)
+    made._bundles._made["amd64"] = object()  # type: ignore[assignment]  # no bundle build
+    return made
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.mark.anyio
+async def test_the_assessment_names_what_it_would_create_and_where() -> None:
+    cluster = FakeCluster(namespaces={"web": {}, "capture": {}})
+    assessment = await mode(cluster, agent_namespace="capture").assess(non_root_target())
+    assert assessment.usable, assessment.reason
+    (creates,) = assessment.creates
+    assert creates.startswith("privileged agent pod msnf-agent-ab12cd34-")
+    assert "in namespace capture on node node-1" in creates
+
+
+@pytest.mark.anyio
+async def test_pod_security_of_the_agent_namespace_is_a_refusal_that_names_its_level() -> None:
+    cluster = FakeCluster(namespaces={"web": {"pod-security.kubernetes.io/enforce": "baseline"}})
+    assessment = await mode(cluster).assess(non_root_target())
+    assert not assessment.usable
+    assert assessment.reason == (
+        "namespace web enforces Pod Security level 'baseline', which refuses the privileged "
+        "agent pod; give --agent-namespace with a namespace labelled "
+        "pod-security.kubernetes.io/enforce=privileged, or use another --mode")
+
+
+@pytest.mark.anyio
+async def test_rbac_without_create_pods_is_a_refusal() -> None:
+    cluster = FakeCluster(namespaces={"web": {}},
+                          allowed={("create", "pods", "exec"), ("get", "pods", "")})
+    assessment = await mode(cluster).assess(non_root_target())
+    assert not assessment.usable
+    assert assessment.reason.startswith("you may not create pods in namespace web (RBAC)")
+
+
+@pytest.mark.anyio
+async def test_a_node_that_is_not_ready_is_a_refusal() -> None:
+    cluster = FakeCluster(namespaces={"web": {}},
+                          nodes={"node-1": NodeInfo("node-1", "amd64", ready=False)})
+    assessment = await mode(cluster).assess(non_root_target())
+    assert assessment.reason == "node node-1 is not Ready, so no agent pod can run there"
+
+
+@pytest.mark.anyio
+async def test_auto_uses_privileged_only_last_and_only_when_allowed() -> None:
+    cluster = FakeCluster(namespaces={"web": {}})
+    auto = registry.create("auto", cluster, ModeOptions(session=MARK))
+    assert isinstance(auto, AutoMode)
+    assert [m.name for m in auto.modes] == ["upload", "ephemeral", "privileged"]
+    privileged = auto.modes[-1]
+    assert isinstance(privileged, PrivilegedMode)
+    privileged._bundles._made["amd64"] = object()  # type: ignore[assignment]
+    said = await privileged.assess(non_root_target())
+    assert not said.usable
+    assert "allow_privileged = true" in said.reason and "--mode privileged" in said.reason
+
+    allowed = registry.create("auto", cluster, ModeOptions(session=MARK, allow_privileged=True))
+    assert isinstance(allowed, AutoMode)
+    last = allowed.modes[-1]
+    assert isinstance(last, PrivilegedMode)
+    last._bundles._made["amd64"] = object()  # type: ignore[assignment]
+    assert (await last.assess(non_root_target())).usable
+
