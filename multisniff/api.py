@@ -27,6 +27,8 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from multisniff import profiles
 from multisniff.capture import registry
+from multisniff.capture.cleanup import CleanupReport
+from multisniff.capture.cleanup import cleanup as remove_leftovers
 from multisniff.capture.model import ModeOptions
 from multisniff.engine.output import FileOutput, LiveOutput
 from multisniff.engine.runs import CaptureRun
@@ -43,8 +45,8 @@ from multisniff.engine.sinks import (
 from multisniff.errors import MultisniffError, UsageError
 from multisniff.kube.model import Cluster
 
-__all__ = ["Capture", "NotReady", "capture", "dry_run", "mode_names", "run_capture",
-           "settings_for"]
+__all__ = ["Capture", "NotReady", "capture", "cleanup", "dry_run", "mode_names",
+           "run_capture", "settings_for"]
 
 
 class _AsyncWritable(Protocol):
@@ -348,6 +350,26 @@ async def dry_run(selector: str | None = None, *, profile: str | CaptureSettings
         finally:
             with anyio.CancelScope(shield=True):
                 await mode.aclose()
+
+
+async def cleanup(*, namespace: str | None = None, all_namespaces: bool = False,
+                  session: str | None = None, dry_run: bool = False,
+                  kubeconfig: str | None = None, context: str | None = None,
+                  cluster: Cluster | None = None) -> CleanupReport:
+    """Find and remove what earlier capture sessions left behind: agent pods (of `session`
+    only, when given), and multisniff's processes and files in every running container of
+    the namespace (the kubeconfig context's unless given; every one with `all_namespaces`).
+    `dry_run` only lists them. It also ends captures still running: use it when none is."""
+    if all_namespaces and namespace:
+        raise UsageError("Give either -n NAMESPACE or -A (all namespaces), not both.")
+    async with AsyncExitStack() as stack:
+        if cluster is None:
+            from multisniff.kube.api import connect
+
+            cluster = await stack.enter_async_context(connect(kubeconfig, context))
+        where = None if all_namespaces else (namespace or cluster.default_namespace)
+        return await remove_leftovers(cluster, namespace=where, session=session,
+                                      dry_run=dry_run)
 
 
 def run_capture(selector: str | None = None, **arguments: Any) -> SessionResult:

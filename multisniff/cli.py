@@ -21,6 +21,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from functools import partial
 from typing import TYPE_CHECKING
 
 from multisniff import __version__
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("multisniff")
 
 
-SUBCOMMANDS = ("merge", "inspect", "profiles")
+SUBCOMMANDS = ("merge", "inspect", "profiles", "cleanup")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +49,43 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_offline_commands(sub)
     _add_profiles_command(sub)
+    _add_cleanup_command(sub)
     return parser
+
+
+def _add_cleanup_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    cleanup = sub.add_parser(
+        "cleanup", help="find and remove what earlier captures left behind",
+        description="Deletes multisniff's agent pods (by label) and stops multisniff's "
+                    "tcpdumps and watchdogs and removes its bundles in every running "
+                    "container reachable by exec. It also ends captures still running: use it "
+                    "when none is.")
+    cleanup.add_argument("-n", "--namespace", metavar="NAMESPACE",
+                         help="namespace (default: the kubeconfig context's, else default)")
+    cleanup.add_argument("-A", "--all-namespaces", action="store_true",
+                         help="every namespace")
+    cleanup.add_argument("--session", metavar="ID",
+                         help="only the agent pods of this session (its id is in their "
+                              "multisniff/session label and in the capture's log)")
+    cleanup.add_argument("--dry-run", action="store_true",
+                         help="list what would be removed; remove nothing")
+    cleanup.add_argument("--kubeconfig", metavar="PATH", help="kubeconfig file (or KUBECONFIG)")
+    cleanup.add_argument("--context", metavar="CONTEXT", help="kubeconfig context")
+    cleanup.set_defaults(run=run_cleanup)
+
+
+def run_cleanup(args: argparse.Namespace) -> int:
+    import anyio
+
+    from multisniff import api
+
+    report = anyio.run(partial(api.cleanup, namespace=args.namespace,
+                               all_namespaces=args.all_namespaces, session=args.session,
+                               dry_run=args.dry_run, kubeconfig=args.kubeconfig,
+                               context=args.context), backend="asyncio")
+    for line in report.lines():
+        print(line)
+    return ExitCode.PARTIAL if report.failed else ExitCode.OK
 
 
 def _add_profiles_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -68,7 +68,7 @@ AGENT_DIRECTORY = "/tmp/.multisniff-agent"
 AGENT_NAME_LABEL = "app.kubernetes.io/name"
 AGENT_NAME = "multisniff-agent"
 NODE_ANNOTATION = "multisniff/node"
-DEADLINE_MARGIN = 120.0
+DEADLINE_MARGIN = 30.0
 """Seconds an agent pod may outlive the remote bound: time to start, stop and flush."""
 RESOURCES = {"requests": {"cpu": "50m", "memory": "64Mi"},
              "limits": {"cpu": "1", "memory": "512Mi"}}
