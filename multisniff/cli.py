@@ -10,7 +10,7 @@ Exit codes (multisniff.errors.ExitCode):
   2    usage error: the command line or a profile is wrong; nothing was started
   3    nothing was captured or read at all
   4    the cluster refused (RBAC, Pod Security, no such namespace); nothing was started
-  130  Ctrl-C or SIGTERM ended the capture early; what was captured until then is kept
+  130  Ctrl-C, SIGTERM or SIGHUP ended the capture early; what was captured until then is kept
 """
 
 from __future__ import annotations
@@ -282,7 +282,8 @@ async def _capture(args: argparse.Namespace, settings: CaptureSettings) -> int:
 
 async def run_with_ui(cap: Capture, *, debug: bool) -> SessionResult:
     """Run a capture to its end with this process's signals and, on a terminal, the live table:
-    the first SIGINT or SIGTERM stops it gently, the second cuts it off."""
+    the first SIGINT, SIGTERM or SIGHUP (its terminal gone) stops it gently, the second cuts it
+    off."""
     import signal
 
     import anyio
@@ -290,7 +291,8 @@ async def run_with_ui(cap: Capture, *, debug: bool) -> SessionResult:
     from multisniff import ui
 
     async def on_signals() -> None:
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM,
+                                        signal.SIGHUP) as signals:
             async for number in signals:
                 name = signal.Signals(number).name
                 if cap.done:

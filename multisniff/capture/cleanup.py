@@ -55,7 +55,7 @@ def search_script(*, remove: bool) -> str:
     """Shell that lists (and with `remove`, stops or deletes) what multisniff left in a
     container: ``KIND WHAT`` lines."""
     if remove:
-        return _SEARCH.format(kill_watchdog='kill -INT "$p"', kill_tcpdump='kill -TERM "$p"',
+        return _SEARCH.format(kill_watchdog='kill -TERM "$p"', kill_tcpdump='kill -TERM "$p"',
                               remove='rm -rf "$b"', end_sleeper="touch /tmp/msnf-done")
     return _SEARCH.format(kill_watchdog=":", kill_tcpdump=":", remove=":", end_sleeper=":")
 

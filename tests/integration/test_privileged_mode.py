@@ -185,7 +185,8 @@ def test_pods_no_other_mode_can_capture_through_one_agent_with_exact_counts(
     wait_none_labelled(cluster, pods["agents"], pods["namespace"], seconds=5)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP],
+                         ids=["SIGINT", "SIGTERM", "SIGHUP"])
 def test_a_signal_ends_the_capture_and_removes_the_agent(
         cluster: Any, pods: dict[str, Any], tmp_path: Path, sig: signal.Signals) -> None:
     process, out, log = start(cluster, pods, tmp_path)
@@ -316,3 +317,56 @@ def test_dry_run_says_what_would_be_created_where_and_creates_nothing(
     assert all(f"in namespace {pods['agents']} on node {cluster.node_name}" in line
                for line in lines), lines
     assert labelled(cluster, pods["agents"], pods["namespace"]) == []
+
+
+PLANT = r"""
+set -e
+mkdir -p /tmp/.multisniff-planted /tmp/msnf-run-planted
+for f in /tmp/.multisniff-planted/msnf-watchdog /tmp/msnf-run-planted/tcpdump; do
+  printf '#!/bin/sh\ntrap %s INT TERM\nsleep 600 & wait\n' "'kill \$!; exit 0'" > "$f"
+  chmod 755 "$f"
+done
+/tmp/.multisniff-planted/msnf-watchdog --lifetime 600 -- x >/dev/null 2>&1 </dev/null &
+/tmp/msnf-run-planted/tcpdump -Z root -U --time-stamp-precision=nano -w - >/dev/null 2>&1 \
+  </dev/null &
+"""
+
+LOOK = ("me=$$; for d in /proc/[0-9]*; do [ ${d#/proc/} = $me ] && continue; c=; "
+        "IFS= read -r c < $d/cmdline; case $c in "
+        "*planted*) echo ${d#/proc/};; esac; done 2>/dev/null; ls -a /tmp | grep -e multisniff "
+        "-e msnf-run; true")
+
+
+def test_cleanup_finds_and_removes_what_a_run_left_in_containers(
+        cluster: Any, pods: dict[str, Any]) -> None:
+    namespace = pods["namespace"]
+
+    def cleanup(*extra: str) -> str:
+        result = subprocess.run(
+            [sys.executable, "-m", "multisniff", "cleanup", "--kubeconfig",
+             str(cluster.kubeconfig), "-n", namespace, *extra],
+            capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    def left() -> list[str]:
+        return cluster.kubectl("exec", "sender", "-n", namespace, "--", "sh", "-c",
+                               LOOK).stdout.decode().split()
+
+    cluster.kubectl("exec", "sender", "-n", namespace, "--", "sh", "-c", PLANT)
+    assert len(left()) == 4  # two processes, two directories
+    listed = cleanup("--dry-run")
+    where = f"in {namespace}/sender container app"
+    for line in ("would remove watchdog (PID", "would remove tcpdump (PID",
+                 f"would remove directory /tmp/.multisniff-planted {where}",
+                 f"would remove directory /tmp/msnf-run-planted {where}"):
+        assert line in listed, listed
+    assert "1 could not be searched" in listed  # CoreDNS has no shell
+    assert len(left()) == 4
+    removed = cleanup()
+    assert f"removed directory /tmp/.multisniff-planted {where}" in removed, removed
+    deadline = time.monotonic() + 10
+    while left() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert left() == []
+    assert "Nothing was left behind." in cleanup()

@@ -5,9 +5,14 @@ its assessment against a FakeCluster."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from fakes import FakeCluster, make_pod
@@ -29,7 +34,10 @@ from multisniff.capture.privileged import (
     path_names_container,
     runtime_container_id,
 )
-from multisniff.kube.model import ContainerInfo, NodeInfo
+from multisniff.engine.session import SessionResult
+from multisniff.errors import ClusterError, ExitCode
+from multisniff.kube.model import ContainerInfo, NodeInfo, PodRef
+from multisniff.ui import summary_lines
 
 ID = "4f1a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f708192a3b4c5d6e7f8"
 OTHER = "9e8d7c6b5a4f3e2d1c0b9a8f7e6d5c4b3a2f1e0d9c8b7a6f5e4d3c2b1a0f9e8d"
@@ -243,3 +251,80 @@ async def test_auto_uses_privileged_only_last_and_only_when_allowed() -> None:
     last._bundles._made["amd64"] = object()  # type: ignore[assignment]
     assert (await last.assess(non_root_target())).usable
 
+
+
+class AgentCluster(FakeCluster):
+    """Agent pods it creates run at once; the bundle's unpacking only swallows its bytes."""
+
+    fail_deletes: bool = False
+
+    async def create_pod(self, manifest: Mapping[str, Any]) -> PodRef:
+        ref = await super().create_pod(manifest)
+        self.add_pod(replace(make_pod(ref.name, namespace=ref.namespace,
+                                      node=manifest["spec"]["nodeName"],
+                                      containers=[ContainerInfo("agent", "busybox",
+                                                                running=True)])))
+        return ref
+
+    async def delete_pod(self, pod: PodRef, *, grace_seconds: int = 0) -> None:
+        if self.fail_deletes:
+            raise ClusterError(f"Cannot reach the Kubernetes API to delete {pod}.")
+        await super().delete_pod(pod, grace_seconds=grace_seconds)
+
+
+def swallow_bundle(pod: PodRef, container: str, command: Sequence[str]) -> list[str]:
+    size = re.search(r"head -c (\d+)", command[-1])
+    assert size is not None, command
+    return ["sh", "-c", f"head -c {size.group(1)} > /dev/null"]
+
+
+def agent_mode(cluster: FakeCluster) -> PrivilegedMode:
+    made = mode(cluster, agent_namespace="capture")
+    made._bundles._made["amd64"] = SimpleNamespace(targz=b"\x1f\x8b" * 50_000)  # type: ignore[assignment]
+    return made
+
+
+def target_on(node: str, name: str) -> Target:
+    container = ContainerInfo("app", "app:1", running=True, container_id=f"containerd://{ID}")
+    return Target(make_pod(name, namespace="web", node=node, containers=[container]), "app")
+
+
+@pytest.mark.anyio
+async def test_one_agent_per_node_shared_and_deleted_with_its_last_capture() -> None:
+    cluster = AgentCluster(namespaces={"capture": {}}, rewrite=swallow_bundle)
+    privileged = agent_mode(cluster)
+    a1 = await privileged._acquire(target_on("node-1", "a"))
+    a2 = await privileged._acquire(target_on("node-1", "b"))
+    b1 = await privileged._acquire(target_on("node-2", "c"))
+    assert a1 is a2 and a1 is not b1
+    assert [(m["metadata"]["namespace"], m["spec"]["nodeName"]) for m in cluster.created] == [
+        ("capture", "node-1"), ("capture", "node-2")]
+    assert privileged.agents == (a1.ref, b1.ref)
+    await privileged._release(a1)
+    assert cluster.deleted == []
+    await privileged._release(a2)
+    assert cluster.deleted == [a1.ref]
+    # The node's next target gets a new agent.
+    again = await privileged._acquire(target_on("node-1", "d"))
+    assert again is not a1 and len(cluster.created) == 3
+    # The session's end removes every agent, in use or not.
+    await privileged.aclose()
+    assert set(cluster.deleted) == {a1.ref, b1.ref, again.ref}
+    assert privileged.agents == ()
+    assert privileged.leftovers.entries == []
+
+
+@pytest.mark.anyio
+async def test_an_agent_that_cannot_be_deleted_is_left_with_the_command_that_removes_it() -> None:
+    cluster = AgentCluster(namespaces={"capture": {}}, rewrite=swallow_bundle)
+    privileged = agent_mode(cluster)
+    agent = await privileged._acquire(target_on("node-1", "a"))
+    cluster.fail_deletes = True
+    await privileged.aclose()
+    assert privileged.leftovers.entries == [
+        f"agent pod capture/{agent.ref.name} on node node-1; remove it with: "
+        f"kubectl delete pod -n capture {agent.ref.name}"]
+    result = SessionResult(runs=[], skipped=[], exit_code=ExitCode.OK, output="x.pcapng",
+                           started=0.0, ended=1.0, stop_reason="done",
+                           left_behind=privileged.leftovers.entries)
+    assert summary_lines(result)[-1] == f"Left behind: {privileged.leftovers.entries[0]}"
