@@ -33,7 +33,7 @@ import secrets
 import shlex
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -483,8 +483,14 @@ class PrivilegedMode:
             # The shell outlives the watchdog, which reads its stdin (containerd#13934).
             script = f"{shlex.join(argv)}; s=$?; exit $s"
             stderr = StderrLog()
-            async with self._cluster.exec(agent.ref, AGENT_CONTAINER, ["sh", "-c", script],
-                                          stdin=True, on_stderr=stderr) as channel:
+            async with AsyncExitStack() as stack:
+                try:
+                    channel = await stack.enter_async_context(self._cluster.exec(
+                        agent.ref, AGENT_CONTAINER, ["sh", "-c", script], stdin=True,
+                        on_stderr=stderr))
+                except MultisniffError:
+                    agent.broken = agent.broken or not await self._alive(agent)
+                    raise
                 yield ExecCapture(self._cluster, agent.ref, AGENT_CONTAINER, channel, stderr,
                                   stop_command=signal_by_pidfile(pidfile, "INT"))
         finally:

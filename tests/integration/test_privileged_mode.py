@@ -370,3 +370,46 @@ def test_cleanup_finds_and_removes_what_a_run_left_in_containers(
         time.sleep(0.5)
     assert left() == []
     assert "Nothing was left behind." in cleanup()
+
+
+def test_follow_creates_the_agent_with_the_nodes_first_target_and_deletes_it_with_its_last(
+        cluster: Any, pods: dict[str, Any], tmp_path: Path) -> None:
+    namespace = pods["namespace"]
+
+    def late_pod(name: str) -> dict[str, Any]:
+        pod = non_root_sink(name, namespace)
+        pod["metadata"]["labels"] = {"app": name, "wave": "late"}
+        return pod
+
+    process, out, log = start(cluster, pods, tmp_path, selector="wave=late")
+    try:
+        wait_for(log, "Waiting for matching pods", process, 60)
+        assert labelled(cluster, pods["agents"]) == []
+        pods["ips"].update({key.split("/")[1]: ip for key, ip in apply_and_wait(
+            cluster, [late_pod("late-1")]).items()})
+        wait_capturing(process, log, ["late-1"])
+        the_agent(cluster, pods)
+        send(cluster, pods, {"late-1": 4})
+        time.sleep(2)
+        cluster.kubectl("delete", "pod", "late-1", "-n", namespace, "--grace-period=0",
+                        "--force")
+        wait_for(log, f"{namespace}/late-1: ", process, 60)
+        # Its node has no target left: its agent goes while the capture goes on.
+        wait_none_labelled(cluster, pods["agents"], seconds=10)
+        assert process.poll() is None
+        pods["ips"].update({key.split("/")[1]: ip for key, ip in apply_and_wait(
+            cluster, [late_pod("late-2")]).items()})
+        wait_capturing(process, log, ["late-2"])
+        the_agent(cluster, pods)
+        send(cluster, pods, {"late-2": 2})
+        time.sleep(2)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 130, log.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+        cluster.kubectl("delete", "pod", "late-2", "-n", namespace, "--grace-period=0",
+                        "--force", "--ignore-not-found")
+    assert log.read_text().count("Created agent pod") == 2
+    wait_none_labelled(cluster, pods["agents"], namespace, seconds=5)
+    assert per_interface(out) == {f"{namespace}/late-1": 4, f"{namespace}/late-2": 2}
