@@ -413,3 +413,135 @@ def test_follow_creates_the_agent_with_the_nodes_first_target_and_deletes_it_wit
     assert log.read_text().count("Created agent pod") == 2
     wait_none_labelled(cluster, pods["agents"], namespace, seconds=5)
     assert per_interface(out) == {f"{namespace}/late-1": 4, f"{namespace}/late-2": 2}
+
+
+def rbac_user(cluster: Any, tmp_path: Path, pods: dict[str, Any], *,
+              agent_pods: bool) -> tuple[Path, list[tuple[str, ...]]]:
+    """A ServiceAccount that may read and exec into the targets' pods but not add ephemeral
+    containers, may read nodes and namespaces, and (with `agent_pods`) may create pods and
+    exec in the agent namespace; its kubeconfig, and what to delete afterwards."""
+    namespace, agents = pods["namespace"], pods["agents"]
+    name = f"msx-priv-user-{os.getpid()}-{int(agent_pods)}"
+    pod_rules = [{"apiGroups": [""], "resources": ["pods"],
+                  "verbs": ["get", "list", "watch"]},
+                 {"apiGroups": [""], "resources": ["pods/exec"], "verbs": ["create", "get"]}]
+    docs: list[dict[str, Any]] = [
+        {"apiVersion": "v1", "kind": "ServiceAccount",
+         "metadata": {"name": name, "namespace": namespace}},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+         "metadata": {"name": name, "namespace": namespace}, "rules": pod_rules},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+         "metadata": {"name": name, "namespace": namespace},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+         "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+         "metadata": {"name": name},
+         "rules": [{"apiGroups": [""], "resources": ["nodes", "namespaces"],
+                    "verbs": ["get"]}]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+         "metadata": {"name": name},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                     "name": name},
+         "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}]},
+    ]
+    if agent_pods:
+        docs += [
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+             "metadata": {"name": name, "namespace": agents},
+             "rules": [{"apiGroups": [""], "resources": ["pods"],
+                        "verbs": ["get", "list", "watch", "create", "delete"]},
+                       {"apiGroups": [""], "resources": ["pods/exec"],
+                        "verbs": ["create", "get"]}]},
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+             "metadata": {"name": name, "namespace": agents},
+             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                         "name": name},
+             "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}]},
+        ]
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(
+        {"apiVersion": "v1", "kind": "List", "items": docs}).encode())
+    token = cluster.kubectl("create", "token", name, "-n", namespace,
+                            "--duration=1h").stdout.decode().strip()
+    admin = json.loads(cluster.kubectl("config", "view", "--raw", "--minify", "-o",
+                                       "json").stdout)
+    config = {"apiVersion": "v1", "kind": "Config", "current-context": "user",
+              "clusters": [{"name": "c", "cluster": admin["clusters"][0]["cluster"]}],
+              "users": [{"name": "u", "user": {"token": token}}],
+              "contexts": [{"name": "user", "context": {"cluster": "c", "user": "u",
+                                                        "namespace": namespace}}]}
+    path = tmp_path / f"{name}.kubeconfig"
+    path.write_text(json.dumps(config))
+    return path, [("clusterrolebinding", name), ("clusterrole", name)]
+
+
+def run_as(kubeconfig: Path, pods: dict[str, Any], tmp_path: Path, *args: str,
+           ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "multisniff", "--kubeconfig", str(kubeconfig), *args],
+        capture_output=True, text=True, timeout=180,
+        env={**os.environ, "MULTISNIFF_BUNDLES": pods["bundles"]})
+
+
+def test_without_create_pods_in_the_agent_namespace_rbac_refuses_in_one_sentence(
+        cluster: Any, pods: dict[str, Any], tmp_path: Path) -> None:
+    kubeconfig, cluster_wide = rbac_user(cluster, tmp_path, pods, agent_pods=False)
+    try:
+        result = run_as(kubeconfig, pods, tmp_path, "-l", "app=sink-a", "--mode", "privileged",
+                        "--agent-namespace", pods["agents"], "--no-follow", "-o", "/dev/null")
+    finally:
+        for kind, name in cluster_wide:
+            cluster.kubectl("delete", kind, name, "--ignore-not-found")
+    assert result.returncode == 3, result.stderr
+    assert "Traceback" not in result.stderr
+    assert (f"you may not create pods in namespace {pods['agents']} (RBAC), which the agent "
+            f"pod needs; give --agent-namespace") in result.stderr
+    assert labelled(cluster, pods["agents"]) == []
+
+
+def test_auto_takes_privileged_as_its_last_resort_only_where_a_profile_allows_it(
+        cluster: Any, pods: dict[str, Any], tmp_path: Path) -> None:
+    kubeconfig, cluster_wide = rbac_user(cluster, tmp_path, pods, agent_pods=True)
+    allow = tmp_path / "allow.toml"
+    allow.write_text(f'allow_privileged = true\nagent_namespace = "{pods["agents"]}"\n'
+                     f'agent_image = "{WORKLOAD_IMAGE}"\n')
+    try:
+        without = run_as(kubeconfig, pods, tmp_path, "-l", "app=sink-a", "--agent-namespace",
+                         pods["agents"], "--dry-run")
+        out = tmp_path / "auto.pcapng"
+        process = subprocess.Popen(
+            [sys.executable, "-m", "multisniff", "--kubeconfig", str(kubeconfig),
+             "-l", "app=sink-a", "--profile", str(allow), "-f", f"udp dst port {PORT}",
+             "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            env={**os.environ, "MULTISNIFF_BUNDLES": pods["bundles"]})
+        log = tmp_path / "auto.log"
+        try:
+            assert process.stderr is not None
+            seen = b""
+            while b"Capturing" not in seen:
+                line = process.stderr.readline()
+                assert line, seen.decode()
+                seen += line
+            send(cluster, pods, {"sink-a": 5})
+            time.sleep(2)
+            process.send_signal(signal.SIGINT)
+            seen += process.stderr.read()
+            assert process.wait(timeout=60) == 130, seen.decode()
+            log.write_bytes(seen)
+        finally:
+            if process.poll() is None:
+                process.kill()
+            if process.stderr is not None:
+                process.stderr.close()
+    finally:
+        for kind, name in cluster_wide:
+            cluster.kubectl("delete", kind, name, "--ignore-not-found")
+    # Without consent auto names the one mode that could, and how to allow it.
+    assert without.returncode == 0, without.stderr
+    assert "cannot capture with mode auto" in without.stdout, without.stdout
+    assert "privileged: only the privileged mode could, through a privileged agent pod" \
+        in without.stdout
+    assert "allow_privileged = true, or give --mode privileged" in without.stdout
+    text = log.read_text()
+    assert "mode privileged" in text, text
+    assert per_interface(out) == {f"{pods['namespace']}/sink-a": 5}
+    wait_none_labelled(cluster, pods["agents"], pods["namespace"], seconds=5)
