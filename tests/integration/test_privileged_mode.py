@@ -20,9 +20,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from kubenamespace import throwaway_namespace
 from workloads import apply_and_wait, wait_for
+
+import multisniff
+from multisniff import api
 
 pytestmark = pytest.mark.cluster
 
@@ -545,3 +549,31 @@ def test_auto_takes_privileged_as_its_last_resort_only_where_a_profile_allows_it
     assert "mode privileged" in text, text
     assert per_interface(out) == {f"{pods['namespace']}/sink-a": 5}
     wait_none_labelled(cluster, pods["agents"], pods["namespace"], seconds=5)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.mark.anyio
+async def test_from_python_the_session_id_labels_the_agent_and_cleanup_finds_nothing_after(
+        cluster: Any, pods: dict[str, Any], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MULTISNIFF_BUNDLES", pods["bundles"])
+    out = tmp_path / "api.pcapng"
+    async with multisniff.capture(
+            "app=sink-b", namespace=pods["namespace"], mode="privileged",
+            agent_namespace=pods["agents"], agent_image=TOOLS_IMAGE,
+            filter=f"udp dst port {PORT}", output=str(out),
+            kubeconfig=str(cluster.kubeconfig)) as cap:
+        await cap.ready(timeout=120)
+        agent = await anyio.to_thread.run_sync(the_agent, cluster, pods)
+        assert agent["metadata"]["labels"]["multisniff/session"] == cap.session_id
+        await anyio.to_thread.run_sync(send, cluster, pods, {"sink-b": 6})
+        await anyio.sleep(2)
+    assert [(run.label, run.mode, run.packets) for run in cap.result.runs] == [
+        (f"{pods['namespace']}/sink-b", "privileged", 6)]
+    assert cap.result.left_behind == []
+    report = await api.cleanup(namespace=pods["agents"], kubeconfig=str(cluster.kubeconfig))
+    assert report.found == [] and report.lines()[-1] == "Nothing was left behind."
