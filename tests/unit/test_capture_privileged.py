@@ -27,6 +27,8 @@ from multisniff.capture.model import (
     Target,
 )
 from multisniff.capture.privileged import (
+    DEFAULT_IMAGE,
+    PrivilegedError,
     PrivilegedMode,
     agent_manifest,
     choose_pid,
@@ -36,7 +38,7 @@ from multisniff.capture.privileged import (
 )
 from multisniff.engine.session import SessionResult
 from multisniff.errors import ClusterError, ExitCode
-from multisniff.kube.model import ContainerInfo, NodeInfo, PodRef
+from multisniff.kube.model import ContainerInfo, NodeInfo, PodInfo, PodRef
 from multisniff.ui import summary_lines
 
 ID = "4f1a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f708192a3b4c5d6e7f8"
@@ -328,3 +330,28 @@ async def test_an_agent_that_cannot_be_deleted_is_left_with_the_command_that_rem
                            started=0.0, ended=1.0, stop_reason="done",
                            left_behind=privileged.leftovers.entries)
     assert summary_lines(result)[-1] == f"Left behind: {privileged.leftovers.entries[0]}"
+
+
+class RejectingCluster(AgentCluster):
+    """The kubelet refuses every agent pod."""
+
+    async def wait_container_running(self, pod: PodRef, container: str, *,
+                                     timeout: float) -> PodInfo:
+        raise ClusterError(f"Pod {pod} failed before its container {container} ran: Pod Node "
+                           f"didn't have enough resource: cpu.")
+
+
+@pytest.mark.anyio
+async def test_an_agent_the_node_cannot_run_is_a_sentence_and_is_deleted() -> None:
+    cluster = RejectingCluster(namespaces={"capture": {}}, rewrite=swallow_bundle)
+    privileged = agent_mode(cluster)
+    with pytest.raises(PrivilegedError) as caught:
+        await privileged._acquire(target_on("node-1", "a"))
+    (created,) = cluster.created
+    name = created["metadata"]["name"]
+    assert str(caught.value) == (
+        f"The agent pod capture/{name} cannot run on node node-1 (pod capture/{name} failed "
+        f"before its container agent ran: Pod Node didn't have enough resource: cpu); check "
+        f"the node's capacity and the image {DEFAULT_IMAGE}, or use another --mode.")
+    assert cluster.deleted == [PodRef("capture", name)]
+    assert privileged.agents == ()
