@@ -211,6 +211,18 @@ def test_a_signal_ends_the_capture_and_removes_the_agent(
     assert per_interface(out) == {f"{pods['namespace']}/sink-a": 4}
 
 
+def processes_of_pod(uid: str) -> list[int]:
+    """PIDs on this machine (the cluster's one node) in the cgroup of the pod `uid`."""
+    found = []
+    for cgroup in Path("/proc").glob("[0-9]*/cgroup"):
+        try:
+            if f"pod{uid}" in cgroup.read_text():
+                found.append(int(cgroup.parent.name))
+        except OSError:
+            continue
+    return found
+
+
 def test_kill_9_leaves_no_running_agent_after_its_deadline_and_cleanup_removes_it(
         cluster: Any, pods: dict[str, Any], tmp_path: Path) -> None:
     profile = tmp_path / "short.toml"
@@ -224,10 +236,13 @@ def test_kill_9_leaves_no_running_agent_after_its_deadline_and_cleanup_removes_i
         assert deadline == 10 + 5 + 5 + 30
         session = agent["metadata"]["labels"]["multisniff/session"]
         created = time.monotonic()
+        # Its sleeper, and the watchdog, nsenter's tcpdump and their shell.
+        assert len(processes_of_pod(agent["metadata"]["uid"])) >= 3
     finally:
         process.kill()
         process.wait(timeout=10)
     time.sleep(max(0.0, deadline - (time.monotonic() - created)) + 10)
+    assert processes_of_pod(agent["metadata"]["uid"]) == []
     name = agent["metadata"]["name"]
     after = cluster.kubectl_json("get", "pod", name, "-n", pods["agents"])
     # The cluster ended it by itself: no container of it runs.
