@@ -283,7 +283,10 @@ class PrivilegedMode:
         else:
             labels = await self._cluster.namespace_labels(namespace)
             level = (labels or {}).get(ENFORCE_LABEL, "privileged")
-            if level != "privileged":
+            if labels is None and not await self._cluster.namespace_exists(namespace):
+                refusal = (f"the agent namespace {namespace} does not exist; give "
+                           f"--agent-namespace with one that does")
+            elif level != "privileged":
                 refusal = (f"namespace {namespace} enforces Pod Security level {level!r}, "
                            f"which refuses the privileged agent pod; give --agent-namespace "
                            f"with a namespace labelled {ENFORCE_LABEL}=privileged, or use "

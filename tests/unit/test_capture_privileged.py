@@ -355,3 +355,11 @@ async def test_an_agent_the_node_cannot_run_is_a_sentence_and_is_deleted() -> No
         f"the node's capacity and the image {DEFAULT_IMAGE}, or use another --mode.")
     assert cluster.deleted == [PodRef("capture", name)]
     assert privileged.agents == ()
+
+
+@pytest.mark.anyio
+async def test_an_agent_namespace_that_does_not_exist_is_a_refusal() -> None:
+    cluster = FakeCluster(namespaces={"web": {}})
+    assessment = await mode(cluster, agent_namespace="captrue").assess(non_root_target())
+    assert assessment.reason == ("the agent namespace captrue does not exist; give "
+                                 "--agent-namespace with one that does")
