@@ -324,8 +324,8 @@ class PrivilegedMode:
             await self._bundles.for_pod(pod)
         except MultisniffError as exc:
             return Assessment(False, _clause(exc))
-        where = (f"privileged agent pod {agent_name(self.session.session_id, pod.node)} in "
-                 f"namespace {namespace} on node {pod.node}")
+        where = (f"privileged agent pod {agent_name('<session>', pod.node)} in namespace "
+                 f"{namespace} on node {pod.node}")
         if not self._consented:
             return Assessment(False, f"only the privileged mode could, through a {where}; "
                                      f"auto uses it only where a profile sets "

@@ -201,7 +201,7 @@ async def test_the_assessment_names_what_it_would_create_and_where() -> None:
     assessment = await mode(cluster, agent_namespace="capture").assess(non_root_target())
     assert assessment.usable, assessment.reason
     (creates,) = assessment.creates
-    assert creates.startswith("privileged agent pod msnf-agent-ab12cd34-")
+    assert creates.startswith("privileged agent pod msnf-agent-<session>-")
     assert "in namespace capture on node node-1" in creates
 
 
