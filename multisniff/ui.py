@@ -90,6 +90,7 @@ def summary_json(result: SessionResult | None, *, exit_code: int, output: str | 
             "late": sum(run.late for run in runs),
         },
         "pods": [run_json(run) for run in runs],
+        "left_behind": list(result.left_behind) if result is not None else [],
         "skipped": [
             {"namespace": item.pod.ref.namespace, "pod": item.pod.ref.name,
              "reason": item.reason}
@@ -125,6 +126,7 @@ def summary_lines(result: SessionResult) -> list[str]:
                  f"{'s' if len(result.runs) != 1 else ''} written to {where} "
                  f"({dropped} dropped) in {result.ended - result.started:.1f} s; "
                  f"{result.stop_reason or 'done'}.")
+    lines.extend(f"Left behind: {entry}" for entry in result.left_behind)
     return lines
 
 

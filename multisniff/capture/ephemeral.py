@@ -50,7 +50,13 @@ from multisniff.capture.execcapture import (
     run_to_end,
     signal_by_pidfile,
 )
-from multisniff.capture.model import Assessment, CaptureSpec, ModeOptions, Target
+from multisniff.capture.model import (
+    Assessment,
+    CaptureSpec,
+    Leftovers,
+    ModeOptions,
+    Target,
+)
 from multisniff.capture.upload import capture_arguments, watchdog_arguments
 from multisniff.errors import ContainerNotStarted, MultisniffError
 from multisniff.kube.model import Cluster
@@ -128,8 +134,10 @@ class EphemeralMode:
 
     def __init__(self, cluster: Cluster, *, image: str = DEFAULT_IMAGE,
                  start_timeout: float = 120.0, cleanup_timeout: float = 10.0,
-                 watchdogs: Callable[[str], bytes] = watchdog_for) -> None:
+                 watchdogs: Callable[[str], bytes] = watchdog_for,
+                 leftovers: Leftovers | None = None) -> None:
         self._cluster = cluster
+        self._leftovers = leftovers or Leftovers()
         self._image = image
         self._start_timeout = start_timeout
         self._cleanup_timeout = cleanup_timeout
@@ -142,8 +150,8 @@ class EphemeralMode:
     @classmethod
     def from_options(cls, cluster: Cluster, options: ModeOptions) -> EphemeralMode:
         if options.ephemeral_image:
-            return cls(cluster, image=options.ephemeral_image)
-        return cls(cluster)
+            return cls(cluster, image=options.ephemeral_image, leftovers=options.leftovers)
+        return cls(cluster, leftovers=options.leftovers)
 
     async def aclose(self) -> None:
         """Nothing lives for the session: each capture ends its own container's processes."""
@@ -273,7 +281,9 @@ class EphemeralMode:
             if code != 0:
                 raise EphemeralError(message or f"exit {code}")
         except Exception as exc:
-            log.warning(
-                "Could not end ephemeral container %s of pod %s (%s); it ends by itself at "
-                "its lifetime, or now with: kubectl exec -n %s %s -c %s -- sh -c %s",
-                name, ref, exc, ref.namespace, ref.name, name, shlex.quote(script))
+            command = (f"kubectl exec -n {ref.namespace} {ref.name} -c {name} -- sh -c "
+                       f"{shlex.quote(script)}")
+            log.warning("Could not end ephemeral container %s of pod %s (%s); it ends by "
+                        "itself at its lifetime, or now with: %s", name, ref, exc, command)
+            self._leftovers.add(f"the running ephemeral container {name} of pod {ref} (it "
+                                f"ends by itself at its lifetime)", command)

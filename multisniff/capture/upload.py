@@ -42,7 +42,13 @@ from multisniff.capture.execcapture import (
     run_to_end,
     signal_by_pidfile,
 )
-from multisniff.capture.model import Assessment, CaptureSpec, ModeOptions, Target
+from multisniff.capture.model import (
+    Assessment,
+    CaptureSpec,
+    Leftovers,
+    ModeOptions,
+    Target,
+)
 from multisniff.errors import MultisniffError
 from multisniff.kube.model import Cluster, ExecChannel, PodRef
 
@@ -148,8 +154,10 @@ class UploadMode:
         bundles: Callable[[str], Bundle] = bundle_for,
         upload_timeout: float = 120.0,
         cleanup_timeout: float = 10.0,
+        leftovers: Leftovers | None = None,
     ) -> None:
         self._cluster = cluster
+        self._leftovers = leftovers or Leftovers()
         self._directory = directory
         self._upload_timeout = upload_timeout
         self._cleanup_timeout = cleanup_timeout
@@ -164,7 +172,7 @@ class UploadMode:
 
     @classmethod
     def from_options(cls, cluster: Cluster, options: ModeOptions) -> UploadMode:
-        return cls(cluster)
+        return cls(cluster, leftovers=options.leftovers)
 
     async def aclose(self) -> None:
         """Nothing lives for the session: each capture's watchdog removes its bundle."""
@@ -311,6 +319,8 @@ class UploadMode:
             with anyio.fail_after(self._cleanup_timeout, shield=True):
                 await run_to_end(self._cluster, ref, container, ["rm", "-rf", directory])
         except Exception as exc:
-            log.warning("Could not remove %s from %s container %s (%s); remove it with: "
-                        "kubectl exec -n %s %s -c %s -- rm -rf %s", directory, ref, container,
-                        exc, ref.namespace, ref.name, container, directory)
+            command = (f"kubectl exec -n {ref.namespace} {ref.name} -c {container} -- "
+                       f"rm -rf {directory}")
+            log.warning("Could not remove %s from %s container %s (%s); remove it with: %s",
+                        directory, ref, container, exc, command)
+            self._leftovers.add(f"{directory} in {ref} container {container}", command)

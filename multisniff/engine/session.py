@@ -22,7 +22,7 @@ import ipaddress
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
@@ -111,6 +111,8 @@ class SessionResult:
     output_bytes: int = 0
     error: str = ""
     """The sentence of the error that ended the session, if one did."""
+    left_behind: list[str] = field(default_factory=list)
+    """What could not be removed, each with the command that removes it."""
 
     @property
     def packets(self) -> int:

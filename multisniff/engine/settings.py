@@ -36,6 +36,13 @@ class CaptureSettings:
     """A capture mode's name (see `multisniff.capture.registry`), or auto."""
     ephemeral_image: str | None = None
     """Image with tcpdump for the ephemeral mode (None: the mode's default)."""
+    agent_image: str | None = None
+    """Image of the privileged mode's agent pods: sh, tar and head suffice (None: the mode's
+    default)."""
+    agent_namespace: str | None = None
+    """Namespace of the privileged mode's agent pods (None: the node's first target's)."""
+    allow_privileged: bool = False
+    """Let auto use the privileged mode (a privileged pod per node) as its last resort."""
     duration: float | None = field(default=None, metadata={"positive": True})
     count: int | None = None
     max_size: int | None = field(default=None, metadata={"unit": "bytes"})

@@ -149,6 +149,10 @@ async def test_no_process_but_the_sleeper_is_signalled(cluster: SleeperCluster, 
 
     assert "Could not end ephemeral container msnf-abcdef" in caplog.text
     assert cluster.execs[-1].result is not None and cluster.execs[-1].result.exit_code == 3
+    # What it could not end is left for the summary, with the command that ends it.
+    (entry,) = mode._leftovers.entries
+    assert entry.startswith("the running ephemeral container msnf-abcdef of pod default/app-0")
+    assert "remove it with: kubectl exec -n default app-0 -c msnf-abcdef -- sh -c" in entry
 
 
 @pytest.mark.anyio
