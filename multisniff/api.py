@@ -27,6 +27,8 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from multisniff import profiles
 from multisniff.capture import registry
+from multisniff.capture.cleanup import CleanupReport
+from multisniff.capture.cleanup import cleanup as remove_leftovers
 from multisniff.capture.model import ModeOptions
 from multisniff.engine.events import Event, EventKind, Timeline
 from multisniff.engine.output import FileOutput, LiveOutput
@@ -45,7 +47,8 @@ from multisniff.engine.sinks import (
 from multisniff.errors import MultisniffError, UsageError
 from multisniff.kube.model import Cluster
 
-__all__ = ["Capture", "Event", "EventKind", "NotReady", "capture", "dry_run", "mode_names",
+__all__ = ["Capture", "Event", "EventKind", "NotReady", "capture", "cleanup", "dry_run",
+           "mode_names",
            "run_capture", "settings_for"]
 
 
@@ -143,6 +146,14 @@ class Capture:
         self._result: SessionResult | None = None
         self._done = anyio.Event()
         self._started_at = time.time()
+        self.mode_options = mode_options(settings)
+        """What the modes are told, the session's mark (its id: `session_id`) among it."""
+
+    @property
+    def session_id(self) -> str:
+        """The id of the session label on everything it creates (`multisniff cleanup
+        --session ID` finds what a killed run left)."""
+        return self.mode_options.session.session_id
 
     @property
     def output_name(self) -> str:
@@ -164,8 +175,7 @@ class Capture:
 
                 cluster = await self._stack.enter_async_context(
                     connect(self._kubeconfig, self._context))
-            mode = registry.create(self.settings.mode, cluster, ModeOptions(
-                ephemeral_image=self.settings.ephemeral_image))
+            mode = registry.create(self.settings.mode, cluster, self.mode_options)
             output = await self._make_output()
             self._session = session = Session(cluster, mode, self.settings, output)
             if isinstance(output, LiveOutput):
@@ -237,6 +247,8 @@ class Capture:
             if not session.started:
                 task_status.started()
         finally:
+            if self._result is not None:
+                self._result.left_behind = list(self.mode_options.leftovers.entries)
             self._done.set()
 
     def _fail(self, exc: BaseException) -> None:
@@ -324,6 +336,15 @@ class Capture:
         return self._error
 
 
+def mode_options(settings: CaptureSettings) -> ModeOptions:
+    """What the capture modes are told of the settings, for one session."""
+    return ModeOptions(ephemeral_image=settings.ephemeral_image,
+                       agent_image=settings.agent_image,
+                       agent_namespace=settings.agent_namespace,
+                       allow_privileged=settings.allow_privileged,
+                       remote_lifetime=settings.remote_lifetime)
+
+
 def _is_async_writer(target: object) -> bool:
     import inspect
 
@@ -344,13 +365,32 @@ async def dry_run(selector: str | None = None, *, profile: str | CaptureSettings
             from multisniff.kube.api import connect
 
             cluster = await stack.enter_async_context(connect(kubeconfig, context))
-        mode = registry.create(resolved.mode, cluster,
-                               ModeOptions(ephemeral_image=resolved.ephemeral_image))
+        mode = registry.create(resolved.mode, cluster, mode_options(resolved))
         try:
             return await session_dry_run(cluster, mode, resolved)
         finally:
             with anyio.CancelScope(shield=True):
                 await mode.aclose()
+
+
+async def cleanup(*, namespace: str | None = None, all_namespaces: bool = False,
+                  session: str | None = None, dry_run: bool = False,
+                  kubeconfig: str | None = None, context: str | None = None,
+                  cluster: Cluster | None = None) -> CleanupReport:
+    """Find and remove what earlier capture sessions left behind: agent pods (of `session`
+    only, when given), and multisniff's processes and files in every running container of
+    the namespace (the kubeconfig context's unless given; every one with `all_namespaces`).
+    `dry_run` only lists them. It also ends captures still running: use it when none is."""
+    if all_namespaces and namespace:
+        raise UsageError("Give either -n NAMESPACE or -A (all namespaces), not both.")
+    async with AsyncExitStack() as stack:
+        if cluster is None:
+            from multisniff.kube.api import connect
+
+            cluster = await stack.enter_async_context(connect(kubeconfig, context))
+        where = None if all_namespaces else (namespace or cluster.default_namespace)
+        return await remove_leftovers(cluster, namespace=where, session=session,
+                                      dry_run=dry_run)
 
 
 def run_capture(selector: str | None = None, **arguments: Any) -> SessionResult:

@@ -10,7 +10,7 @@ Exit codes (multisniff.errors.ExitCode):
   2    usage error: the command line or a profile is wrong; nothing was started
   3    nothing was captured or read at all
   4    the cluster refused (RBAC, Pod Security, no such namespace); nothing was started
-  130  Ctrl-C or SIGTERM ended the capture early; what was captured until then is kept
+  130  Ctrl-C, SIGTERM or SIGHUP ended the capture early; what was captured until then is kept
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from functools import partial
 from typing import TYPE_CHECKING
 
 from multisniff import __version__
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("multisniff")
 
 
-SUBCOMMANDS = ("merge", "inspect", "profiles", "bundles", "record", "mark")
+SUBCOMMANDS = ("merge", "inspect", "profiles", "bundles", "cleanup", "record", "mark")
 
 
 def build_parser(*, record: bool = False) -> argparse.ArgumentParser:
@@ -51,8 +52,44 @@ def build_parser(*, record: bool = False) -> argparse.ArgumentParser:
     _add_offline_commands(sub)
     _add_profiles_command(sub)
     _add_bundles_command(sub)
+    _add_cleanup_command(sub)
     _add_record_commands(sub, full=record)
     return parser
+
+
+def _add_cleanup_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    cleanup = sub.add_parser(
+        "cleanup", help="find and remove what earlier captures left behind",
+        description="Deletes multisniff's agent pods (by label) and stops multisniff's "
+                    "tcpdumps and watchdogs and removes its bundles in every running "
+                    "container reachable by exec. It also ends captures still running: use it "
+                    "when none is.")
+    cleanup.add_argument("-n", "--namespace", metavar="NAMESPACE",
+                         help="namespace (default: the kubeconfig context's, else default)")
+    cleanup.add_argument("-A", "--all-namespaces", action="store_true",
+                         help="every namespace")
+    cleanup.add_argument("--session", metavar="ID",
+                         help="only the agent pods of this session (its id is in their "
+                              "multisniff/session label and in the capture's log)")
+    cleanup.add_argument("--dry-run", action="store_true",
+                         help="list what would be removed; remove nothing")
+    cleanup.add_argument("--kubeconfig", metavar="PATH", help="kubeconfig file (or KUBECONFIG)")
+    cleanup.add_argument("--context", metavar="CONTEXT", help="kubeconfig context")
+    cleanup.set_defaults(run=run_cleanup)
+
+
+def run_cleanup(args: argparse.Namespace) -> int:
+    import anyio
+
+    from multisniff import api
+
+    report = anyio.run(partial(api.cleanup, namespace=args.namespace,
+                               all_namespaces=args.all_namespaces, session=args.session,
+                               dry_run=args.dry_run, kubeconfig=args.kubeconfig,
+                               context=args.context), backend="asyncio")
+    for line in report.lines():
+        print(line)
+    return ExitCode.PARTIAL if report.failed else ExitCode.OK
 
 
 def _add_record_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser], *,
@@ -155,7 +192,7 @@ def build_capture_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="multisniff",
         usage="multisniff -l SELECTOR [options] -o FILE | multisniff "
-              "{record,mark,merge,inspect,profiles} ...",
+              "{record,mark,merge,inspect,profiles,bundles,cleanup} ...",
         description="Capture packets from every pod matched by a label selector at once into "
                     "one pcapng timeline, each pod its own named interface.",
         epilog="Sub-commands: record (capture around a command: record -l SELECTOR -- "
@@ -198,6 +235,11 @@ def add_capture_options(parser: argparse.ArgumentParser, *, record: bool) -> Non
                            "takes the first of the others that can)")
     what.add_argument("--ephemeral-image", metavar="IMAGE",
                       help="image with tcpdump for the ephemeral mode's debug container")
+    what.add_argument("--agent-image", metavar="IMAGE",
+                      help="image of the privileged mode's agent pods (sh, tar and head suffice)")
+    what.add_argument("--agent-namespace", metavar="NAMESPACE",
+                      help="namespace of the privileged mode's agent pods (default: the "
+                           "namespace of each node's first pod)")
     what.add_argument("--profile", metavar="NAME|PATH",
                       help="settings from a profile; flags override it")
     out = parser.add_argument_group("output and limits")
@@ -247,7 +289,7 @@ def profile_from_args(args: argparse.Namespace) -> Profile:
     changes: dict[str, object] = {}
     for name in ("labels", "field_selector", "namespace", "all_namespaces", "container",
                  "interface", "filter", "snaplen", "mode", "count", "follow", "ephemeral_image",
-                 "events", "keep_files"):
+                 "agent_image", "agent_namespace", "events", "keep_files"):
         value = getattr(args, name, None)
         if value is not None:
             changes[name] = value
@@ -317,7 +359,8 @@ async def _capture(args: argparse.Namespace, settings: CaptureSettings) -> int:
 
 async def run_with_ui(cap: Capture, *, debug: bool) -> SessionResult:
     """Run a capture to its end with this process's signals and, on a terminal, the live table:
-    the first SIGINT or SIGTERM stops it gently, the second cuts it off."""
+    the first SIGINT, SIGTERM or SIGHUP (its terminal gone) stops it gently, the second cuts it
+    off."""
     import signal
 
     import anyio
@@ -325,7 +368,8 @@ async def run_with_ui(cap: Capture, *, debug: bool) -> SessionResult:
     from multisniff import ui
 
     async def on_signals() -> None:
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM,
+                                        signal.SIGHUP) as signals:
             async for number in signals:
                 name = signal.Signals(number).name
                 if cap.done:

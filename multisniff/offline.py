@@ -5,8 +5,10 @@ and run where no Kubernetes client is installed. Files are read with plain `os.r
 chunks and the merge is written with `os.write`, the output file created with mode 0600 because
 captures hold secrets.
 
-Damaged inputs behave as with mergecap: every complete packet before the damage is used, one
-sentence names the file and the byte offset, and the exit code is PARTIAL.
+Damaged inputs lose no more than with mergecap: every complete packet before damage that ends
+the file is used, a damaged block whose length fields hold is left out (or only its damaged
+options are) and reading goes on, one sentence per damage names the file and the byte offset,
+and the exit code is PARTIAL.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import struct
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 
 from multisniff.errors import ExitCode, InputError, OutputError, UsageError
@@ -32,6 +35,7 @@ from multisniff.pcap.reading import (
     CaptureError,
     CaptureReader,
     NotACaptureError,
+    RecoveredDamage,
     TruncatedCaptureError,
     packet_fields,
 )
@@ -234,14 +238,33 @@ def _labels(inputs: Sequence[str], names: Sequence[str]) -> list[str]:
     return labels
 
 
-def _damage_sentence(path: str, error: CaptureError, packets: int) -> str:
-    done = f"the {packets} packet{'s' if packets != 1 else ''} before it"
+def _damage_sentence(path: str, error: CaptureError, packets: int, *,
+                     done: tuple[str, str] = ("was used", "were used")) -> str:
+    if packets == 1:
+        before = f"the 1 packet before it {done[0]}"
+    else:
+        before = f"the {packets} packets before it {done[1]}"
     if isinstance(error, TruncatedCaptureError):
-        return (f"{path} is cut off at byte {error.offset} ({error.reason}); {done} were "
-                "used.")
+        return f"{path} is cut off at byte {error.offset} ({error.reason}); {before}."
     if isinstance(error, NotACaptureError):
         return f"{path} is not a capture file ({error.reason}); it was left out."
-    return f"{path} is damaged at byte {error.offset} ({error.reason}); {done} were used."
+    return f"{path} is damaged at byte {error.offset} ({error.reason}); {before}."
+
+
+def _recovered_sentences(path: str, reader: CaptureReader) -> list[str]:
+    """One sentence per damaged block that reading went past (the first few), then a count."""
+    sentences = [_recovered_sentence(path, damage) for damage in reader.recovered]
+    more = reader.recovered_count - len(reader.recovered)
+    if more:
+        blocks = f"{more} more damaged block{'s' if more != 1 else ''}"
+        sentences.append(f"{path} has {blocks} that reading went past in the same way; they "
+                         "are not listed.")
+    return sentences
+
+
+def _recovered_sentence(path: str, damage: RecoveredDamage) -> str:
+    return (f"{path} is damaged at byte {damage.offset} ({damage.reason}); {damage.remedy}, "
+            "and reading went on.")
 
 
 def _open_output(target: str, inputs: Sequence[str]) -> tuple[int, bool]:
@@ -292,13 +315,19 @@ def run_merge(args: argparse.Namespace) -> int:
     finally:
         for fd in fds:
             os.close(fd)
-    for sentence in problems:
+    warnings, errors = problems
+    for sentence in warnings:
+        log.warning("%s", sentence)
+    for sentence in errors:
         log.error("%s", sentence)
-    return ExitCode.PARTIAL if problems else ExitCode.OK
+    return ExitCode.PARTIAL if warnings or errors else ExitCode.OK
 
 
 def _merge_files(inputs: Sequence[str], labels: Sequence[str], fds: Sequence[int],
-                 censuses: Sequence[Census], out_fd: int, target: str) -> list[str]:
+                 censuses: Sequence[Census], out_fd: int,
+                 target: str) -> tuple[list[str], list[str]]:
+    """Merge the inputs into out_fd; (damage that was gone past, damage that ended an input),
+    as sentences."""
     merger = TimelineMerger(key_resolution=key_resolution(censuses))
     sources = [
         merger.add_source(label, multi_interface=census.interfaces > 1)
@@ -324,17 +353,20 @@ def _merge_files(inputs: Sequence[str], labels: Sequence[str], fds: Sequence[int
             break
         step(by_index[source.index])
     write_all(out_fd, merger.finish(), target)
-    return [
+    warnings = [sentence for path, source in zip(inputs, sources, strict=True)
+                for sentence in _recovered_sentences(path, source.reader)]
+    errors = [
         _damage_sentence(path, source.error, source.received)
         for path, source in zip(inputs, sources, strict=True)
         if source.error is not None
     ]
+    return warnings, errors
 
 
 # --- inspect ----------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(slots=True)
 class InterfaceSummary:
     info: InterfaceInfo
     packets: int = 0
@@ -345,20 +377,24 @@ class InterfaceSummary:
 
     def as_json(self) -> dict[str, object]:
         tsresol = self.info.tsresol
+        shift = self.info.tsoffset * self.info.units_per_second
         return {
             "name": self.info.name,
             "description": self.info.description,
             "linktype": self.info.linktype,
             "packets": self.packets,
             "bytes": self.bytes,
-            "first": None if self.first is None else format_timestamp(self.first, tsresol),
-            "last": None if self.last is None else format_timestamp(self.last, tsresol),
+            "first": None if self.first is None else format_timestamp(self.first + shift,
+                                                                       tsresol),
+            "last": None if self.last is None else format_timestamp(self.last + shift, tsresol),
             "dropped": None if self.statistics is None else self.statistics.dropped,
         }
 
 
-def summarize(path: str) -> tuple[list[InterfaceSummary], int, CaptureError | None, str | None]:
-    """Read a whole capture: per-interface summaries, packet count, damage (if any), format."""
+def summarize(path: str) -> tuple[list[InterfaceSummary], int, CaptureError | None,
+                                  CaptureReader]:
+    """Read a whole capture: per-interface summaries, packet count, the damage that ended it
+    (if any), and the reader (its format, the damage it went past)."""
     fd = open_input(path)
     try:
         census_probe = os.pread(fd, 4, 0)
@@ -392,36 +428,66 @@ def summarize(path: str) -> tuple[list[InterfaceSummary], int, CaptureError | No
     if isinstance(error, NotACaptureError) and total == 0:
         raise InputError(f"{path} is not a capture file ({error.reason}); give a pcap or "
                          "pcapng file.")
-    return summaries, total, error, reader.format
+    return summaries, total, error, reader
 
 
 def run_inspect(args: argparse.Namespace) -> int:
     path: str = args.file
-    summaries, total, error, fmt = summarize(path)
+    summaries, total, error, reader = summarize(path)
+    fmt = reader.format
     if args.json:
-        document = {"file": path, "packets": total,
-                    "interfaces": [summary.as_json() for summary in summaries]}
-        sys.stdout.write(json.dumps(document, indent=2) + "\n")
+        _write_json(path, total, summaries)
     else:
-        sys.stdout.write(_text_report(path, fmt, total, summaries))
+        _write_text(path, fmt, total, summaries)
     sys.stdout.flush()
+    warnings = _recovered_sentences(path, reader)
+    for sentence in warnings:
+        log.warning("%s", sentence)
     if error is not None:
-        log.error("%s", _damage_sentence(path, error, total).replace(" were used.",
-                                                                       " are counted above."))
-        return ExitCode.PARTIAL
-    return ExitCode.OK
+        log.error("%s", _damage_sentence(path, error, total,
+                                             done=("is counted above", "are counted above")))
+    return ExitCode.PARTIAL if error is not None or warnings else ExitCode.OK
 
 
-def _text_report(path: str, fmt: str | None, total: int,
-                 summaries: Sequence[InterfaceSummary]) -> str:
-    lines = [f"{path}: {fmt or 'unknown format'}, {len(summaries)} interface"
-             f"{'s' if len(summaries) != 1 else ''}, {total} packets"]
+def _write_json(path: str, total: int, summaries: Sequence[InterfaceSummary]) -> None:
+    """The document json.dumps(indent=2) would give, written one interface at a time: a file
+    may declare hundreds of thousands of interfaces."""
+    write = sys.stdout.write
+    head = json.dumps({"file": path, "packets": total, "interfaces": []}, indent=2)
+    if not summaries:
+        write(head + "\n")
+        return
+    write(head[: -len("[]\n}")] + "[")
+    for number, summary in enumerate(summaries):
+        item = json.dumps(summary.as_json(), indent=2).replace("\n", "\n    ")
+        write(("," if number else "") + "\n    " + item)
+    write("\n  ]\n}\n")
+
+
+def _write_text(path: str, fmt: str | None, total: int,
+                summaries: Sequence[InterfaceSummary]) -> None:
+    """A table, one row per interface: the rows are made twice (for the column widths, then
+    to write them) rather than kept, as a file may declare hundreds of thousands."""
+    write = sys.stdout.write
+    write(f"{path}: {fmt or 'unknown format'}, {_count(len(summaries), 'interface')}, "
+          f"{_count(total, 'packet')}\n")
     header = ("#", "name", "linktype", "packets", "bytes", "first", "last", "dropped")
-    rows = [header]
+    widths = [len(cell) for cell in header]
+    for row in _rows(summaries):
+        widths = [max(width, len(cell)) for width, cell in zip(widths, row, strict=True)]
+    for row in chain([header], _rows(summaries)):
+        write("  " + "  ".join(cell.ljust(width)
+                               for cell, width in zip(row, widths, strict=True)).rstrip() + "\n")
+    for summary in summaries:
+        if summary.info.description:
+            write(f"  {summary.info.name or '-'}: {summary.info.description}\n")
+
+
+def _rows(summaries: Sequence[InterfaceSummary]) -> Iterator[tuple[str, ...]]:
     for number, summary in enumerate(summaries):
         item = summary.as_json()
         linktype = summary.info.linktype
-        rows.append((
+        yield (
             str(number),
             str(item["name"] or "-"),
             f"{linktype} {LINKTYPE_NAMES.get(linktype, '')}".strip(),
@@ -430,15 +496,11 @@ def _text_report(path: str, fmt: str | None, total: int,
             str(item["first"] or "-"),
             str(item["last"] or "-"),
             "-" if item["dropped"] is None else str(item["dropped"]),
-        ))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    for row in rows:
-        lines.append("  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths,
-                                                                                 strict=True)).rstrip())
-    for summary in summaries:
-        if summary.info.description:
-            lines.append(f"  {summary.info.name or '-'}: {summary.info.description}")
-    return "\n".join(lines) + "\n"
+        )
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 # --- command line -----------------------------------------------------------------------------

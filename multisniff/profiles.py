@@ -45,6 +45,11 @@ class Profile(CaptureSettings):
         return CaptureSettings.settings(self.replace(**overrides) if overrides else self)
 
 
+_REPLACED = {
+    "batch_interval": "flush_delay, the seconds a packet may wait on the pod's side (0.05 by "
+                      "default; packets waiting longer die with a crashing container)",
+}
+
 _TYPE_WORDS = {str: "a string", bool: "true or false", int: "an integer", float: "a number"}
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
@@ -127,6 +132,9 @@ def profile_from_mapping(data: Mapping[str, Any], *, path: Path, text: str,
     changes: dict[str, Any] = {}
     for key, value in data.items():
         where = _where(path, text, key)
+        if key in _REPLACED:
+            raise UsageError(f"{where}: {key} was replaced by {_REPLACED[key]}; fix the profile "
+                             f"{path.name}.")
         spec = KEYS.get(key)
         if spec is None:
             raise _unknown_key(key, where, path)

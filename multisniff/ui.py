@@ -7,7 +7,7 @@ written. The summary JSON (`--summary-json`) is for scripts and CI; its shape is
     {"exit_code": int, "output": str, "duration": float, "stop_reason": str, "error": str,
      "totals": {"pods", "captured", "failed", "packets", "bytes", "dropped", "late"},
      "pods": [{"namespace", "pod", "node", "container", "mode", "reason", "state", "error",
-               "packets", "bytes", "dropped", "late", "interface"}],
+               "ended_by", "restarts", "packets", "bytes", "dropped", "late", "interface"}],
      "skipped": [{"namespace", "pod", "reason"}],
      "events": [{"time": float, "kind": str, "text": str}]}
 """
@@ -60,6 +60,8 @@ def run_json(run: CaptureRun) -> dict[str, Any]:
         "reason": run.reason,
         "state": run.state,
         "error": run.error,
+        "ended_by": run.ended_by,
+        "restarts": run.restarts,
         "packets": run.packets,
         "bytes": run.bytes,
         "dropped": run.dropped,
@@ -81,14 +83,15 @@ def summary_json(result: SessionResult | None, *, exit_code: int, output: str | 
         "error": error,
         "totals": {
             "pods": len(runs),
-            "captured": sum(run.state == "done" for run in runs),
-            "failed": sum(run.state != "done" for run in runs),
+            "captured": sum(run.state in ("done", "ended") for run in runs),
+            "failed": sum(run.state not in ("done", "ended") for run in runs),
             "packets": sum(run.packets for run in runs),
             "bytes": sum(run.bytes for run in runs),
             "dropped": sum(run.dropped for run in runs),
             "late": sum(run.late for run in runs),
         },
         "pods": [run_json(run) for run in runs],
+        "left_behind": list(result.left_behind) if result is not None else [],
         "skipped": [
             {"namespace": item.pod.ref.namespace, "pod": item.pod.ref.name,
              "reason": item.reason}
@@ -112,8 +115,12 @@ def write_summary_json(path: str, summary: dict[str, Any]) -> None:
 def summary_lines(result: SessionResult) -> list[str]:
     lines = []
     for run in result.runs:
-        line = (f"{run.label}: {run.state}, {run.packets} packets, {human_bytes(run.bytes)}, "
-                f"{run.dropped} dropped, {run.late} late (mode {run.mode})")
+        line = (f"{run.label}: {run.outcome}, {run.packets} packets, "
+                f"{human_bytes(run.bytes)}, {run.dropped} dropped, {run.late} late "
+                f"(mode {run.mode})")
+        if run.restarts:
+            line += (f", went on across {run.restarts} container restart"
+                     f"{'s' if run.restarts != 1 else ''}")
         if run.error:
             line += f": {run.error}"
         lines.append(line)
@@ -124,6 +131,7 @@ def summary_lines(result: SessionResult) -> list[str]:
                  f"{'s' if len(result.runs) != 1 else ''} written to {where} "
                  f"({dropped} dropped) in {result.ended - result.started:.1f} s; "
                  f"{result.stop_reason or 'done'}.")
+    lines.extend(f"Left behind: {entry}" for entry in result.left_behind)
     return lines
 
 

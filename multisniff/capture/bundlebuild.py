@@ -171,8 +171,9 @@ def prepare_sysroot(arch: str, *, program: str = "tcpdump") -> Path:
     return root
 
 
-def build_from_packages(arch: str) -> Bundle:
-    """The bundle for ``arch`` from Debian's binary packages (see the module docstring)."""
+def build_from_packages(arch: str, programs: Sequence[str] = ("tcpdump",)) -> Bundle:
+    """The bundle of ``programs`` for ``arch`` from Debian's binary packages (see the module
+    docstring)."""
     if arch == host_arch():
         sysroot = Sysroot()
     else:
@@ -190,11 +191,12 @@ def build_from_packages(arch: str) -> Bundle:
         sysroot = Sysroot(root)
     watchdog = compile_watchdog(arch)
     try:
-        return build_bundle(sysroot=sysroot, static_programs={WATCHDOG_NAME: watchdog},
+        return build_bundle(sysroot=sysroot, programs=programs,
+                            static_programs={WATCHDOG_NAME: watchdog},
                             notes=_notes({"recipe": "debian-packages"}))
     except BundleError as exc:
         raise BundleUnavailable(
-            f"A tcpdump bundle for {arch} nodes cannot be built here: {exc}"
+            f"A bundle of {', '.join(programs)} for {arch} nodes cannot be built here: {exc}"
         ) from exc
 
 

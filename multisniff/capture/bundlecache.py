@@ -105,3 +105,20 @@ def bundle_for(arch: str) -> Bundle:
     watchdog = next(f.data for f in bundle.files if f.name == WATCHDOG_NAME)
     bundlestore.save(cache_dir() / arch, bundle, watchdog=watchdog)
     return bundle
+
+
+AGENT_PROGRAMS = ("tcpdump", "nsenter")
+
+
+def agent_bundle_for(arch: str) -> Bundle:
+    """The privileged mode's bundle for nodes of ``arch``: tcpdump, nsenter (util-linux) and
+    the watchdog, so that the agent's image needs only a shell and tar. Made from this
+    machine's Debian packages on first use and kept in the cache beside the upload bundles
+    (``agent/ARCH``); the wheel does not ship it."""
+    directory = cache_dir() / "agent" / arch
+    found = bundlestore.load(directory, arch=arch, source="cache")
+    if found is not None:
+        return found.bundle
+    bundle = build_from_packages(arch, programs=AGENT_PROGRAMS)
+    bundlestore.save(directory, bundle, watchdog=None)
+    return bundle

@@ -1,15 +1,18 @@
 """Ephemeral mode: run tcpdump in an ephemeral container added to the target's pod.
 
 For targets the upload mode cannot use (no shell or tar, not root, a read-only /tmp), an
-ephemeral container ``msnf-<random6>`` joins the pod's network namespace and, through
-``targetContainerName``, the target container's PID namespace. It gets CAP_NET_ADMIN and
-CAP_NET_RAW and nothing else (never privileged), and its own process is only a sleeper
-(``sleep LIFETIME``) that ends by itself when the capture's lifetime is over. tcpdump (the
-image's) runs by exec in it under the same static watchdog as in the upload mode, sent at the
-start of that exec's stdin (``head -c SIZE``, checked by size): it stops tcpdump at the stream's
-end or the lifetime, passes its output on in batches, and removes itself at the end. Where no
-watchdog can be had for the node's architecture (no compiler here), a POSIX shell watchdog
-does the stopping instead: tcpdump in the background (under ``timeout`` where the image has
+ephemeral container ``msnf-<random6>`` joins the pod's network namespace, which every container
+of the pod shares and which outlives their restarts. It names no ``targetContainerName``: that
+would put it into the target container's PID namespace, whose every process the kernel kills
+when the target's first process dies, so a crash of the target would end the capture. In a PID
+namespace of its own, the capture goes on across the target's restarts, on the same interface.
+It gets CAP_NET_ADMIN and CAP_NET_RAW and nothing else (never privileged), and its own process
+is only a sleeper (``sleep LIFETIME``) that ends by itself when the capture's lifetime is over.
+tcpdump (the image's) runs by exec in it under the same static watchdog as in the upload mode,
+sent at the start of that exec's stdin (``head -c SIZE``, checked by size): it stops tcpdump at
+the stream's end or the lifetime, passes its output on in batches, and removes itself at the
+end. Where no watchdog can be had for the node's architecture (no compiler here), a POSIX shell
+watchdog does the stopping instead: tcpdump in the background (under ``timeout`` where the image has
 it), the shell waits for its stdin to reach EOF (stream closed, client gone) and then sends
 tcpdump SIGTERM, which makes it flush and print its statistics; its packets come one frame
 each, which costs more CPU here.
@@ -19,10 +22,13 @@ the pod is deleted. Its process ends with the capture instead: the capture's she
 file at its very end (after its exit status is known), and the sleeper, which looks for it
 every second, ends then. Only when the capture did not get that far (its stream broke) do we
 end the sleeper by another exec: it wrote its PID into the ephemeral container's own /tmp, and
-we kill exactly that PID. Never ``kill 1``: in the shared PID namespace that is the target
-container's process. A container that never ran (its image could not be pulled) or has ended
-has no sleeper to end; an image that cannot be pulled is said once per session, and further
-pods on that node are not given a container that cannot start.
+we send SIGTERM to exactly that PID once /proc says it is our sleeper. The sleeper is PID 1 of
+its container, which the kernel spares every signal it has no handler for, so it traps SIGTERM.
+In a pod with ``shareProcessNamespace``, PID 1 is the pod's pause process, whose end would end
+the pod: never a PID but the sleeper's.
+A container that never ran (its image could not be pulled) or has ended has no sleeper to end;
+an image that cannot be pulled is said once per session, and further pods on that node are not
+given a container that cannot start.
 """
 
 from __future__ import annotations
@@ -44,7 +50,13 @@ from multisniff.capture.execcapture import (
     run_to_end,
     signal_by_pidfile,
 )
-from multisniff.capture.model import Assessment, CaptureSpec, ModeOptions, Target
+from multisniff.capture.model import (
+    Assessment,
+    CaptureSpec,
+    Leftovers,
+    ModeOptions,
+    Target,
+)
 from multisniff.capture.upload import capture_arguments, watchdog_arguments
 from multisniff.errors import ContainerNotStarted, MultisniffError
 from multisniff.kube.model import Cluster
@@ -70,8 +82,9 @@ class EphemeralError(MultisniffError):
 
 def sleeper_command(lifetime: float) -> list[str]:
     seconds = int(lifetime + START_MARGIN)
-    # "$$": Kubernetes expands $(VAR) in a container's command and turns $$ into $.
-    return ["sh", "-c", f"echo $$$$ > {SLEEPER_PID_FILE}; i=0; "
+    # "$$": Kubernetes expands $(VAR) in a container's command and turns $$ into $. The trap
+    # runs once the current `sleep 1` is over.
+    return ["sh", "-c", f"trap 'exit 143' TERM; echo $$$$ > {SLEEPER_PID_FILE}; i=0; "
                         f"while [ ! -e {DONE_FILE} ] && [ $$i -lt {seconds} ]; do "
                         f"sleep 1; i=$$((i+1)); done"]
 
@@ -121,8 +134,10 @@ class EphemeralMode:
 
     def __init__(self, cluster: Cluster, *, image: str = DEFAULT_IMAGE,
                  start_timeout: float = 120.0, cleanup_timeout: float = 10.0,
-                 watchdogs: Callable[[str], bytes] = watchdog_for) -> None:
+                 watchdogs: Callable[[str], bytes] = watchdog_for,
+                 leftovers: Leftovers | None = None) -> None:
         self._cluster = cluster
+        self._leftovers = leftovers or Leftovers()
         self._image = image
         self._start_timeout = start_timeout
         self._cleanup_timeout = cleanup_timeout
@@ -135,8 +150,8 @@ class EphemeralMode:
     @classmethod
     def from_options(cls, cluster: Cluster, options: ModeOptions) -> EphemeralMode:
         if options.ephemeral_image:
-            return cls(cluster, image=options.ephemeral_image)
-        return cls(cluster)
+            return cls(cluster, image=options.ephemeral_image, leftovers=options.leftovers)
+        return cls(cluster, leftovers=options.leftovers)
 
     async def aclose(self) -> None:
         """Nothing lives for the session: each capture ends its own container's processes."""
@@ -193,7 +208,6 @@ class EphemeralMode:
             "name": name,
             "image": self._image,
             "imagePullPolicy": "IfNotPresent",
-            "targetContainerName": target.container,
             "command": sleeper_command(spec.lifetime),
             "stdin": False,
             "tty": False,
@@ -234,7 +248,7 @@ class EphemeralMode:
                 if program is not None:
                     await channel.write(program)
                 capture = ExecCapture(self._cluster, ref, name, channel, stderr,
-                                      stop_command=stop)
+                                      stop_command=stop, bound_to_container=False)
                 yield capture
         finally:
             # An exit status means the shell got to its end and left the file the sleeper
@@ -258,7 +272,8 @@ class EphemeralMode:
     async def _end_sleeper(self, target: Target, name: str) -> None:
         ref = target.pod.ref
         script = (f'read -r p < {SLEEPER_PID_FILE} || exit 3; '
-                  'case "$p" in ""|*[!0-9]*|1) exit 3;; esac; kill -TERM "$p"')
+                  'case "$p" in ""|*[!0-9]*) exit 3;; esac; '
+                  f'grep -q {DONE_FILE} "/proc/$p/cmdline" || exit 3; kill -TERM "$p"')
         try:
             with anyio.fail_after(self._cleanup_timeout, shield=True):
                 code, _, message = await run_to_end(self._cluster, ref, name,
@@ -266,7 +281,9 @@ class EphemeralMode:
             if code != 0:
                 raise EphemeralError(message or f"exit {code}")
         except Exception as exc:
-            log.warning(
-                "Could not end ephemeral container %s of pod %s (%s); it ends by itself at "
-                "its lifetime, or now with: kubectl exec -n %s %s -c %s -- sh -c %s",
-                name, ref, exc, ref.namespace, ref.name, name, shlex.quote(script))
+            command = (f"kubectl exec -n {ref.namespace} {ref.name} -c {name} -- sh -c "
+                       f"{shlex.quote(script)}")
+            log.warning("Could not end ephemeral container %s of pod %s (%s); it ends by "
+                        "itself at its lifetime, or now with: %s", name, ref, exc, command)
+            self._leftovers.add(f"the running ephemeral container {name} of pod {ref} (it "
+                                f"ends by itself at its lifetime)", command)

@@ -40,7 +40,9 @@ class ExecCapture:
     """A RemoteCapture over the exec that runs a watched tcpdump."""
 
     def __init__(self, cluster: Cluster, pod: PodRef, container: str, channel: ExecChannel,
-                 stderr: StderrLog, *, stop_command: Sequence[str]) -> None:
+                 stderr: StderrLog, *, stop_command: Sequence[str],
+                 bound_to_container: bool) -> None:
+        self.bound_to_container = bound_to_container
         self._cluster = cluster
         self._pod = pod
         self._container = container

@@ -15,9 +15,13 @@ capture, even one whose client was killed with -9.
 
 from __future__ import annotations
 
+import getpass
+import secrets
+import socket
+import time
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from multisniff.kube.model import PodInfo
@@ -46,16 +50,77 @@ class CaptureSpec:
     """Hard bound in seconds: the watchdog ends tcpdump then, whatever happens to the stream."""
     packet_count: int | None = None
     """tcpdump -c: stop after this many packets (per target)."""
-    batch: float = 1.0
+    flush_delay: float = 0.05
     """Seconds the watchdog may hold tcpdump's output to pass it on in batches (0: at once)."""
+
+
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+MANAGED_BY = "multisniff"
+SESSION_LABEL = "multisniff/session"
+HOST_ANNOTATION = "multisniff/client-host"
+USER_ANNOTATION = "multisniff/client-user"
+STARTED_ANNOTATION = "multisniff/started"
+
+
+@dataclass(frozen=True, slots=True)
+class SessionMark:
+    """Who created what, for everything a session creates in the cluster: the labels find it
+    again (`multisniff cleanup`), the annotations tell a person whose it is."""
+
+    session_id: str
+    host: str
+    user: str
+    started: str
+    """UTC, ISO 8601."""
+
+    @classmethod
+    def new(cls) -> SessionMark:
+        try:
+            user = getpass.getuser()
+        except (KeyError, OSError):
+            user = "unknown"
+        return cls(session_id=secrets.token_hex(4), host=socket.gethostname(), user=user,
+                   started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+
+    def labels(self) -> dict[str, str]:
+        return {MANAGED_BY_LABEL: MANAGED_BY, SESSION_LABEL: self.session_id}
+
+    def annotations(self) -> dict[str, str]:
+        return {HOST_ANNOTATION: self.host, USER_ANNOTATION: self.user,
+                STARTED_ANNOTATION: self.started}
+
+
+@dataclass
+class Leftovers:
+    """What a session's modes could not remove, each with the command that removes it: the
+    summary lists them."""
+
+    entries: list[str] = field(default_factory=list)
+
+    def add(self, what: str, command: str) -> None:
+        self.entries.append(f"{what}; remove it with: {command}")
 
 
 @dataclass(frozen=True, slots=True)
 class ModeOptions:
-    """What the user said about the modes themselves (flags, profile keys)."""
+    """What the user said about the modes themselves (flags, profile keys), and the session
+    they serve."""
 
     ephemeral_image: str | None = None
     """Image with tcpdump for the ephemeral mode's debug container (None: its default)."""
+    agent_image: str | None = None
+    """Image of the privileged mode's per-node agent pods (None: the mode's default)."""
+    agent_namespace: str | None = None
+    """Namespace of the agent pods (None: the namespace of the node's first target)."""
+    allow_privileged: bool = False
+    """Whether auto may use the privileged mode, as its last resort."""
+    by_auto: bool = False
+    """The mode is made for auto, which asks modes that act only on consent to check it."""
+    remote_lifetime: float = 3600.0
+    """Seconds a remote tcpdump lives at most (CaptureSettings.remote_lifetime): what a
+    session's pods may live, plus a margin."""
+    session: SessionMark = field(default_factory=SessionMark.new)
+    leftovers: Leftovers = field(default_factory=Leftovers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +152,11 @@ class CaptureReport:
 
 class RemoteCapture(Protocol):
     """A tcpdump running next to a target, writing pcap to us."""
+
+    bound_to_container: bool
+    """True when tcpdump runs in the target container and ends with it (upload); False when
+    it holds only the pod's network namespace, which outlives the container's restarts, and
+    goes on across them (ephemeral)."""
 
     async def read(self) -> bytes:
         """Next chunk of the pcap stream; b"" at its end. Not reading pauses tcpdump."""

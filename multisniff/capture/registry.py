@@ -9,6 +9,7 @@ only when a mode is made, so that reading the names costs nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,6 +49,10 @@ _MODES: dict[str, ModeEntry] = {entry.name: entry for entry in (
               "tcpdump from a bundle sent over exec into the target container"),
     ModeEntry("ephemeral", "multisniff.capture.ephemeral:EphemeralMode",
               "tcpdump in an ephemeral debug container added to the pod"),
+    # In auto only as the last resort, and only where a profile says allow_privileged = true:
+    # the mode's assessment checks that (ModeOptions.by_auto).
+    ModeEntry("privileged", "multisniff.capture.privileged:PrivilegedMode",
+              "tcpdump entering the pod's network from a privileged agent pod on its node"),
 )}
 
 
@@ -74,7 +79,8 @@ def create(name: str, cluster: Cluster, options: ModeOptions) -> CaptureMode:
     if name == AUTO:
         from multisniff.capture.auto import AutoMode
 
-        return AutoMode(*(entry.make(cluster, options) for entry in _MODES.values()
+        for_auto = dataclasses.replace(options, by_auto=True)
+        return AutoMode(*(entry.make(cluster, for_auto) for entry in _MODES.values()
                           if entry.in_auto))
     entry = _MODES.get(name)
     if entry is None:

@@ -9,11 +9,14 @@ the rest: a shell receives the bundle on stdin when it is sent (``head -c SIZE |
 runs::
 
     DIR/msnf-watchdog --lifetime L --batch B --remove DIR --pidfile DIR/run-X.pid -- \\
-        DIR/lib/ld-linux-... --library-path DIR/lib DIR/tcpdump -Z root -U -w - -i IFACE ...
+        DIR/lib/ld-linux-... --library-path DIR/lib DIR/tcpdump -Z root -U --immediate-mode \
+        -w - -i IFACE ...
 
 with stdin open: closing it (or the stream ending, or the client dying) makes the watchdog stop
-tcpdump and delete DIR. tcpdump writes each packet at once (-U) into the watchdog, which passes
-them on in batches (see watchdog.c). The shell outlives ``head``, ``tar`` and the watchdog, the
+tcpdump and delete DIR. tcpdump takes each packet from the kernel as it comes
+(--immediate-mode) and writes it at once (-U) into the watchdog, which passes them on in
+batches (see watchdog.c): both run in the target container and die with it, so what they
+hold when it is killed is lost. The shell outlives ``head``, ``tar`` and the watchdog, the
 readers of its stdin, because containerd can cut short the stdin of an exec process that reads
 it itself (containerd#13934); the bundle goes into a side directory renamed into place only once
 complete, so a manifest in DIR means a whole bundle. One exec instead of three (presence check,
@@ -39,13 +42,20 @@ from multisniff.capture.execcapture import (
     run_to_end,
     signal_by_pidfile,
 )
-from multisniff.capture.model import Assessment, CaptureSpec, ModeOptions, Target
+from multisniff.capture.model import (
+    Assessment,
+    CaptureSpec,
+    Leftovers,
+    ModeOptions,
+    Target,
+)
 from multisniff.errors import MultisniffError
 from multisniff.kube.model import Cluster, ExecChannel, PodRef
 
 log = logging.getLogger(__name__)
 
 _CAP_NET_RAW = 1 << 13
+IMMEDIATE_BUFFER_KIB = 8192
 _UPLOAD_CHUNK = 64 * 1024
 _NEEDED_COMMANDS = ("tar", "head", "mkdir", "mv", "rm")
 _PROBE = (
@@ -71,10 +81,16 @@ class UploadError(MultisniffError):
     """The bundle could not be put into a target, or tcpdump not started there."""
 
 
-def capture_arguments(spec: CaptureSpec) -> list[str]:
+def capture_arguments(spec: CaptureSpec, *, immediate: bool = False) -> list[str]:
     """tcpdump's arguments after ``-Z root`` for a capture spec: pcap to stdout, unbuffered,
-    with nanosecond timestamps (the merge's own unit: no conversion per packet)."""
-    args = ["-U", "--time-stamp-precision=nano", "-w", "-", "-i", spec.interface,
+    with nanosecond timestamps (the merge's own unit: no conversion per packet). ``immediate``:
+    each packet leaves the kernel's capture buffer as it comes, instead of when a block of it
+    fills or a second has passed, for a tcpdump that dies with the container it captures. In
+    that mode libpcap's ring has one slot of the snapshot length per packet (for ``any``): the
+    default 2 MiB hold 8 packets of 256 KiB, which a tcpdump short of CPU for 80 ms at 100
+    packets a second overflows, so the buffer is IMMEDIATE_BUFFER instead."""
+    args = ["-U", *(["--immediate-mode", "-B", str(IMMEDIATE_BUFFER_KIB)] if immediate else []),
+            "--time-stamp-precision=nano", "-w", "-", "-i", spec.interface,
             "-s", str(spec.snaplen)]
     if spec.packet_count is not None:
         args += ["-c", str(spec.packet_count)]
@@ -87,8 +103,8 @@ def watchdog_arguments(spec: CaptureSpec, *, remove: str | None = None,
                        pidfile: str | None = None) -> list[str]:
     """The watchdog's options for a capture spec (before ``--`` and the program)."""
     args = ["--lifetime", f"{spec.lifetime:g}"]
-    if spec.batch > 0:
-        args += ["--batch", f"{spec.batch:g}"]
+    if spec.flush_delay > 0:
+        args += ["--batch", f"{spec.flush_delay:g}"]
     if remove is not None:
         args += ["--remove", remove]
     if pidfile is not None:
@@ -121,7 +137,8 @@ def capture_command(bundle: Bundle, directory: str, spec: CaptureSpec, *,
     """The argv of the watched tcpdump run from the bundle unpacked at ``directory``."""
     return [posixpath.join(directory, WATCHDOG_NAME),
             *watchdog_arguments(spec, remove=directory, pidfile=pidfile), "--",
-            *bundle.command("tcpdump", capture_arguments(spec), root=directory)]
+            *bundle.command("tcpdump", capture_arguments(spec, immediate=True),
+                            root=directory)]
 
 
 class UploadMode:
@@ -137,8 +154,10 @@ class UploadMode:
         bundles: Callable[[str], Bundle] = bundle_for,
         upload_timeout: float = 120.0,
         cleanup_timeout: float = 10.0,
+        leftovers: Leftovers | None = None,
     ) -> None:
         self._cluster = cluster
+        self._leftovers = leftovers or Leftovers()
         self._directory = directory
         self._upload_timeout = upload_timeout
         self._cleanup_timeout = cleanup_timeout
@@ -153,7 +172,7 @@ class UploadMode:
 
     @classmethod
     def from_options(cls, cluster: Cluster, options: ModeOptions) -> UploadMode:
-        return cls(cluster)
+        return cls(cluster, leftovers=options.leftovers)
 
     async def aclose(self) -> None:
         """Nothing lives for the session: each capture's watchdog removes its bundle."""
@@ -259,7 +278,8 @@ class UploadMode:
                 stack.callback(self._done, key)
             # A v4 exec cannot close stdin alone: then signal the watchdog by its PID file.
             stop = signal_by_pidfile(pidfile, "INT")
-            yield ExecCapture(self._cluster, ref, name, channel, stderr, stop_command=stop)
+            yield ExecCapture(self._cluster, ref, name, channel, stderr, stop_command=stop,
+                              bound_to_container=True)
             # Leaving the exec closes the stream: the watchdog stops tcpdump and removes DIR.
 
     def _done(self, key: tuple[str, str]) -> None:
@@ -299,6 +319,8 @@ class UploadMode:
             with anyio.fail_after(self._cleanup_timeout, shield=True):
                 await run_to_end(self._cluster, ref, container, ["rm", "-rf", directory])
         except Exception as exc:
-            log.warning("Could not remove %s from %s container %s (%s); remove it with: "
-                        "kubectl exec -n %s %s -c %s -- rm -rf %s", directory, ref, container,
-                        exc, ref.namespace, ref.name, container, directory)
+            command = (f"kubectl exec -n {ref.namespace} {ref.name} -c {container} -- "
+                       f"rm -rf {directory}")
+            log.warning("Could not remove %s from %s container %s (%s); remove it with: %s",
+                        directory, ref, container, exc, command)
+            self._leftovers.add(f"{directory} in {ref} container {container}", command)

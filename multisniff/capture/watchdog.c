@@ -16,9 +16,10 @@
  * --batch SECONDS relays PROG's stdout through us in batches: PROG (tcpdump -U, one write per
  * packet) writes into a pipe of ours, and we pass its bytes on to our stdout once SECONDS have
  * passed since the oldest byte not yet passed on, or once BATCH_BYTES are waiting, or at its
- * end. Each write to an exec stream becomes a WebSocket frame that the client pays for; at 100
- * packets a second, a quarter-second batch is 25 times fewer frames, for at most SECONDS of
- * delay. Backpressure is kept: with RELAY_BYTES waiting we stop reading the pipe, PROG's writes
+ * end; PROG's first write (tcpdump's file header) goes on at once. Each write to an exec stream
+ * becomes a WebSocket frame that the client pays for, so a busy PROG's packets go on in few
+ * large frames; a quiet PROG's packet waits at most SECONDS, so that little is lost with us
+ * when the container we run in is killed. Backpressure is kept: with RELAY_BYTES waiting we stop reading the pipe, PROG's writes
  * block and the kernel drops (and counts) what its capture buffer cannot hold. Our stdout is
  * non-blocking, so a stalled reader never keeps us from the lifetime, stdin or signals; once
  * PROG has ended, what is left is passed on for up to the grace period, then given up.
@@ -163,6 +164,7 @@ int main(int argc, char **argv) {
 
     double stop_at = now() + lifetime, kill_at = 0, give_up_at = 0, oldest = 0;
     int stopping = 0, status = 0, stdin_open = 1, child_alive = 1, stdout_ok = 1;
+    int passed_on = 0;  /* whether any of PROG's bytes went out yet: its header goes at once */
     for (;;) {
         double t = now();
         if (!stopping && t >= stop_at) {
@@ -184,9 +186,10 @@ int main(int argc, char **argv) {
             relay_start = 0;
         }
 
-        /* A batch goes out when it is old enough, big enough, or PROG's stream has ended. */
+        /* A batch goes out when it is old enough, big enough, PROG's first, or PROG's stream
+         * has ended. */
         size_t waiting = relay_end - relay_start;
-        int flush = waiting > 0 && (relay_fd < 0 || waiting >= BATCH_BYTES ||
+        int flush = waiting > 0 && (relay_fd < 0 || waiting >= BATCH_BYTES || !passed_on ||
                                     t >= oldest + batch);
         double wake = stopping ? (child_alive ? kill_at : give_up_at) : stop_at;
         if (waiting > 0 && !flush && oldest + batch < wake) wake = oldest + batch;
@@ -229,6 +232,7 @@ int main(int argc, char **argv) {
         if (fds[3].revents) {
             ssize_t n = write(1, relay + relay_start, relay_end - relay_start);
             if (n > 0) {
+                passed_on = 1;
                 relay_start += (size_t)n;
                 if (relay_start == relay_end) relay_start = relay_end = 0;
             } else if (n < 0 && errno != EINTR && errno != EAGAIN) {

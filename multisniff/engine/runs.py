@@ -1,9 +1,11 @@
 """One capture of one target, as the session, the outputs and the user interface see it.
 
-A `CaptureRun` is created for each target that is started (a restarted container is a new run)
-and carries its counters; its `Transcoder` turns tcpdump's pcap bytes into a pcapng stream of
-its own (SHB, one IDB named namespace/pod with a description, EPBs) so that both outputs, and a
-spool file read after a crash, see the pod's name and details.
+A `CaptureRun` is created for each target that is started (a restarted container is a new run,
+unless the capture holds only the pod's network namespace and goes on) and carries its
+counters; its `Transcoder` turns tcpdump's pcap bytes into a pcapng stream of its own (SHB, one
+IDB named namespace/pod with a description, EPBs) so that both outputs, and a spool file read
+after a crash, see the pod's name and details. Every run that ran a tcpdump has its interface,
+even one whose tcpdump never sent its header (killed with its container at once).
 """
 
 from __future__ import annotations
@@ -18,6 +20,11 @@ from multisniff.pcap.blocks import InterfaceInfo, InterfaceStatistics, units_per
 from multisniff.pcap.reading import CaptureError, CaptureReader
 from multisniff.pcap.writing import PcapngWriter
 
+LINKTYPE_ETHERNET = 1
+LINKTYPE_LINUX_SLL2 = 276
+NANOSECONDS = 9
+"""if_tsresol of tcpdump --time-stamp-precision=nano, as every mode runs it."""
+
 
 @dataclass(eq=False)
 class CaptureRun:
@@ -27,9 +34,15 @@ class CaptureRun:
     reason: str = ""
     interface: str = "any"
     bpf_filter: str = ""
+    snaplen: int = 262144
     shared_with: tuple[str, ...] = ()
     state: str = "starting"
-    """starting, capturing, stopping, done, failed, refused."""
+    """starting, capturing, stopping, done, failed, refused, or ended: its container ended
+    under it (`ended_by`); what it captured until then is kept, and it is not a failure."""
+    ended_by: str = ""
+    """Why an ended run ended, as "ended by ...": "a container restart"."""
+    restarts: int = 0
+    """Restarts of the target container that the capture went on across."""
     packets: int = 0
     bytes: int = 0
     cut: int = 0
@@ -45,6 +58,11 @@ class CaptureRun:
     @property
     def label(self) -> str:
         return self.target.label
+
+    @property
+    def outcome(self) -> str:
+        """The state in words: "done", "failed", "ended by a container restart", ..."""
+        return f"ended by {self.ended_by}" if self.state == "ended" else self.state
 
     @property
     def description(self) -> str:
@@ -82,6 +100,11 @@ class CaptureRun:
         report = self.report
         comments = [f"multisniff: mode {self.mode}, {self.packets} packets written, "
                     f"{self.late} late, {self.dropped} dropped"]
+        if self.state == "ended":
+            comments.append(f"multisniff: {self.outcome}")
+        if self.restarts:
+            comments.append(f"multisniff: went on across {self.restarts} container restart"
+                            f"{'s' if self.restarts != 1 else ''}")
         if self.error:
             comments.append(f"multisniff: {self.error}")
         return InterfaceStatistics(
@@ -133,6 +156,18 @@ class Transcoder:
         elif keep:
             self.writer.add_blocks((b"".join(batch.pieces)[:size],))
         return self.writer.take(), keep, size
+
+    def missing_interface(self) -> bytes:
+        """The pcapng of the run's interface when tcpdump's header never came (b"" when it
+        did), so that the run is in the output with its statistics all the same. The link
+        type is the one tcpdump 4.99 with libpcap 1.10 declares: LINUX_SLL2 for ``any``, else
+        Ethernet (which Linux's loopback is too)."""
+        if self.writer.interfaces:
+            return b""
+        linktype = LINKTYPE_LINUX_SLL2 if self.run.interface == "any" else LINKTYPE_ETHERNET
+        self._declare(InterfaceInfo(linktype=linktype, snaplen=self.run.snaplen,
+                                    tsresol=NANOSECONDS))
+        return self.writer.take()
 
     @property
     def error(self) -> CaptureError | None:

@@ -8,6 +8,10 @@ readers drain for `stop_grace` seconds, then cancels what is left; leaving each 
 context removes what the mode created for it, the mode's `aclose()` what it created for the
 session, and the output is flushed with its ISBs (all shielded and bounded).
 
+A restarted target container ends a capture that runs in it (`RemoteCapture.bound_to_container`;
+the run is "ended by a container restart", not failed, and a new run starts) and not one that
+holds only the pod's network namespace (the run goes on, under the new container's key).
+
 Exit codes of a session (multisniff.errors.ExitCode): 0 every target was captured, 1 some
 failed while others were captured, 3 nothing was captured, 130 interrupted (Ctrl-C/SIGTERM).
 """
@@ -24,7 +28,7 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
 from multisniff.capture.auto import assess
-from multisniff.capture.model import CaptureMode, CaptureSpec, RemoteCapture
+from multisniff.capture.model import CaptureMode, CaptureReport, CaptureSpec, RemoteCapture
 from multisniff.engine.events import Event, Timeline
 from multisniff.engine.output import FileOutput, LiveOutput
 from multisniff.engine.runs import CaptureRun, Transcoder
@@ -44,6 +48,10 @@ from multisniff.kube.model import Cluster, PodEventType, PodInfo, PodList, PodSe
 from multisniff.pcap.blocks import NameRecord
 
 log = logging.getLogger("multisniff")
+
+CONTAINER_NEWS = 10.0
+"""Seconds the API may take to show that a container ended (the kubelet notices and reports
+it within a few seconds) when a capture bound to it ended without being asked to."""
 
 
 class NothingMatches(MultisniffError):
@@ -104,6 +112,8 @@ class SessionResult:
     output_bytes: int = 0
     error: str = ""
     """The sentence of the error that ended the session, if one did."""
+    left_behind: list[str] = field(default_factory=list)
+    """What could not be removed, each with the command that removes it."""
     events: list[Event] = field(default_factory=list)
     """The events of the timeline (see engine/events.py), in the order they happened."""
 
@@ -191,7 +201,8 @@ class Session:
         return CaptureSpec(interface=settings.interface, bpf_filter=settings.filter,
                            snaplen=settings.snaplen, lifetime=settings.remote_lifetime,
                            packet_count=settings.count,
-                           batch=settings.remote_batch(live=isinstance(self.output, LiveOutput)))
+                           flush_delay=settings.remote_flush_delay(
+                               live=isinstance(self.output, LiveOutput)))
 
     # --- the session --------------------------------------------------------------------------
 
@@ -300,7 +311,10 @@ class Session:
             run.state = "stopping"
         if capture is not None:
             with anyio.move_on_after(self.settings.stop_grace):
-                await capture.stop()
+                try:
+                    await capture.stop()
+                except MultisniffError as exc:  # its stream is closing already: it ends
+                    log.debug("Stopping the capture of %s: %s", run.label, exc)
 
     # --- pods and targets ---------------------------------------------------------------------
 
@@ -360,7 +374,8 @@ class Session:
             return
         run = CaptureRun(number=len(self.runs) + 1, target=item.target, mode=self.mode.name,
                          interface=self.settings.interface, bpf_filter=self.settings.filter,
-                         shared_with=item.shared_with, started=self.wall_clock())
+                         snaplen=self.settings.snaplen, shared_with=item.shared_with,
+                         started=self.wall_clock())
         self.runs.append(run)
         self.active[item.key] = (run, None)
         if item.target.pod.host_network:
@@ -391,18 +406,32 @@ class Session:
         self.timeline.pod_event(kind, pod)
         gone = kind is PodEventType.DELETED or pod.deleting or pod.phase in ("Succeeded",
                                                                               "Failed")
+        item = candidate(pod, self.settings.container)
+        goes_on = False
         for key, (run, capture) in list(self.active.items()):
             if run.target.pod.uid != pod.uid or pod.host_network:
                 continue
-            item = candidate(pod, self.settings.container)
+            if not gone and capture is not None and not capture.bound_to_container:
+                # It holds the pod's network namespace, which outlives the containers.
+                goes_on = True
+                if item.target is not None and item.key != key:
+                    del self.active[key]
+                    self.active[item.key] = (run, capture)
+                    run.restarts += 1
+                    log.info("%s: its container was restarted; its capture goes on.",
+                             run.label)
+                continue
             if gone or item.target is None or item.key != key:
                 why = "went away" if gone else "was restarted or stopped running"
+                if not gone and run.state != "stopping":
+                    run.ended_by = "a container restart"
                 log.info("%s %s; ending its capture, keeping what it sent.", run.label, why)
                 await self._stop_capture(run, capture)
         if gone:
             return
         await self._names([pod])
-        item = candidate(pod, self.settings.container)
+        if goes_on:
+            return
         if item.target is not None and pod.host_network:
             for run, _ in self.active.values():
                 if run.target.pod.host_network and run.target.pod.node == pod.node:
@@ -417,6 +446,7 @@ class Session:
 
     async def _capture(self, key: tuple[str, ...], run: CaptureRun) -> None:
         cancelled = False
+        bound = True
         try:
             assessment = await assess(self.mode, run.target)
             run.reason = assessment.reason
@@ -427,6 +457,7 @@ class Session:
                 log.error("Cannot capture %s: %s", run.label, assessment.reason)
                 return
             async with self.mode.open(run.target, self._spec()) as capture:
+                bound = capture.bound_to_container
                 self.active[key] = (run, capture)
                 if run.state == "stopping" or self._stopping:
                     run.state = "stopping"
@@ -444,11 +475,19 @@ class Session:
                         announcing.cancel()
                 with anyio.move_on_after(self.settings.stop_grace):
                     run.report = await capture.wait()
-            if run.report is not None and run.report.exit_code not in (0, None) and \
-                    not run.packets and not run.error:
-                run.error = (f"tcpdump exited with {run.report.exit_code}: "
-                             f"{run.report.message}".rstrip(": "))
-            run.state = "failed" if run.error else "done"
+            if bound and not run.ended_by and run.state != "stopping" and \
+                    not self._stopping and killed(run.report) and \
+                    await self._container_ended(run):
+                run.ended_by = "a container restart"
+            if run.ended_by:
+                # What is cut short (the last packet, tcpdump's statistics) died with it.
+                run.state, run.error = "ended", ""
+            else:
+                if run.report is not None and run.report.exit_code not in (0, None) and \
+                        not run.packets and not run.error:
+                    run.error = (f"tcpdump exited with {run.report.exit_code}: "
+                                 f"{run.report.message}".rstrip(": "))
+                run.state = "failed" if run.error else "done"
         except OutputError as exc:
             run.state, run.error = "failed", str(exc)
             self.fatal = exc
@@ -458,8 +497,11 @@ class Session:
             self.refusals.append(exc)
             log.error("Capture of %s was refused: %s", run.label, exc)
         except MultisniffError as exc:
-            run.state, run.error = "failed", str(exc)
-            log.error("Capture of %s failed: %s", run.label, exc)
+            if run.ended_by:  # its start failed as its container ended
+                run.state, run.error = "ended", ""
+            else:
+                run.state, run.error = "failed", str(exc)
+                log.error("Capture of %s failed: %s", run.label, exc)
         except anyio.get_cancelled_exc_class():
             cancelled = True
             run.state = "failed" if not run.packets else "done"
@@ -476,11 +518,13 @@ class Session:
                 # When cancelled, the output's own shielded flush ends every run it has.
                 with anyio.move_on_after(self.settings.stop_grace):
                     await self.output.end(run)
-            self.active.pop(key, None)
+            for held, (active, _) in list(self.active.items()):
+                if active is run:  # under its own key, or a restarted container's
+                    del self.active[held]
             if not self._stopping:
                 # News while the others go on; when the session stops, its summary says it.
                 log.info("%s: %s, %d packets, %d dropped; the other captures go on.",
-                         run.label, run.state, run.packets, run.dropped)
+                         run.label, run.outcome, run.packets, run.dropped)
             if not self.active:
                 self._idle.set()
                 if not self.settings.follow:
@@ -498,6 +542,31 @@ class Session:
                 log.info("Capturing %s (%s).", run.label, run.description)
                 self.timeline.capture_started(run.label, run.description)
             self._started(run)
+
+    async def _container_ended(self, run: CaptureRun) -> bool:
+        """Whether the run's container has ended (restarted, stopped, or its pod is gone), as
+        the API shows within CONTAINER_NEWS seconds; asked of the pod itself, so that it does
+        not depend on --follow's watch or on which news comes first."""
+        pod = run.target.pod
+        before = pod.container(run.target.container)
+        selector = PodSelector(pod.ref.namespace, fields=f"metadata.name={pod.ref.name}")
+        with anyio.move_on_after(min(CONTAINER_NEWS, self.settings.stop_grace)):
+            while True:
+                try:
+                    listed = (await self.cluster.list_pods(selector)).pods
+                except MultisniffError as exc:
+                    log.debug("Cannot look at %s after its capture ended: %s", pod.ref, exc)
+                    return False
+                now = next((p for p in listed if p.uid == pod.uid), None)
+                if now is None or now.deleting or now.phase != "Running":
+                    return True
+                info = now.container(run.target.container)
+                if before is None or info is None or not info.running or \
+                        info.container_id != before.container_id or \
+                        info.restart_count > before.restart_count:
+                    return True
+                await anyio.sleep(0.5)
+        return False
 
     def _left(self) -> tuple[int | None, int | None]:
         settings = self.settings
@@ -530,6 +599,9 @@ class Session:
             if bytes_left is not None and (bytes_left <= 0 or run.cut):
                 self.stop(f"--max-size {self.settings.max_size} bytes reached")
         problem = transcoder.finish()
+        missing = transcoder.missing_interface()
+        if missing:
+            await self.output.write(run, missing)
         if problem is not None and not run.error:
             if transcoder.reader.format is None and run.state == "stopping":
                 run.error = "it was stopped before its tcpdump had started"
@@ -540,8 +612,8 @@ class Session:
 
     def _result(self) -> SessionResult:
         """The result, kept in `self.result`; raises the error that ended the session."""
-        captured = [run for run in self.runs if run.state == "done"]
-        failed = [run for run in self.runs if run.state != "done"]
+        captured = [run for run in self.runs if run.state in ("done", "ended")]
+        failed = [run for run in self.runs if run.state not in ("done", "ended")]
         error: MultisniffError | None = self.fatal
         if error is not None:
             code = error.exit_code
@@ -591,6 +663,12 @@ async def dry_run(cluster: Cluster, mode: CaptureMode, settings: CaptureSettings
             lines.append(f"    host network, also carries {', '.join(item.shared_with)}")
     lines.append(f"Remote tcpdumps would end after at most {settings.remote_lifetime_text()}.")
     return lines
+
+
+def killed(report: CaptureReport | None) -> bool:
+    """Whether a capture's end looks like a kill: no exit status (the stream was cut), or
+    a signal's (128+N) rather than tcpdump's own."""
+    return report is None or report.exit_code is None or report.exit_code >= 128
 
 
 def check_settings(settings: CaptureSettings) -> None:

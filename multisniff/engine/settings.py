@@ -36,6 +36,13 @@ class CaptureSettings:
     """A capture mode's name (see `multisniff.capture.registry`), or auto."""
     ephemeral_image: str | None = None
     """Image with tcpdump for the ephemeral mode (None: the mode's default)."""
+    agent_image: str | None = None
+    """Image of the privileged mode's agent pods: sh, tar and head suffice (None: the mode's
+    default)."""
+    agent_namespace: str | None = None
+    """Namespace of the privileged mode's agent pods (None: the node's first target's)."""
+    allow_privileged: bool = False
+    """Let auto use the privileged mode (a privileged pod per node) as its last resort."""
     duration: float | None = field(default=None, metadata={"positive": True})
     count: int | None = None
     max_size: int | None = field(default=None, metadata={"unit": "bytes"})
@@ -59,8 +66,8 @@ class CaptureSettings:
     """Live output: how often the clock releases packets that idle pods would hold back."""
     max_pending: int = 100_000
     """Live output: packets held for reordering at most; older ones are written early."""
-    batch_interval: float = 1.0
-    """Seconds the remote side may hold tcpdump's output to send it in fewer, larger frames."""
+    flush_delay: float = 0.05
+    """Seconds a packet may wait on the pod's side to go on with the next ones in one frame."""
     max_lifetime: float = field(default=3600.0, metadata={"positive": True})
     """Seconds a remote tcpdump may live when no --duration bounds it."""
     lifetime_margin: float = 60.0
@@ -105,9 +112,9 @@ class CaptureSettings:
                 f"startup_timeout {self.startup_timeout:g} s plus lifetime_margin "
                 f"{self.lifetime_margin:g} s)")
 
-    def remote_batch(self, *, live: bool) -> float:
+    def remote_flush_delay(self, *, live: bool) -> float:
         """Seconds the remote side may hold output. For live output at most a quarter of the
         reorder window: batches held longer would make the live output's packets late."""
         if live:
-            return min(self.batch_interval, self.reorder_window / 4)
-        return self.batch_interval
+            return min(self.flush_delay, self.reorder_window / 4)
+        return self.flush_delay

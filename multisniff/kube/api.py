@@ -190,6 +190,7 @@ def node_info(node: Mapping[str, Any]) -> NodeInfo:
     info = status.get("nodeInfo") or {}
     addresses = status.get("addresses") or ()
     internal = [str(a.get("address")) for a in addresses if a.get("type") == "InternalIP"]
+    ready = [c.get("status") for c in status.get("conditions") or () if c.get("type") == "Ready"]
     ips = [str(a.get("address")) for t in NODE_IP_TYPES for a in addresses if a.get("type") == t]
     spec = node.get("spec") or {}
     cidrs = spec.get("podCIDRs") or ([spec["podCIDR"]] if spec.get("podCIDR") else [])
@@ -198,7 +199,8 @@ def node_info(node: Mapping[str, Any]) -> NodeInfo:
                     architecture=str(info.get("architecture", "")),
                     os=str(info.get("operatingSystem") or "linux"),
                     internal_ip=internal[0] if internal else None,
-                    addresses=tuple(dict.fromkeys(ip for ip in ips if _is_ip(ip))))
+                    addresses=tuple(dict.fromkeys(ip for ip in ips if _is_ip(ip))),
+                    ready=ready == ["True"])
 
 
 def _gateway(cidr: str) -> str:
@@ -495,6 +497,14 @@ class KubeCluster:
         body = await self._request(ApiRequest("list", "nodes"), self._core.list_node)
         return tuple(node_info(item) for item in body.get("items") or ())
 
+    async def namespace_labels(self, name: str) -> Mapping[str, str] | None:
+        try:
+            body = await self._request(ApiRequest("get", "namespaces", name=name),
+                                       self._core.read_namespace, name)
+        except (NotFound, Forbidden):
+            return None
+        return dict((body.get("metadata") or {}).get("labels") or {})
+
     async def can_i(self, verb: str, resource: str, *, namespace: str | None,
                     subresource: str = "") -> bool:
         attributes: dict[str, str] = {"verb": verb, "resource": resource}
@@ -592,6 +602,10 @@ def _settled(obj: Mapping[str, Any], pod: PodRef, container: str) -> bool:
             "check its image and security settings.",
             pod=str(pod), container=container, state=state.state, reason=state.reason,
             detail=state.message)
+    pod_status = obj.get("status") or {}
+    if pod_status.get("phase") == "Failed":
+        why = pod_status.get("message") or pod_status.get("reason") or "the pod failed"
+        raise ClusterError(f"Pod {pod} failed before its container {container} ran: {why}.")
     if (obj.get("metadata") or {}).get("deletionTimestamp"):
         raise ClusterError(f"Pod {pod} is being deleted while we waited for its container "
                            f"{container}.")

@@ -32,7 +32,7 @@ from multisniff.errors import (
 )
 from multisniff.kube.k8sclient import k8s
 from multisniff.kube.model import ExecResult, PodRef
-from multisniff.kube.wsprivate import ReceiveQueue, chosen_protocol
+from multisniff.kube.wsprivate import ReadingHold, ReceiveQueue, chosen_protocol
 
 logger = logging.getLogger(__name__)
 
@@ -46,14 +46,16 @@ WRITE_CHUNK = 256 * 1024
 """Largest stdin frame we send; bigger writes are split so no frame nears a size limit."""
 READ_CHUNK = 256 * 1024
 """Most stdout bytes one `read()` hands on: frames already queued are joined up to this."""
-LINGER = 0.05
+LINGER = 0.25
 """Seconds `read()` lets frames gather after the first one (tcpdump -U sends one message per
-packet): one chunk per pod per LINGER instead of one trip through every layer per packet. The
-queue of the WebSocket stays bounded (aiohttp pauses the socket when it is full). Only from the
-LINGER_AFTER-th read on: short commands, which read a chunk or two, are not slowed down. And only
-after a frame smaller than LINGER_BELOW: a remote side that sends batches (the watchdog's
---batch) has done the gathering already."""
+packet, the watchdog one per flush_delay): one chunk per pod per LINGER instead of one trip
+through every layer per frame. Frames that reached us are safe from a crash of the remote side,
+so only the remote side's batches need to be short. The queue of the WebSocket stays bounded
+(aiohttp pauses the socket when it is full). Only from the LINGER_AFTER-th read on: short
+commands, which read a chunk or two, are not slowed down. And only after a frame smaller than
+LINGER_BELOW: a big frame says that traffic is heavy enough to gather by itself."""
 LINGER_AFTER = 4
+HOLD_RELEASE_STEPS = 3
 LINGER_BELOW = 4096
 CLOSE_GRACE = 5.0
 """Seconds the closing handshake of the WebSocket may take before the connection is dropped."""
@@ -116,6 +118,7 @@ class ExecStream:
                  linger: float = 0.0) -> None:
         self._transport = transport
         self._queued: Callable[[], int] | None = getattr(transport, "queued", None)
+        self._hold: Callable[[bool], None] | None = getattr(transport, "hold", None)
         self._linger = linger
         self._reads = 0
         self.protocol = protocol
@@ -134,7 +137,7 @@ class ExecStream:
         self._reads += 1
         if self._linger > 0 and self._reads >= LINGER_AFTER and len(first) < LINGER_BELOW and \
                 not queued():
-            await anyio.sleep(self._linger)
+            await self._gather()
         parts = [first]
         size = len(first)
         while size < READ_CHUNK and not self._ended and queued():
@@ -144,6 +147,21 @@ class ExecStream:
             parts.append(payload)
             size += len(payload)
         return first if len(parts) == 1 else b"".join(parts)
+
+    async def _gather(self) -> None:
+        """Let frames arrive for `linger` seconds; where the transport can hold them in its
+        socket meanwhile, they are decrypted and parsed in one go afterwards, not one by one."""
+        hold = self._hold
+        if hold is None:
+            await anyio.sleep(self._linger)
+            return
+        hold(True)
+        try:
+            await anyio.sleep(self._linger)
+        finally:
+            hold(False)
+        for _ in range(HOLD_RELEASE_STEPS):  # the release takes effect in the loop's next turns
+            await anyio.sleep(0)
 
     async def _next_stdout(self) -> bytes:
         while not self._ended:
@@ -194,6 +212,8 @@ class _AiohttpTransport:
         self._ws = ws
         self.queued = ReceiveQueue(ws)
         """Messages received and not taken yet: `receive_frame` returns those at once."""
+        self.hold = ReadingHold(ws)
+        """Stop (True) or resume (False) taking bytes off the connection: see wsprivate."""
 
     async def receive_frame(self) -> bytes | None:
         while True:

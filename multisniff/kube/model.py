@@ -105,6 +105,8 @@ class NodeInfo:
     """The addresses the node's own traffic (the kubelet's probes) comes from: those it reports
     (InternalIP, then ExternalIP) and the first address of each of its pod CIDRs (the node's
     side of a bridge CNI's pod network)."""
+    ready: bool = True
+    """Its Ready condition is True: its kubelet runs pods."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +170,11 @@ class Cluster(Protocol):
         ...
 
     async def namespace_exists(self, name: str) -> bool: ...
+
+    async def namespace_labels(self, name: str) -> Mapping[str, str] | None:
+        """The namespace's labels (its Pod Security levels among them); None when we may not
+        read it or it does not exist."""
+        ...
 
     async def node(self, name: str) -> NodeInfo: ...
 

@@ -1,5 +1,5 @@
-"""The two things the exec stream needs of an aiohttp WebSocket that aiohttp has no public API
-for; the only module that reads private attributes of aiohttp.
+"""The three things the exec stream needs of an aiohttp WebSocket that aiohttp has no public API
+for; the only module that reads private attributes of aiohttp (and of asyncio's TLS transport).
 
 - The subprotocol the server chose. aiohttp fills the public `ClientWebSocketResponse.protocol`
   only when the caller passed `protocols=` to `ws_connect`; kubernetes-asyncio's `WsApiClient`
@@ -8,11 +8,18 @@ for; the only module that reads private attributes of aiohttp.
 - How many received messages wait in aiohttp's queue (`_reader._buffer`), so that a read can
   take the frames that are there already without waiting for more: without it, nothing is
   coalesced.
+- Holding the connection's reading for a moment (`ReadingHold`), so that the frames of a busy
+  pod wait in the kernel's socket buffer and are then read, decrypted and parsed in one go
+  instead of a TCP segment at a time: the protocol of the response's connection
+  (`_response.connection.protocol`) and, under TLS, the socket's own transport beneath asyncio's
+  TLS layer (`transport._ssl_protocol._transport`), which would go on reading otherwise.
+  aiohttp's own flow control pauses the same protocol when its queue is full.
 
-Both read attributes that may change in any aiohttp release. Where one is missing the answer is
-"unknown" (None, 0): exec streams still work, on v4 semantics or without coalescing.
-tests/unit/test_kube_wsprivate.py runs both against a real aiohttp WebSocket on loopback and
-fails when either stops working, or when aiohttp starts to fill `protocol` by itself.
+All read attributes that may change in any aiohttp (or asyncio) release. Where one is missing
+the answer is "unknown" (None, 0, no hold): exec streams still work, on v4 semantics or without
+coalescing. tests/unit/test_kube_wsprivate.py runs them against a real aiohttp WebSocket on
+loopback, with and without TLS, and fails when one stops working, or when aiohttp starts to
+fill `protocol` by itself.
 """
 
 from __future__ import annotations
@@ -50,3 +57,30 @@ class ReceiveQueue:
             return 0
         kind = getattr(buffer[0][0], "type", None)
         return len(buffer) if kind in _DATA else 0
+
+
+class ReadingHold:
+    """`hold(True)` stops taking bytes off the WebSocket's connection, `hold(False)` resumes."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        connection = getattr(getattr(ws, "_response", None), "connection", None)
+        self._protocol: Any = getattr(connection, "protocol", None)
+        transport = getattr(connection, "transport", None)
+        self._raw: Any = getattr(getattr(transport, "_ssl_protocol", None), "_transport", None)
+
+    @property
+    def works(self) -> bool:
+        return self._protocol is not None
+
+    def __call__(self, held: bool) -> None:
+        protocol, raw = self._protocol, self._raw
+        if protocol is None:
+            return
+        if held:
+            protocol.pause_reading()
+            if raw is not None:
+                raw.pause_reading()
+        else:
+            if raw is not None:
+                raw.resume_reading()
+            protocol.resume_reading()

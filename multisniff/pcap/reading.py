@@ -10,16 +10,21 @@ step costs. The classic-pcap loop does one `unpack_from`, one `pack` and one sli
 hands out pieces that `bytes.join` can write without looking at them again; an EPB in a
 little-endian pcapng section is passed on as two pieces with only its interface id rewritten.
 
-Timestamps stay integers in their interface's units (if_tsresol is kept, so nanoseconds stay
-nanoseconds); `if_tsoffset` is folded into every timestamp that comes out. The merge key is the
-timestamp in `key_resolution` units (exact when the interface's resolution divides it, floored
-otherwise).
+Timestamps stay the integers of the input in their interface's units (if_tsresol and
+if_tsoffset are kept on the interface, so nanoseconds stay nanoseconds and no offset can push a
+timestamp out of its 64 bits). The merge key is the time, offset included, in `key_resolution`
+units (exact when the interface's resolution divides it, floored otherwise).
 
 Results are kept apart: a clean end (`finish()` returns None), a stream cut inside a block
 (`TruncatedCaptureError`), and input that is not a capture or is corrupt from some byte on
 (`NotACaptureError`, `CorruptCaptureError`). Every error names the byte offset. Packets before
 the damage are still delivered. A declared length is checked against a cap before any byte of
 its block is buffered, so a lying length field cannot make memory grow.
+
+A pcapng block whose length fields hold but whose content is damaged (an option running past
+its end, statistics for an interface that does not exist, a packet longer than Wireshark reads)
+is left out, or only its damaged options are, and reading goes on: `RecoveredDamage` in
+`recovered` says where and what. Whatever is handed out is something Wireshark reads.
 """
 
 from __future__ import annotations
@@ -38,14 +43,14 @@ from multisniff.pcap.blocks import (
     NameBlock,
     NameRecord,
 )
+from multisniff.pcap.writing import encode_options
 
 MAX_BLOCK_SIZE = 16 * 1024 * 1024
 """Largest pcapng block accepted: Wireshark's limit before it made room for 128 MiB D-Bus
 messages (wiretap/pcapng.c, MAX_BLOCK_SIZE)."""
 
-MAX_PACKET_SIZE = 262_144
-"""Largest classic-pcap record accepted: Wireshark's WTAP_MAX_PACKET_SIZE_STANDARD, also the
-snapshot length tcpdump uses by default."""
+MAX_RECOVERED = 20
+"""Damage that reading went past is kept as this many sentences; the rest is only counted."""
 
 PCAP_MAGIC_USEC = 0xA1B2C3D4
 PCAP_MAGIC_NSEC = 0xA1B23C4D
@@ -70,6 +75,16 @@ class NotACaptureError(CaptureError):
 
 class CorruptCaptureError(CaptureError):
     """A block or record is malformed; nothing after it can be trusted."""
+
+
+class RecoveredDamage(CaptureError):
+    """A block that is damaged inside, though its length fields hold: it was left out (or the
+    part of it that is damaged was), and reading went on after it. `remedy` says what was done,
+    in words."""
+
+    def __init__(self, reason: str, *, offset: int, remedy: str) -> None:
+        super().__init__(reason, offset=offset)
+        self.remedy = remedy
 
 
 class TruncatedCaptureError(CaptureError):
@@ -173,6 +188,10 @@ class CaptureReader:
     `assign_interface` is called once for every interface the input declares and returns the
     interface id that the EPBs handed out must carry (the merger passes its own; by default
     interfaces are numbered 0, 1, ... in the order declared).
+
+    A packet is at most as long as Wireshark reads for its link type (`blocks.max_packet_size`,
+    and no longer than fits a block of `max_block_size`); `max_packet_size` sets one maximum
+    for every link type instead.
     """
 
     def __init__(
@@ -181,7 +200,7 @@ class CaptureReader:
         key_resolution: int = 1_000_000_000,
         assign_interface: Callable[[InterfaceInfo], int] | None = None,
         max_block_size: int = MAX_BLOCK_SIZE,
-        max_packet_size: int = MAX_PACKET_SIZE,
+        max_packet_size: int | None = None,
     ) -> None:
         self.key_resolution = key_resolution
         self._assign = assign_interface or _default_assign()
@@ -197,6 +216,10 @@ class CaptureReader:
         self.skipped_blocks = 0
         """Blocks left out: unknown types, non-copyable custom blocks, big-endian blocks that
         cannot be converted."""
+        self.recovered: list[RecoveredDamage] = []
+        """The first MAX_RECOVERED damaged blocks that reading went past."""
+        self.recovered_count = 0
+        """How many damaged blocks reading went past, in all."""
         self.error: CaptureError | None = None
         self._state = _START
         self._tail = b""
@@ -206,15 +229,17 @@ class CaptureReader:
         self._pcap_order = "<"
         self._pcap_units = 1_000_000
         self._pcap_oid = 0
+        self._pcap_cap = 0
+        self._pcap_linktype = 0
         self._key_mult = 1
         self._key_div = 1
         # pcapng, current section
         self._order = "<"
-        self._section: list[tuple[int, int, int, int, InterfaceInfo]] = []
+        self._section: list[tuple[int, int, int, int, int]] = []
         """Per interface of the current section: (output id, if_tsoffset in units, key
-        multiplier, key divisor, info)."""
+        multiplier, key divisor, longest packet accepted)."""
+        self._first_of_section = 0  # index in `interfaces` of the section's first interface
         self._last_key = 0
-        self._last_ts_units = 0
 
     # --- public API ---------------------------------------------------------------------------
 
@@ -333,7 +358,7 @@ class CaptureReader:
             if len(tail) < 16:
                 return 16
             incl = _PCAP_RECORD[self._pcap_order].unpack_from(tail)[2]
-            return 16 + incl if incl <= self.max_packet_size else 16
+            return 16 + incl if incl <= self._pcap_cap else 16
         return self._need_block(tail)
 
     def _need_block(self, tail: bytes) -> int:
@@ -375,6 +400,16 @@ class CaptureReader:
         batch.interfaces.append((oid, info))
         return oid
 
+    def _max_caplen(self, linktype: int) -> int:
+        if self.max_packet_size is not None:
+            return self.max_packet_size
+        return min(b.max_packet_size(linktype), self.max_block_size - 32)
+
+    def _recover(self, reason: str, offset: int, remedy: str) -> None:
+        self.recovered_count += 1
+        if len(self.recovered) < MAX_RECOVERED:
+            self.recovered.append(RecoveredDamage(reason, offset=offset, remedy=remedy))
+
     def _key_factors(self, units: int) -> tuple[int, int]:
         resolution = self.key_resolution
         if units == resolution:
@@ -409,9 +444,9 @@ class CaptureReader:
         if len(buf) - pos < 24:
             return pos
         _, major, minor, _, _, snaplen, linktype_field = _PCAP_HEADER[order].unpack_from(buf, pos)
-        if major != 2:
-            raise self._corrupt(f"pcap version {major}.{minor} is not supported (only 2.x)",
-                                base + pos)
+        if major < 2:  # a later major version is read as 2.x, as Wireshark reads it
+            raise self._corrupt(f"pcap version {major}.{minor} is not supported (only 2.x "
+                                "and later)", base + pos)
         fcslen = None
         if linktype_field & LINKTYPE_FCS_PRESENT:
             fcslen = ((linktype_field >> 28) & 0xF) * 2
@@ -427,6 +462,8 @@ class CaptureReader:
         self._pcap_units = info.units_per_second
         self._key_mult, self._key_div = self._key_factors(self._pcap_units)
         self._pcap_oid = self._declare(info, batch)
+        self._pcap_cap = self._max_caplen(info.linktype)
+        self._pcap_linktype = info.linktype
         self._state = _PCAP
         return pos + 24
 
@@ -440,7 +477,7 @@ class CaptureReader:
         head = _EPB_HEAD5.pack
         tails = _TAILS
         oid = self._pcap_oid
-        cap = self.max_packet_size
+        cap = self._pcap_cap
         units = self._pcap_units
         end = len(buf)
         last = end - 16
@@ -476,7 +513,7 @@ class CaptureReader:
         head = _EPB_HEAD5.pack
         tails = _TAILS
         oid = self._pcap_oid
-        cap = self.max_packet_size
+        cap = self._pcap_cap
         units = self._pcap_units
         end = len(buf)
         last = end - 16
@@ -506,7 +543,7 @@ class CaptureReader:
         unpack = _PCAP_RECORD[self._pcap_order].unpack_from
         head = _EPB_HEAD7.pack
         oid = self._pcap_oid
-        cap = self.max_packet_size
+        cap = self._pcap_cap
         units = self._pcap_units
         mult, div = self._key_mult, self._key_div
         end = len(buf)
@@ -528,10 +565,11 @@ class CaptureReader:
 
     def _check_record(self, buf: bytes, pos: int, base: int) -> None:
         incl = _PCAP_RECORD[self._pcap_order].unpack_from(buf, pos)[2]
-        if incl > self.max_packet_size:
+        if incl > self._pcap_cap:
             raise self._corrupt(
-                f"a packet record claims {incl} captured bytes, more than the maximum of "
-                f"{self.max_packet_size}", base + pos)
+                f"a packet record claims {incl} captured bytes, more than the "
+                f"{self._pcap_cap} that can be read for link type {self._pcap_linktype}",
+                base + pos)
 
     # --- pcapng -------------------------------------------------------------------------------
 
@@ -572,35 +610,21 @@ class CaptureReader:
                     f"the trailing length {trailer(buf, nxt - 4)[0]} of a block of type "
                     f"0x{block_type:08x} does not match its leading length {length}",
                     base + pos)
-            if block_type == b.EPB:
-                if length < 32:
-                    raise self._corrupt(f"an enhanced packet block of {length} bytes is "
-                                        "shorter than the minimum of 32", base + pos)
+            if block_type == b.EPB and length >= 32:
                 local, high, low, caplen, _orig = epb_fixed(buf, pos + 8)
-                if caplen > length - 32:
-                    raise self._corrupt(
-                        f"an enhanced packet block of {length} bytes claims {caplen} captured "
-                        "bytes", base + pos)
-                try:
-                    oid, offset, mult, div, _info = section[local]
-                except IndexError:
-                    raise self._corrupt(
-                        f"a packet refers to interface {local}, but the section declares "
-                        f"{len(section)}", base + pos) from None
-                ts = (high << 32 | low) + offset
-                if order == "<" and not offset:
-                    last_key = ts * mult // div
-                    ak(last_key)
-                    ap((head3(6, length, oid), buf[pos + 12 : nxt]))
-                else:
-                    if not 0 <= ts < 1 << 64:
-                        raise self._corrupt(
-                            f"if_tsoffset moves a timestamp out of range ({ts})", base + pos)
-                    last_key = ts * mult // div
-                    ak(last_key)
-                    ap(self._epb_rewrite(buf, pos, length, oid, ts, caplen, _orig))
-                pos = nxt
-                continue
+                if local < len(section):
+                    oid, offset, mult, div, most = section[local]
+                    if caplen <= length - 32 and caplen <= most:
+                        last_key = ((high << 32 | low) + offset) * mult // div
+                        ak(last_key)
+                        options_at = pos + 28 + ((caplen + 3) & -4)
+                        if order == "<" and (options_at == nxt - 4
+                                             or self._options_clean(buf, options_at, nxt - 4)):
+                            ap((head3(6, length, oid), buf[pos + 12 : nxt]))
+                        else:
+                            ap(self._epb_rewrite(buf, pos, length, oid, caplen, base))
+                        pos = nxt
+                        continue
             self._last_key = last_key
             self._other_block(block_type, buf, pos, length, base, batch)
             last_key = self._last_key
@@ -643,43 +667,113 @@ class CaptureReader:
         self._section = []
         return pos + length
 
-    def _epb_rewrite(self, buf: bytes, pos: int, length: int, oid: int, ts: int, caplen: int,
-                     orig: int) -> Packet:
-        """An EPB from a big-endian section or with if_tsoffset: re-encoded little-endian."""
+    @staticmethod
+    def _options_clean(buf: bytes, at: int, end: int) -> bool:
+        """Whether the little-endian options area buf[at:end] can be copied as it is: every
+        option inside it and one Wireshark accepts, and nothing after opt_endofopt."""
+        unpack = _LE_OPTION_HEADER.unpack_from
+        valid = b.option_is_valid
+        while at + 4 <= end:
+            code, size = unpack(buf, at)
+            if code == b.OPT_ENDOFOPT:
+                return size == 0 and at + 4 == end
+            value_end = at + 4 + size
+            if value_end > end or not valid(b.EPB, code, buf[at + 4 : value_end]):
+                return False
+            at = value_end + (-size & 3)
+        return at == end
+
+    def _epb_rewrite(self, buf: bytes, pos: int, length: int, oid: int, caplen: int,
+                     base: int) -> Packet:
+        """An EPB from a big-endian section, or one whose options cannot be copied as they
+        are: re-encoded little-endian with the options that are sound."""
         data_end = pos + 28 + caplen
         options_start = pos + 28 + ((caplen + 3) & -4)
-        options = buf[options_start : pos + length - 4]
-        if self._order == ">" and options:
-            options = self._options_to_le(options, b.EPB)
-        total = 32 + ((caplen + 3) & -4) + len(options)
+        area = buf[options_start : pos + length - 4]
+        options = self._options(area, 0, b.EPB, base + pos, "an enhanced packet block")
+        encoded = encode_options(self._to_le(options, b.EPB))
+        total = 32 + ((caplen + 3) & -4) + len(encoded)
+        _, high, low, _, orig = _EPB_FIXED[self._order].unpack_from(buf, pos + 8)
         return (
-            _EPB_HEAD7.pack(6, total, oid, ts >> 32, ts & 0xFFFFFFFF, caplen, orig),
+            _EPB_HEAD7.pack(6, total, oid, high, low, caplen, orig),
             buf[pos + 28 : data_end],
             PAD[caplen & 3],
-            options,
+            encoded,
             _LE_U32.pack(total),
         )
 
     def _other_block(self, block_type: int, buf: bytes, pos: int, length: int, base: int,
                      batch: Batch) -> None:
         body = buf[pos + 8 : pos + length - 4]
-        if block_type == b.IDB:
-            self._interface(body, pos, base, batch)
-        elif block_type == b.SPB:
-            self._simple_packet(body, pos, base, batch)
-        elif block_type == b.PACKET_BLOCK:
-            self._packet_block(body, pos, base, batch)
-        elif block_type == b.ISB:
-            self._statistics(body, pos, base, batch)
-        elif block_type == b.NRB:
-            self._names(body, pos, base, batch)
-        elif block_type in (b.DSB, b.SYSTEMD_JOURNAL, b.CUSTOM_COPY) and self._order == "<":
-            batch.blocks.append(buf[pos : pos + length])
-        else:
-            self.skipped_blocks += 1
+        offset = base + pos
+        try:
+            if block_type == b.EPB:
+                self._enhanced_packet(body, offset)
+            elif block_type == b.IDB:
+                self._interface(body, offset, batch)
+            elif block_type == b.SPB:
+                self._simple_packet(body, offset, batch)
+            elif block_type == b.PACKET_BLOCK:
+                self._packet_block(body, offset, batch)
+            elif block_type == b.ISB:
+                self._statistics(body, offset, batch)
+            elif block_type == b.NRB:
+                self._names(body, offset, batch)
+            elif block_type in (b.DSB, b.SYSTEMD_JOURNAL, b.CUSTOM_COPY) and self._order == "<":
+                self._copied(block_type, body, offset)
+                batch.blocks.append(buf[pos : pos + length])
+            else:
+                self.skipped_blocks += 1
+        except _Damaged as damaged:
+            self._recover(damaged.reason, offset, "the block was left out")
 
-    def _options(self, body: bytes, start: int, pos: int, base: int) -> list[tuple[int, bytes]]:
-        """Parse an options area; values are returned as they are (section byte order)."""
+    def _enhanced_packet(self, body: bytes, offset: int) -> None:
+        """An EPB that the fast path turned down: say what is wrong with it."""
+        if len(body) < 20:
+            raise _Damaged(f"an enhanced packet block of {len(body) + 12} bytes is shorter "
+                           "than the minimum of 32")
+        local, _, _, caplen, _ = _EPB_FIXED[self._order].unpack_from(body)
+        self._check_packet(local, caplen, len(body) - 20, "an enhanced packet block")
+
+    def _check_packet(self, local: int, caplen: int, room: int, what: str) -> None:
+        if local >= len(self._section):
+            raise _Damaged(f"a packet refers to interface {local}, but the section declares "
+                           f"{_count(len(self._section), 'interface')}")
+        if caplen > room:
+            raise _Damaged(f"{what} claims {caplen} captured bytes but holds {room}")
+        most = self._section[local][4]
+        if caplen > most:
+            linktype = self.interfaces[self._first_of_section + local].linktype
+            raise _Damaged(f"a packet of {caplen} captured bytes is longer than the {most} "
+                           f"that Wireshark reads for link type {linktype}")
+
+    def _copied(self, block_type: int, body: bytes, offset: int) -> None:
+        """Blocks passed on as they are must be sound as Wireshark reads them."""
+        if block_type == b.DSB:
+            if len(body) < 8:
+                raise _Damaged("a decryption secrets block is too short")
+            size = _U32["<"].unpack_from(body, 4)[0]
+            if 8 + size > len(body):
+                raise _Damaged(f"a decryption secrets block claims {size} bytes of secrets "
+                               f"but holds {len(body) - 8}")
+            problem = self._options_problem(body, 8 + ((size + 3) & -4), b.DSB)
+            if problem:
+                raise _Damaged(problem.replace("the block", "a decryption secrets block", 1))
+        elif block_type == b.SYSTEMD_JOURNAL and len(body) < 23:
+            raise _Damaged("a systemd journal export block is too short for an entry")
+        elif block_type == b.CUSTOM_COPY and len(body) < 4:
+            raise _Damaged("a custom block is too short for its Private Enterprise Number")
+
+    def _options_problem(self, body: bytes, start: int, block_type: int) -> str | None:
+        problems: list[str] = []
+        self._parse_options(body, start, block_type, problems, "the block")
+        return problems[0] if problems else None
+
+    def _parse_options(self, body: bytes, start: int, block_type: int, problems: list[str],
+                       what: str) -> list[tuple[int, bytes]]:
+        """The sound options of an area, values as they are (section byte order); what is
+        wrong with the others goes to `problems`. Reading stops at an option that runs past
+        its block."""
         unpack = _OPTION_HEADER[self._order].unpack_from
         options: list[tuple[int, bytes]] = []
         at = start
@@ -689,11 +783,27 @@ class CaptureReader:
                 break
             value_end = at + 4 + size
             if value_end > len(body):
-                raise self._corrupt(
-                    f"option {code} claims {size} bytes, more than are left in its block",
-                    base + pos)
-            options.append((code, body[at + 4 : value_end]))
+                problems.append(f"option {code} of {what} claims {size} bytes, but only "
+                                f"{len(body) - at - 4} are left in the block")
+                break
+            value = body[at + 4 : value_end]
+            if b.option_is_valid(block_type, code, value):
+                options.append((code, value))
+            else:
+                problems.append(f"option {code} of {what} has a value of {size} bytes, which "
+                                "Wireshark does not accept")
             at = value_end + (-size & 3)
+        return options
+
+    def _options(self, body: bytes, start: int, block_type: int, offset: int,
+                 what: str) -> list[tuple[int, bytes]]:
+        """The sound options of a block that is kept; the damaged ones are left out and said."""
+        problems: list[str] = []
+        options = self._parse_options(body, start, block_type, problems, what)
+        if problems:
+            left = ("that option was" if len(problems) == 1
+                    else f"{len(problems)} damaged options were")
+            self._recover(problems[0], offset, f"{left} left out")
         return options
 
     def _to_le(self, options: list[tuple[int, bytes]], block_type: int) -> list[tuple[int, bytes]]:
@@ -714,43 +824,40 @@ class CaptureReader:
             # else: a big-endian value of unknown shape cannot be converted; it is left out.
         return converted
 
-    def _options_to_le(self, area: bytes, block_type: int) -> bytes:
-        from multisniff.pcap.writing import encode_options
-
-        return encode_options(self._to_le(self._options(area, 0, 0, 0), block_type))
-
-    def _interface(self, body: bytes, pos: int, base: int, batch: Batch) -> None:
+    def _interface(self, body: bytes, offset: int, batch: Batch) -> None:
         if len(body) < 8:
-            raise self._corrupt("an interface description block is too short", base + pos)
+            # Left out, it would give the next interface its number: nothing after can be
+            # trusted.
+            raise self._corrupt("an interface description block is too short", offset)
         linktype, _, snaplen = _IDB_FIXED[self._order].unpack_from(body)
         name = description = filter_text = os_text = hardware = None
         tsresol = b.DEFAULT_TSRESOL
         fcslen = None
         offset_seconds = 0
         other: list[tuple[int, bytes]] = []
-        raw = self._options(body, 8, pos, base)
+        raw = self._options(body, 8, b.IDB, offset, "an interface description block")
         for code, value in raw:
             if code == b.IF_NAME:
                 name = _text(value)
             elif code == b.IF_DESCRIPTION:
                 description = _text(value)
-            elif code == b.IF_TSRESOL and len(value) >= 1:
-                tsresol = value[0]
+            elif code == b.IF_TSRESOL:
+                if len(value) == 1:
+                    tsresol = value[0]
             elif code == b.IF_FILTER and value[:1] == b"\0":
                 filter_text = _text(value[1:])
             elif code == b.IF_OS:
                 os_text = _text(value)
-            elif code == b.IF_FCSLEN and len(value) >= 1:
-                fcslen = value[0]
-            elif code == b.IF_TSOFFSET and len(value) == 8:
-                offset_seconds = struct.unpack(self._order + "q", value)[0]
+            elif code == b.IF_FCSLEN:
+                if len(value) == 1:
+                    fcslen = value[0]
+            elif code == b.IF_TSOFFSET:
+                if len(value) == 8:
+                    offset_seconds = struct.unpack(self._order + "q", value)[0]
             elif code == b.IF_HARDWARE:
                 hardware = _text(value)
             else:
                 other.append((code, value))
-        if not (tsresol & 0x80) and tsresol > b.MAX_TSRESOL_DECIMAL:
-            raise self._corrupt(f"if_tsresol {tsresol} is beyond any usable resolution",
-                                base + pos)
         info = InterfaceInfo(
             linktype=linktype,
             snaplen=snaplen,
@@ -761,48 +868,47 @@ class CaptureReader:
             os=os_text,
             fcslen=fcslen,
             hardware=hardware,
+            tsoffset=offset_seconds,
             other_options=tuple(self._to_le(other, b.IDB)),
         )
         units = info.units_per_second
         mult, div = self._key_factors(units)
+        if not self._section:
+            self._first_of_section = len(self.interfaces)
         oid = self._declare(info, batch)
-        self._section.append((oid, offset_seconds * units, mult, div, info))
+        self._section.append((oid, offset_seconds * units, mult, div,
+                              self._max_caplen(linktype)))
 
-    def _simple_packet(self, body: bytes, pos: int, base: int, batch: Batch) -> None:
+    def _simple_packet(self, body: bytes, offset: int, batch: Batch) -> None:
         """An SPB has no timestamp and belongs to interface 0: it gets the time of the packet
         before it, so that it stays where it was in the file."""
         if not self._section:
-            raise self._corrupt("a simple packet block comes before any interface", base + pos)
-        oid, _, mult, div, info = self._section[0]
+            raise _Damaged("a simple packet block comes before any interface")
         if len(body) < 4:
-            raise self._corrupt("a simple packet block is too short", base + pos)
+            raise _Damaged("a simple packet block is too short")
+        oid, ts_offset, mult, div, _ = self._section[0]
+        snaplen = self.interfaces[self._first_of_section].snaplen
         orig = _U32[self._order].unpack_from(body)[0]
         caplen = min(orig, len(body) - 4)
-        if info.snaplen:
-            caplen = min(caplen, info.snaplen)
-        ts = self._last_key * div // mult
+        if snaplen:
+            caplen = min(caplen, snaplen)
+        self._check_packet(0, caplen, len(body) - 4, "a simple packet block")
+        ts = min(max(self._last_key * div // mult - ts_offset, 0), _MAX_TS)
         batch.keys.append(self._last_key)
         batch.packets.append(self._encode_packet(oid, ts, body[4 : 4 + caplen], orig, b""))
 
-    def _packet_block(self, body: bytes, pos: int, base: int, batch: Batch) -> None:
+    def _packet_block(self, body: bytes, offset: int, batch: Batch) -> None:
         if len(body) < 20:
-            raise self._corrupt("a packet block is too short", base + pos)
+            raise _Damaged("a packet block is too short")
         local, drops, high, low, caplen, orig = _PB_FIXED[self._order].unpack_from(body)
-        if caplen > len(body) - 20:
-            raise self._corrupt(f"a packet block claims {caplen} captured bytes, more than it "
-                                "holds", base + pos)
-        if local >= len(self._section):
-            raise self._corrupt(f"a packet refers to interface {local}, but the section "
-                                f"declares {len(self._section)}", base + pos)
-        oid, offset, mult, div, _ = self._section[local]
-        ts = (high << 32 | low) + offset
-        options = self._to_le(self._options(body, 20 + ((caplen + 3) & -4), pos, base),
-                              b.PACKET_BLOCK)
+        self._check_packet(local, caplen, len(body) - 20, "a packet block")
+        oid, ts_offset, mult, div, _ = self._section[local]
+        ts = high << 32 | low
+        options = self._to_le(self._options(body, 20 + ((caplen + 3) & -4), b.PACKET_BLOCK,
+                                            offset, "a packet block"), b.PACKET_BLOCK)
         if drops != 0xFFFF:
             options.append((b.EPB_DROPCOUNT, _LE_U64.pack(drops)))
-        from multisniff.pcap.writing import encode_options
-
-        self._last_key = ts * mult // div
+        self._last_key = (ts + ts_offset) * mult // div
         batch.keys.append(self._last_key)
         batch.packets.append(
             self._encode_packet(oid, ts, body[20 : 20 + caplen], orig, encode_options(options)))
@@ -819,29 +925,30 @@ class CaptureReader:
             _LE_U32.pack(total),
         )
 
-    def _statistics(self, body: bytes, pos: int, base: int, batch: Batch) -> None:
+    def _statistics(self, body: bytes, offset: int, batch: Batch) -> None:
         if len(body) < 12:
-            raise self._corrupt("an interface statistics block is too short", base + pos)
+            raise _Damaged("an interface statistics block is too short")
         local, high, low = _ISB_FIXED[self._order].unpack_from(body)
         if local >= len(self._section):
-            raise self._corrupt(f"statistics refer to interface {local}, but the section "
-                                f"declares {len(self._section)}", base + pos)
-        oid, offset, _, _, _ = self._section[local]
+            raise _Damaged(f"statistics refer to interface {local}, but the section declares "
+                           f"{_count(len(self._section), 'interface')}")
+        oid = self._section[local][0]
         values: dict[int, int] = {}
         comments: list[str] = []
         u64 = struct.Struct(self._order + "Q")
         pair = struct.Struct(self._order + "II")
-        for code, value in self._options(body, 12, pos, base):
+        for code, value in self._options(body, 12, b.ISB, offset,
+                                         "an interface statistics block"):
             if code == b.OPT_COMMENT:
                 comments.append(_text(value))
             elif code in (b.ISB_STARTTIME, b.ISB_ENDTIME) and len(value) == 8:
                 hi, lo = pair.unpack(value)
-                values[code] = (hi << 32 | lo) + offset
+                values[code] = hi << 32 | lo
             elif len(value) == 8:
                 values[code] = u64.unpack(value)[0]
         batch.statistics.append(InterfaceStatistics(
             interface_id=oid,
-            timestamp=(high << 32 | low) + offset,
+            timestamp=high << 32 | low,
             starttime=values.get(b.ISB_STARTTIME),
             endtime=values.get(b.ISB_ENDTIME),
             ifrecv=values.get(b.ISB_IFRECV),
@@ -852,18 +959,18 @@ class CaptureReader:
             comments=tuple(comments),
         ))
 
-    def _names(self, body: bytes, pos: int, base: int, batch: Batch) -> None:
+    def _names(self, body: bytes, offset: int, batch: Batch) -> None:
         unpack = _OPTION_HEADER[self._order].unpack_from
         records: list[NameRecord] = []
         at = 0
         while True:
             if at + 4 > len(body):
-                raise self._corrupt("a name resolution block has no end record", base + pos)
+                raise _Damaged("a name resolution block has no end record")
             kind, size = unpack(body, at)
             value_end = at + 4 + size
             if value_end > len(body):
-                raise self._corrupt(f"a name record claims {size} bytes, more than are left in "
-                                    "its block", base + pos)
+                raise _Damaged(f"a name record claims {size} bytes, but only "
+                               f"{len(body) - at - 4} are left in its block")
             value = body[at + 4 : value_end]
             at = value_end + (-size & 3)
             if kind == b.NRB_RECORD_END:
@@ -872,15 +979,30 @@ class CaptureReader:
             if width is None:
                 continue  # a record type this reader does not know: skipped
             if size < width + 1:
-                raise self._corrupt(f"a name record of {size} bytes is too short for its "
-                                    "address", base + pos)
+                raise _Damaged(f"a name record of {size} bytes is too short for its address")
             names = tuple(
                 name.decode("utf-8", errors="replace")
                 for name in value[width:].split(b"\0") if name
             )
             records.append(NameRecord(address=value[:width], names=names))
-        options = self._to_le(self._options(body, at, pos, base), b.NRB)
+        options = self._to_le(self._options(body, at, b.NRB, offset,
+                                            "a name resolution block"), b.NRB)
         batch.names.append(NameBlock(records=records, options=tuple(options)))
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+_MAX_TS = (1 << 64) - 1
+
+
+class _Damaged(Exception):
+    """Internal: a block is damaged inside; it is left out and reading goes on."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 def packet_fields(packet: Packet) -> tuple[int, int, int, int]:

@@ -99,6 +99,8 @@ def idb_options(info: InterfaceInfo) -> list[tuple[int, bytes]]:
     if info.fcslen is not None:
         options.append((b.IF_FCSLEN, bytes((info.fcslen,))))
     options += _text(b.IF_HARDWARE, info.hardware)
+    if info.tsoffset:
+        options.append((b.IF_TSOFFSET, struct.pack("<q", info.tsoffset)))
     options += info.other_options
     return options
 
@@ -229,9 +231,6 @@ class PcapngWriter:
 
     def add_statistics(self, stats: InterfaceStatistics) -> None:
         self._pending.append(encode_isb(stats))
-
-    def add_names(self, block: NameBlock) -> None:
-        self._pending.append(encode_nrb(block))
 
     def take_blocks(self) -> list[Block]:
         """Like `take`, but the queued blocks as they are, for a vectored write."""

@@ -267,3 +267,37 @@ async def test_auto_picks_upload_for_the_workload_and_ephemeral_for_coredns(
     assert sink.reason == "upload: container app has tar and runs as root"
     assert dns.usable
     assert dns.reason == "ephemeral: container coredns has no shell (sh)"
+
+
+@pytest.mark.anyio
+async def test_an_ephemeral_sleeper_left_running_is_ended_in_its_own_pid_namespace(
+        cluster: Any, pods: dict[str, Any]) -> None:
+    # When a capture's stream broke before its shell left the done file, the sleeper is ended
+    # by its PID: PID 1 of the ephemeral container, which traps SIGTERM. The target container,
+    # in a PID namespace of its own, is never signalled.
+    namespace = pods["namespace"]
+    async with connect(str(cluster.kubeconfig)) as kube:
+        mode = EphemeralMode(kube, image=TOOLS_IMAGE)
+        target = await _target(kube, namespace, "sender", "app")
+        await kube.add_ephemeral_container(target.pod.ref, mode.container_spec(
+            "msnf-i13end", target, CaptureSpec(lifetime=600)))
+        await kube.wait_container_running(target.pod.ref, "msnf-i13end", timeout=60)
+        deadline = time.monotonic() + 30
+        while cluster.kubectl("exec", "sender", "-n", namespace, "-c", "msnf-i13end", "--",
+                              "cat", "/tmp/msnf-sleeper.pid", check=False).returncode != 0:
+            assert time.monotonic() < deadline
+            await anyio.sleep(0.3)
+        sleeper = cluster.kubectl("exec", "sender", "-n", namespace, "-c", "msnf-i13end", "--",
+                                  "cat", "/tmp/msnf-sleeper.pid").stdout.decode().strip()
+
+        await mode._end_sleeper(target, "msnf-i13end")
+
+    assert sleeper == "1"
+    deadline = time.monotonic() + 30
+    while "terminated" not in (state := ephemeral_states(cluster, namespace, "sender"))[
+            "msnf-i13end"]:
+        assert time.monotonic() < deadline, state
+        time.sleep(0.5)
+    assert state["msnf-i13end"]["terminated"]["exitCode"] == 143
+    status = cluster.kubectl_json("get", "pod", "sender", "-n", namespace)["status"]
+    assert status["containerStatuses"][0]["restartCount"] == 0

@@ -49,6 +49,11 @@ class FakeCapture:
     interval: float | None = None
     kernel_buffer: int = 16
     forever: bool = False
+    bound_to_container: bool = True
+    killed: bool = False
+    """Its stream ends as a killed container's would: no exit status, no statistics."""
+    silent: bool = False
+    """Killed before tcpdump wrote anything, its header included."""
     produced: int = 0
     delivered: int = 0
     dropped: int = 0
@@ -85,6 +90,8 @@ class FakeCapture:
     async def read(self) -> bytes:
         self.reads += 1
         await anyio.sleep(0)
+        if self.silent:
+            return b""
         if not self._header_sent:
             self._header_sent = True
             return PCAP_HEADER
@@ -115,6 +122,8 @@ class FakeCapture:
         self._wake.set()
 
     async def wait(self) -> CaptureReport:
+        if self.killed or self.silent:
+            return CaptureReport(exit_code=None, message="container not running")
         return CaptureReport(exit_code=0, captured=self.delivered + len(self._buffer),
                              received=self.produced, dropped_by_kernel=self.dropped)
 

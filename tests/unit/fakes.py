@@ -102,6 +102,8 @@ class FakeCluster:
     deleted: list[PodRef] = field(default_factory=list)
     resource_version: int = 1
     default_namespace: str = "default"
+    namespaces: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Labels of namespaces by name; a namespace not listed reads as unreadable (None)."""
 
     def add_pod(self, pod: PodInfo) -> PodInfo:
         self.pods[pod.ref] = pod
@@ -127,6 +129,9 @@ class FakeCluster:
 
     async def namespace_exists(self, name: str) -> bool:
         return any(ref.namespace == name for ref in self.pods)
+
+    async def namespace_labels(self, name: str) -> Mapping[str, str] | None:
+        return self.namespaces.get(name)
 
     async def node(self, name: str) -> NodeInfo:
         return self.nodes.get(name) or NodeInfo(name=name, architecture="amd64")

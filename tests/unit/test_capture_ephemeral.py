@@ -98,7 +98,7 @@ async def test_capture_runs_in_the_ephemeral_container_and_its_sleeper_is_ended(
     assert pcap.count(b"MSNF eph") == 3
     capture_script = cluster.execs[0].command[-1]
     if watched:  # the watchdog came over stdin, ran tcpdump, and removed itself
-        assert "msnf-watchdog" in capture_script and "--batch 1" in capture_script
+        assert "msnf-watchdog" in capture_script and "--batch 0.05" in capture_script
         assert not list(tmp_path.glob("msnf-run-*"))
     else:
         assert "msnf-watchdog" not in capture_script
@@ -109,14 +109,37 @@ async def test_capture_runs_in_the_ephemeral_container_and_its_sleeper_is_ended(
     assert len(cluster.execs) == 1
     ((_pod, added),) = cluster.ephemeral_specs
     assert re.fullmatch(r"msnf-[0-9a-f]{6}", added["name"])
-    assert added["targetContainerName"] == "app"
+    # Not in the target container's PID namespace, whose end would end the capture.
+    assert "targetContainerName" not in added
     assert added["securityContext"] == {"privileged": False,
                                         "capabilities": {"add": ["NET_ADMIN", "NET_RAW"]}}
 
 
 @pytest.mark.anyio
-async def test_the_sleeper_is_never_pid_1(cluster: SleeperCluster, tmp_path: Path,
-                                         caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_sleeper_left_running_is_ended_by_its_pid(cluster: SleeperCluster,
+                                                         tmp_path: Path) -> None:
+    # The capture never got to leave the done file: the sleeper, PID 1 of its container on a
+    # cluster, is sent SIGTERM, which it traps.
+    target = Target(cluster.pods[PodRef("default", "app-0")], "app")
+    mode = EphemeralMode(cluster, image="tools:1")
+    await cluster.add_ephemeral_container(
+        target.pod.ref, mode.container_spec("msnf-abcdef", target, CaptureSpec(lifetime=60)))
+    with anyio.fail_after(30):
+        while not (tmp_path / "msnf-sleeper.pid").exists():
+            await anyio.sleep(0.05)
+
+    await mode._end_sleeper(target, "msnf-abcdef")
+
+    (sleeper,) = cluster.sleepers
+    assert await anyio.to_thread.run_sync(lambda: sleeper.wait(timeout=30)) == 143
+    assert not (tmp_path / "msnf-done").exists()
+
+
+@pytest.mark.anyio
+async def test_no_process_but_the_sleeper_is_signalled(cluster: SleeperCluster, tmp_path: Path,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    # PID 1 is our sleeper only in the ephemeral container's own PID namespace; in a pod that
+    # shares one it is the pause process, here the host's init. /proc says whose it is.
     target = Target(cluster.pods[PodRef("default", "app-0")], "app")
     mode = EphemeralMode(cluster, image="tools:1")
     (tmp_path / "msnf-sleeper.pid").write_text("1\n")
@@ -126,6 +149,10 @@ async def test_the_sleeper_is_never_pid_1(cluster: SleeperCluster, tmp_path: Pat
 
     assert "Could not end ephemeral container msnf-abcdef" in caplog.text
     assert cluster.execs[-1].result is not None and cluster.execs[-1].result.exit_code == 3
+    # What it could not end is left for the summary, with the command that ends it.
+    (entry,) = mode._leftovers.entries
+    assert entry.startswith("the running ephemeral container msnf-abcdef of pod default/app-0")
+    assert "remove it with: kubectl exec -n default app-0 -c msnf-abcdef -- sh -c" in entry
 
 
 @pytest.mark.anyio

@@ -169,10 +169,11 @@ def test_the_capture_command_runs_tcpdump_under_the_watchdog(bundle_cache: Path)
     argv = capture_command(bundle, d, CaptureSpec(interface="eth0", bpf_filter="udp",
                                                   lifetime=60, packet_count=3))
 
-    assert argv[:7] == [f"{d}/msnf-watchdog", "--lifetime", "60", "--batch", "1",
+    assert argv[:7] == [f"{d}/msnf-watchdog", "--lifetime", "60", "--batch", "0.05",
                         "--remove", d]
     assert argv[7] == "--"
     assert argv[8:11] == [f"{d}/{bundle.loader}", "--library-path", f"{d}/lib"]
-    assert argv[11:] == [f"{d}/tcpdump", "-Z", "root", "-U", "--time-stamp-precision=nano", "-w",
+    assert argv[11:] == [f"{d}/tcpdump", "-Z", "root", "-U", "--immediate-mode", "-B", "8192",
+                         "--time-stamp-precision=nano", "-w",
                         "-", "-i", "eth0",
                         "-s", "262144", "-c", "3", "udp"]

@@ -1,11 +1,13 @@
 """The watchdog, compiled here and run locally: each way of stopping ends its program, which
 gets SIGINT first (and SIGKILL after the grace), and nothing is left behind; with --batch, the
-program's output is passed on whole and in order, in batches, and a reader that stops reading
-does not keep anything alive past the bounds."""
+program's output is passed on whole and in order, in batches (its first write, tcpdump's
+header, at once; a lone packet after the delay), and a reader that stops reading does not keep
+anything alive past the bounds."""
 
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -133,14 +135,76 @@ def test_batched_output_arrives_whole_and_in_order(watchdog: Path) -> None:
     assert finish(proc) == (0, "".join(f"line {i}\n" for i in range(20000)))
 
 
-def test_a_small_batch_goes_out_when_it_is_old_enough(watchdog: Path) -> None:
-    # The program writes a line and stays: only the batch interval can send the line on.
-    proc = start(watchdog, "--lifetime", "60", "--batch", "0.2",
-                 program=["sh", "-c", "echo started; exec sleep 60"])
-    assert proc.stdin is not None
-    proc.stdin.close()
+def read_within(proc: subprocess.Popen[bytes], size: int, seconds: float) -> bytes:
+    """`size` bytes of the watchdog's stdout, or fewer when `seconds` pass first (a bound far
+    beyond any delay under test, so no timing is asserted)."""
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    got = b""
+    deadline = time.monotonic() + seconds
+    while len(got) < size and (left := deadline - time.monotonic()) > 0:
+        if select.select([fd], [], [], left)[0]:
+            chunk = os.read(fd, size - len(got))
+            if not chunk:
+                break
+            got += chunk
+    return got
 
-    assert finish(proc) == (128 + signal.SIGINT, "")
+
+def stop_and_reap(proc: subprocess.Popen[bytes]) -> int:
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.close()
+    proc.stdout.read()
+    proc.stdout.close()
+    return proc.wait(timeout=10)
+
+
+def test_the_programs_first_write_goes_out_at_once(watchdog: Path) -> None:
+    # tcpdump's file header: with an hour's batch interval, only the first-write rule can
+    # send it on while the program lives.
+    proc = subprocess.Popen([str(watchdog), "--lifetime", "60", "--batch", "3600", "--", "sh",
+                             "-c", "echo header; exec sleep 60"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    got = read_within(proc, 7, 30)
+    alive = proc.poll() is None
+
+    assert stop_and_reap(proc) == 128 + signal.SIGINT
+    assert (got, alive) == (b"header\n", True)
+
+
+def test_a_lone_packet_goes_out_after_the_delay_not_at_the_end(watchdog: Path) -> None:
+    # A packet after the header, then silence: the delay since it began to wait sends it on,
+    # well before the program ends (at stdin's EOF, after the read below).
+    proc = subprocess.Popen([str(watchdog), "--lifetime", "60", "--batch", "0.05", "--", "sh",
+                             "-c", "echo header; sleep 0.2; echo packet; exec sleep 60"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    got = read_within(proc, 14, 30)
+    alive = proc.poll() is None
+
+    assert stop_and_reap(proc) == 128 + signal.SIGINT
+    assert (got, alive) == (b"header\npacket\n", True)
+
+
+def test_a_small_batch_waits_for_its_delay(watchdog: Path, tmp_path: Path) -> None:
+    # After the header has gone on, a packet waits for its delay (an hour here): the
+    # program's end, not the delay, is what sends it on.
+    go = tmp_path / "go"
+    os.mkfifo(go)
+    proc = subprocess.Popen([str(watchdog), "--lifetime", "60", "--batch", "3600", "--", "sh",
+                             "-c", f"echo header; read -r _ < {go}; echo packet; exec sleep 60"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    first = read_within(proc, 7, 30)
+    with go.open("w") as fifo:
+        fifo.write("go\n")
+    early = read_within(proc, 7, 0.5)
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.close()
+    rest = proc.stdout.read()
+    proc.stdout.close()
+
+    assert proc.wait(timeout=10) == 128 + signal.SIGINT
+    assert first + early + rest == b"header\npacket\n"
+    assert early == b""
 
 
 def test_a_big_batch_goes_out_before_it_is_old(watchdog: Path) -> None:

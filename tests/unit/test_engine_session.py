@@ -10,6 +10,7 @@ import shutil
 import stat
 import subprocess
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import anyio
@@ -21,9 +22,10 @@ from multisniff.capture.model import Target
 from multisniff.engine.output import FileOutput, LiveOutput
 from multisniff.engine.session import NothingMatches, Session, dry_run
 from multisniff.errors import ExitCode
-from multisniff.kube.model import ContainerInfo, NodeInfo, PodEvent, PodEventType
+from multisniff.kube.model import ContainerInfo, NodeInfo, PodEvent, PodEventType, PodInfo, PodRef
 from multisniff.pcap.reading import CaptureReader, packet_fields
 from multisniff.profiles import Profile
+from multisniff.ui import summary_json, summary_lines
 
 pytestmark = pytest.mark.anyio
 
@@ -326,10 +328,9 @@ async def test_follow_starts_new_pods_and_restarts_and_ends_deleted_ones(out: Pa
         added = make_pod("web-b", namespace="shop", labels={"app": "web"}, ip="10.1.0.99")
         await cluster.send_event.send(PodEvent(PodEventType.ADDED, added))
         await anyio.sleep(0.2)
-        restarted = ContainerInfo("app", "app:1", running=True, container_id="containerd://2")
-        from dataclasses import replace
+        instance = ContainerInfo("app", "app:1", running=True, container_id="containerd://2")
         await cluster.send_event.send(PodEvent(PodEventType.MODIFIED,
-                                               replace(first, containers=(restarted,))))
+                                               replace(first, containers=(instance,))))
         await anyio.sleep(0.2)
         await cluster.send_event.send(PodEvent(PodEventType.DELETED, added))
         await anyio.sleep(0.2)
@@ -342,7 +343,9 @@ async def test_follow_starts_new_pods_and_restarts_and_ends_deleted_ones(out: Pa
     cluster.close()
     labels = [run.label for run in result.runs]
     assert labels == ["shop/web-a", "shop/web-b", "shop/web-a"]
-    assert all(run.state == "done" and run.packets > 0 for run in result.runs)
+    assert [run.outcome for run in result.runs] == ["ended by a container restart", "done",
+                                                    "done"]
+    assert all(run.packets > 0 for run in result.runs) and result.exit_code == ExitCode.OK
     names, packets, reader = read_capture(out.read_bytes())
     assert sorted(names) == ["shop/web-a", "shop/web-a#2", "shop/web-b"]
     assert len(packets) == result.packets
@@ -402,7 +405,8 @@ async def test_summary_json_shape(out: Path) -> None:
                                  "bytes": summary["totals"]["bytes"], "dropped": 0, "late": 0}
     pod = summary["pods"][0]
     assert set(pod) == {"namespace", "pod", "node", "container", "interface", "mode", "reason",
-                        "state", "error", "packets", "bytes", "dropped", "late"}
+                        "state", "error", "ended_by", "restarts", "packets", "bytes",
+                        "dropped", "late"}
     assert (pod["namespace"], pod["pod"], pod["state"]) == ("shop", "web-a", "done")
     assert summary["pods"][1]["error"] == "the fake refuses it"
     assert isinstance(summary["duration"], float)
@@ -453,15 +457,15 @@ async def test_node_addresses_are_named_when_nodes_may_be_listed(
 @pytest.mark.parametrize("kind", ["file", "live"])
 async def test_remote_batches_stay_well_inside_the_live_reorder_window(out: Path,
                                                                        kind: str) -> None:
-    # A pod's side may hold packets for batch_interval; live output holds them for the reorder
+    # A pod's side may hold packets for flush_delay; live output holds them for the reorder
     # window only, so its batches are cut to a quarter of that window.
-    profile = PROFILE.replace(batch_interval=1.0, reorder_window=2.0)
+    profile = PROFILE.replace(flush_delay=1.0, reorder_window=2.0)
     output = FileOutput(str(out), grace=5) if kind == "file" else live(MemorySink(),
                                                                        reorder_window=2.0)
     mode = mode_with({"web-0": 3})
     await Session(cluster_with("web-0"), mode, profile, output).run()
 
-    assert [spec.batch for spec in mode.specs] == [1.0 if kind == "file" else 0.5]
+    assert [spec.flush_delay for spec in mode.specs] == [1.0 if kind == "file" else 0.5]
 
 
 async def test_a_capture_is_announced_once_its_tcpdump_listens(
@@ -498,3 +502,124 @@ async def test_a_capture_is_announced_once_its_tcpdump_listens(
 
     assert states == ["starting", "capturing"]
     assert "Capturing shop/web-0" in caplog.text
+
+
+def restarted(pod: PodInfo, *, container_id: str, running: bool = True) -> PodInfo:
+    """The pod after its container `app` ended (and, when running, came back)."""
+    info = ContainerInfo("app", "app:1", running=running, container_id=container_id,
+                         restart_count=1)
+    return replace(pod, containers=(info,))
+
+
+async def test_a_capture_of_the_network_namespace_goes_on_across_restarts(out: Path) -> None:
+    # The ephemeral mode's kind: the container's end and its new instance do not end the run,
+    # nor start a second one.
+    cluster = WatchedCluster()
+    first = cluster.add_pod(restarted(make_pod("web-a", namespace="shop",
+                                               labels={"app": "web"}),
+                                      container_id="containerd://1"))
+    mode = mode_with({"web-a": 1}, interval=0.005, forever=True, bound_to_container=False)
+    session = Session(cluster, mode, PROFILE.replace(follow=True), FileOutput(str(out), grace=5))
+
+    async def churn() -> None:
+        while not mode.opened:
+            await anyio.sleep(0.05)
+        await cluster.send_event.send(PodEvent(PodEventType.MODIFIED, restarted(
+            first, container_id="containerd://1", running=False)))
+        await cluster.send_event.send(PodEvent(PodEventType.MODIFIED, restarted(
+            first, container_id="containerd://2")))
+        while mode.opened[0].produced < 20:
+            await anyio.sleep(0.05)
+        session.stop("test over")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(churn)
+        with anyio.fail_after(20):
+            result = await session.run()
+    cluster.close()
+
+    (run,) = result.runs
+    assert (run.state, run.restarts, result.exit_code) == ("done", 1, ExitCode.OK)
+    assert result.skipped == []
+    names, packets, _ = read_capture(out.read_bytes())
+    assert names == ["shop/web-a"] and len(packets) == run.packets > 0
+
+
+async def test_a_capture_killed_with_its_container_is_ended_not_failed(out: Path) -> None:
+    # The upload mode's kind: tcpdump dies with the container, the stream ends without an
+    # exit status; the pod then shows a new container. No watch (--no-follow): the session
+    # asks the API.
+    cluster = cluster_with("web-a", "web-b")
+    ref = PodRef("shop", "web-a")
+    cluster.pods[ref] = restarted(cluster.pods[ref], container_id="containerd://1")
+    mode = mode_with({"web-a": 5, "web-b": 5})
+    make = mode.make
+    mode.make = lambda target: replace(make(target), killed=target.pod.ref == ref)
+
+    async def restart() -> None:
+        while not mode.opened:
+            await anyio.sleep(0.01)
+        cluster.pods[ref] = restarted(cluster.pods[ref], container_id="containerd://2")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(restart)
+        with anyio.fail_after(20):
+            result = await Session(cluster, mode, PROFILE, FileOutput(str(out), grace=5)).run()
+
+    runs = {run.label: run for run in result.runs}
+    assert (runs["shop/web-a"].state, runs["shop/web-a"].error) == ("ended", "")
+    assert runs["shop/web-a"].packets == 5
+    assert result.exit_code == ExitCode.OK
+    assert summary_lines(result)[0].startswith(
+        "shop/web-a: ended by a container restart, 5 packets")
+    assert summary_json(result, exit_code=result.exit_code, output=str(out))["totals"][
+        "failed"] == 0
+    _, _, reader = read_capture(out.read_bytes())
+    assert any("ended by a container restart" in comment
+               for stats in CaptureReader().feed(out.read_bytes()).statistics
+               for comment in stats.comments)
+    assert len(reader.interfaces) == 2
+
+
+async def test_a_capture_cut_off_while_its_container_lives_on_is_not_ended(out: Path) -> None:
+    # A broken stream is not a restart: asked for a while (stop_grace here), the API still
+    # shows the same container running.
+    cluster = cluster_with("web-a")
+    mode = mode_with({"web-a": 0}, killed=True)
+    result = await Session(cluster, mode, PROFILE.replace(stop_grace=1),
+                           FileOutput(str(out), grace=5)).run()
+
+    (run,) = result.runs
+    assert run.state != "ended" and run.ended_by == ""
+
+
+@pytest.mark.parametrize(("interface", "kind"), [("any", "file"), ("eth0", "file"),
+                                                 ("any", "live")])
+async def test_a_capture_that_sent_nothing_has_its_interface_and_statistics(
+        out: Path, interface: str, kind: str) -> None:
+    # Killed before tcpdump's header arrived: the interface is declared all the same, with
+    # tcpdump's link type for the interface (LINUX_SLL2 for any).
+    cluster = cluster_with("web-a", "web-b")
+    ref = PodRef("shop", "web-a")
+    mode = mode_with({"web-a": 0, "web-b": 3})
+    make = mode.make
+    mode.make = lambda target: replace(make(target), silent=target.pod.ref == ref)
+    sink = MemorySink()
+    output = FileOutput(str(out), grace=5) if kind == "file" else live(sink)
+    await Session(cluster, mode, PROFILE.replace(interface=interface, stop_grace=1),
+                  output).run()
+    if kind == "live":
+        out.write_bytes(bytes(sink.data))
+
+    reader = CaptureReader()
+    batch = reader.feed(out.read_bytes())
+    assert reader.finish() is None
+    interfaces = {info.name: info for info in reader.interfaces}
+    assert set(interfaces) == {"shop/web-a", "shop/web-b"}
+    assert interfaces["shop/web-a"].linktype == (276 if interface == "any" else 1)
+    assert interfaces["shop/web-a"].tsresol == 9
+    assert len(batch.statistics) == 2
+    if shutil.which("capinfos") is not None:
+        info = subprocess.run(["capinfos", "-I", str(out)], capture_output=True, text=True,
+                              check=True).stdout
+        assert "shop/web-a" in info and "shop/web-b" in info

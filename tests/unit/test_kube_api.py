@@ -28,6 +28,7 @@ from multisniff.errors import (
     UsageError,
 )
 from multisniff.kube.api import (
+    _settled,
     api_error,
     container_state,
     kubeconfig_paths,
@@ -285,3 +286,15 @@ def test_kubeconfig_paths_follow_kubectl(tmp_path: Path) -> None:
     assert kubeconfig_paths(str(b), environ) == [b]
     with pytest.raises(UsageError, match="does not exist"):
         kubeconfig_paths(str(missing), environ)
+
+
+def test_a_pod_the_kubelet_rejected_is_an_error_with_its_reason_not_a_wait() -> None:
+    rejected = {"metadata": {"name": "msnf-agent-x", "namespace": "capture"},
+                "status": {"phase": "Failed", "reason": "OutOfcpu",
+                           "message": "Pod Node didn't have enough resource: cpu"}}
+    with pytest.raises(ClusterError) as caught:
+        _settled(rejected, PodRef("capture", "msnf-agent-x"), "agent")
+    assert str(caught.value) == ("Pod capture/msnf-agent-x failed before its container agent "
+                                 "ran: Pod Node didn't have enough resource: cpu.")
+    pending = {"metadata": {}, "status": {"phase": "Pending"}}
+    assert _settled(pending, PodRef("capture", "msnf-agent-x"), "agent") is False

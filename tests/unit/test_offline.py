@@ -115,7 +115,9 @@ def test_inspect_json_shape_and_values(tmp_path: Path, capsys: pytest.CaptureFix
                      + cf.idb(name="idle")
                      + cf.isb(0, 5, ifdrop=3, osdrop=4))
     assert main(["inspect", str(path), "--json"]) == ExitCode.OK
-    document = json.loads(capsys.readouterr().out)
+    printed = capsys.readouterr().out
+    document = json.loads(printed)
+    assert printed == json.dumps(document, indent=2) + "\n"  # written interface by interface
     assert document == {
         "file": str(path),
         "packets": 2,

@@ -87,6 +87,9 @@ def test_packets_longer_than_the_tail_table_are_transcoded() -> None:
     assert [key for batch in batches for key in batch.keys] == [1_000_002_000, 1_000_003_000]
 
 
+DSB_BODY = struct.pack("<II", 0x544C534B, 8) + b"SECRETS!"  # TLS key log, 8 bytes
+
+
 def sample_pcapng() -> bytes:
     le, be = "<", ">"
     return b"".join([
@@ -96,7 +99,7 @@ def sample_pcapng() -> bytes:
         cf.epb(0, 1_700_000_000_000_001, b"abc", orig=100),
         cf.epb(1, 5, b"defg", opts=[(1, b"a comment"), (2, struct.pack("<I", 1))]),
         cf.spb(b"simple!"),  # captured length = min(original length, snaplen)
-        cf.block(0x0000000A, b"SECRETS!"),  # decryption secrets: copied
+        cf.block(0x0000000A, DSB_BODY),  # decryption secrets: copied
         cf.block(0x40000BAD, b"\0\0\0\0nocopy"),  # custom, not to be copied
         cf.block(0x00001234, b"unknown"),  # unknown: skipped
         cf.nrb([(b"\x7f\0\0\x01", ["localhost", "lo"]), (b"\0" * 15 + b"\1", ["ip6-lo"])]),
@@ -123,8 +126,9 @@ def test_pcapng_sections_byte_orders_options_and_blocks() -> None:
     packets = packets_of(batches)
     le_options = cf.options([(1, b"a comment"), (2, struct.pack("<I", 1))])
     assert packets[0] == (0, 1_700_000_000_000_001, b"abc", 100, b"")
-    # if_tsoffset (10 s) is folded into the nanosecond timestamp
-    assert packets[1] == (1, 10 * 10**9 + 5, b"defg", 4, le_options)
+    # if_tsoffset (10 s) stays on the interface; the merge key has it
+    assert ns.tsoffset == 10
+    assert packets[1] == (1, 5, b"defg", 4, le_options)
     # the SPB takes the time of the packet before it, on interface 0
     assert packets[2][0] == 0 and packets[2][2:4] == (b"simple!", 7)
     assert packets[2][1] == 10 * 10**6  # 10 s + 5 ns, floored to microseconds
@@ -139,7 +143,7 @@ def test_pcapng_sections_byte_orders_options_and_blocks() -> None:
     names = [n for batch in batches for n in batch.names]
     assert [(r.address, r.names) for r in names[0].records] == [
         (b"\x7f\0\0\x01", ("localhost", "lo")), (b"\0" * 15 + b"\1", ("ip6-lo",))]
-    assert [blk for batch in batches for blk in batch.blocks] == [cf.block(10, b"SECRETS!")]
+    assert [blk for batch in batches for blk in batch.blocks] == [cf.block(10, DSB_BODY)]
     assert reader.skipped_blocks == 2
 
 
@@ -247,10 +251,13 @@ def test_a_lying_pcap_record_length_is_refused() -> None:
     assert len(packets_of(batches)) == 1
 
 
-def test_a_packet_on_an_undeclared_interface_is_corrupt() -> None:
-    reader, _ = read_all(cf.shb() + cf.idb() + cf.epb(3, 1, b""))
-    assert isinstance(reader.error, CorruptCaptureError)
-    assert "interface 3" in reader.error.reason
+def test_a_packet_on_an_undeclared_interface_is_left_out_and_reading_goes_on() -> None:
+    reader, batches = read_all(cf.shb() + cf.idb() + cf.epb(3, 1, b"") + cf.epb(0, 2, b"ok"))
+    assert reader.finish() is None
+    [damage] = reader.recovered
+    assert damage.offset == len(cf.shb() + cf.idb())
+    assert damage.reason == "a packet refers to interface 3, but the section declares 1 interface"
+    assert [p[2] for p in packets_of(batches)] == [b"ok"]
 
 
 def test_random_garbage_never_raises() -> None:

@@ -45,6 +45,13 @@ def test_unknown_key_names_file_key_and_line(tmp_path: Path) -> None:
     assert "snaplen" in str(info.value)
 
 
+def test_a_replaced_key_names_its_successor(tmp_path: Path) -> None:
+    path = write(tmp_path, 'filter = "udp"\nbatch_interval = 1.0\n')
+    with pytest.raises(UsageError, match=rf"{path}:2: batch_interval was replaced by "
+                                         r"flush_delay, the seconds a packet may wait"):
+        load_profile(path)
+
+
 def test_wrong_type_names_file_key_and_line(tmp_path: Path) -> None:
     path = write(tmp_path, 'filter = "port 53"\ncount = true\n')
     with pytest.raises(UsageError, match=rf"{path}:2: count must be an integer, not bool"):

@@ -359,6 +359,10 @@ def apply_workload(layout: Layout, *, timeout: float = 60) -> None:
 # -------------------------------------------------------------------------------------------- down
 
 
+LINGER_TIMEOUT = 20.0
+"""Seconds down waits for the processes it stopped to be gone, exiting ones included."""
+
+
 def down(layout: Layout, *, quiet: bool = False) -> list[str]:
     """Stop everything and remove what it left on the host; return what could not be removed."""
     say = (lambda _m: None) if quiet else log
@@ -389,6 +393,11 @@ def down(layout: Layout, *, quiet: bool = False) -> list[str]:
         stragglers = list(processes.ours(layout))
         if stragglers:
             problems.append(f"processes still running: {stragglers}")
+    # Shims and the runc processes they start go on exiting after containerd is gone; down
+    # returns once they are, so that the host after it is the host before up.
+    exiting = processes.wait_gone(layout, timeout=LINGER_TIMEOUT)
+    if exiting:
+        problems.append(f"processes still exiting after {LINGER_TIMEOUT:g} s: {exiting}")
 
     cgroup_left = cgroups.remove_all()
     if cgroup_left:

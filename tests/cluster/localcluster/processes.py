@@ -112,6 +112,49 @@ def ours(layout: Layout) -> Iterator[tuple[int, str]]:
             yield pid, exe
 
 
+LINGERING_NAMES = frozenset(name[:15] for name in (*DAEMON_EXECUTABLES, "runc"))
+"""The names the kernel keeps for a process (15 characters of it) until its parent reaps it:
+our daemons, and runc, which the shims run to delete containers as they go."""
+
+
+def _comm(pid: int) -> str:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat[stat.find("(") + 1:stat.rfind(")")]
+
+
+def lingering(layout: Layout) -> list[tuple[int, str]]:
+    """(pid, name) of this cluster's processes that are still there, exiting ones included.
+
+    A process that is exiting has no executable link and no command line left, only its name:
+    one of ours by name without a command line counts (no Docker engine or other runtime runs
+    here); one with a command line counts when it names our state directories. Zombies do not:
+    they hold nothing, and where PID 1 does not reap (as in some sandboxes) they stay."""
+    markers = (str(layout.state), str(layout.containerd_state))
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        pid = int(entry)
+        name = _comm(pid)
+        if name not in LINGERING_NAMES or not alive(pid):
+            continue
+        cmdline = _cmdline(pid)
+        if not cmdline or any(m in arg for arg in cmdline for m in markers):
+            found.append((pid, name))
+    return found
+
+
+def wait_gone(layout: Layout, *, timeout: float) -> list[tuple[int, str]]:
+    """Wait, at most ``timeout`` seconds, until `lingering` finds nothing; what is left."""
+    deadline = time.monotonic() + timeout
+    while (left := lingering(layout)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
 def alive(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()

@@ -46,6 +46,8 @@ def _processes(layout: Layout) -> list[str]:
             continue
         if pid in pids or exe.startswith(str(layout.bin_dir)):
             lines.append(f"{os.path.basename(exe)}: {cmd}")
+    # Exiting ones have no exe or command line left, only a name: shims and runc after down.
+    lines.extend(f"{name} (not gone yet)" for _, name in processes.lingering(layout))
     return sorted(lines)
 
 
