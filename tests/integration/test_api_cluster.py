@@ -17,7 +17,7 @@ from typing import Any
 import anyio
 import pytest
 from kubenamespace import throwaway_namespace
-from workloads import apply_and_wait, wait_for, workload_pod
+from workloads import apply_and_wait, tshark_markers, wait_for, workload_pod
 
 import multisniff
 
@@ -31,19 +31,6 @@ PORT = 9431
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-def tshark_rows(pcap: Path) -> list[tuple[str, str]]:
-    """(interface name, marker) of every datagram to PORT."""
-    out = subprocess.run(
-        ["tshark", "-r", str(pcap), "-Y", f"udp.dstport == {PORT}", "-T", "fields",
-         "-E", "separator=\t", "-e", "frame.interface_name", "-e", "data.data"],
-        capture_output=True, text=True, check=True, timeout=60).stdout
-    rows = []
-    for line in out.splitlines():
-        interface, _, data = line.partition("\t")
-        rows.append((interface, bytes.fromhex(data.strip()).decode()))
-    return rows
 
 
 def coredns_pod(name: str, namespace: str, label: str) -> dict[str, Any]:
@@ -107,7 +94,7 @@ async def test_a_capture_started_and_awaited_from_python(cluster: Any, workload:
     assert result.stop_reason == "sent everything"
     modes = {run.label: run.mode for run in result.runs}
     assert modes == {f"{namespace}/sink": "upload", f"{namespace}/dns": "ephemeral"}
-    rows = tshark_rows(out)
+    rows = tshark_markers(out, PORT)
     for pod in ("sink", "dns"):
         markers = [marker for interface, marker in rows if interface == f"{namespace}/{pod}"]
         assert len(markers) == len(set(markers)) == 30, (pod, markers)
@@ -166,7 +153,7 @@ def test_auto_falls_back_on_a_client_that_cannot_make_a_bundle(cluster: Any, wor
     assert {name: p["mode"] for name, p in pods.items()} == {
         f"{namespace}/sink": "ephemeral", f"{namespace}/dns": "ephemeral"}
     assert all(p["reason"] and p["state"] == "done" for p in pods.values()), pods
-    rows = tshark_rows(out)
+    rows = tshark_markers(out, PORT)
     for pod in ("sink", "dns"):
         assert len({m for interface, m in rows if interface == f"{namespace}/{pod}"}) == 20
 

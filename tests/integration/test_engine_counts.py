@@ -16,26 +16,13 @@ from typing import Any
 
 import pytest
 from kubenamespace import throwaway_namespace
-from workloads import apply_and_wait, wait_for, workload_pod
+from workloads import apply_and_wait, tshark_markers, wait_for, workload_pod
 
 pytestmark = pytest.mark.cluster
 
 MULTISNIFF = Path(sys.executable).parent / "multisniff"
 PORT = 9417
 COUNT = 25
-
-
-def tshark_markers(pcap: Path) -> list[tuple[str, str]]:
-    """(interface name, marker text) of every datagram to PORT, in file order."""
-    out = subprocess.run(
-        ["tshark", "-r", str(pcap), "-Y", f"udp.dstport == {PORT}", "-T", "fields",
-         "-E", "separator=\t", "-e", "frame.interface_name", "-e", "data.data"],
-        capture_output=True, text=True, check=True, timeout=60).stdout
-    rows = []
-    for line in out.splitlines():
-        interface, _, data = line.partition("\t")
-        rows.append((interface, bytes.fromhex(data.strip()).decode()))
-    return rows
 
 
 def test_all_namespaces_capture_has_every_datagram_once_under_its_pod(
@@ -80,7 +67,7 @@ def test_all_namespaces_capture_has_every_datagram_once_under_its_pod(
                 process.kill()
                 process.wait()
 
-    rows = tshark_markers(output)
+    rows = tshark_markers(output, PORT)
     per_marker = collections.Counter(rows)
     assert all(seen == 1 for seen in per_marker.values()), \
         [row for row, seen in per_marker.items() if seen > 1]

@@ -51,6 +51,20 @@ def start_pod(cluster: Any, namespace: str, name: str, args: list[str]) -> str:
         f"{namespace}/{name}"]
 
 
+def tshark_markers(pcap: Path, port: int) -> list[tuple[str, str]]:
+    """(interface name, marker text) of every datagram to `port`, in file order, as tshark
+    reads them."""
+    out = subprocess.run(
+        ["tshark", "-r", str(pcap), "-Y", f"udp.dstport == {port}", "-T", "fields",
+         "-E", "separator=\t", "-e", "frame.interface_name", "-e", "data.data"],
+        capture_output=True, text=True, check=True, timeout=60).stdout
+    rows = []
+    for line in out.splitlines():
+        interface, _, data = line.partition("\t")
+        rows.append((interface, bytes.fromhex(data.strip()).decode()))
+    return rows
+
+
 def wait_for(path: Path, text: str, process: subprocess.Popen[bytes], seconds: float) -> None:
     """Wait until multisniff's log at `path` says `text`; fail if it ends first."""
     deadline = time.monotonic() + seconds
