@@ -197,7 +197,9 @@ def build_capture_parser() -> argparse.ArgumentParser:
                     "one pcapng timeline, each pod its own named interface.",
         epilog="Sub-commands: record (capture around a command: record -l SELECTOR -- "
                "COMMAND), mark (a mark from inside that command), merge (merge capture "
-               "files), inspect (summarize one), profiles (list/show). Exit codes: 0 all "
+               "files), inspect (summarize one), profiles (list/show), bundles (the upload "
+               "bundles: list, build, export, import), cleanup (remove what earlier runs "
+               "left). Exit codes: 0 all "
                "captured, 1 some pods failed, 2 usage error, 3 nothing captured, 4 refused "
                "by the cluster, 130 interrupted (record: see its --help and the README).",
     )
