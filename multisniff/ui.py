@@ -7,7 +7,8 @@ written. The summary JSON (`--summary-json`) is for scripts and CI; its shape is
     {"exit_code": int, "output": str, "duration": float, "stop_reason": str, "error": str,
      "totals": {"pods", "captured", "failed", "packets", "bytes", "dropped", "late"},
      "pods": [{"namespace", "pod", "node", "container", "mode", "reason", "state", "error",
-               "ended_by", "restarts", "packets", "bytes", "dropped", "late", "interface"}],
+               "ended_by", "resumed", "restarts", "packets", "bytes", "dropped", "late",
+               "interface"}],
      "skipped": [{"namespace", "pod", "reason"}],
      "events": [{"time": float, "kind": str, "text": str}]}
 """
@@ -29,7 +30,7 @@ if TYPE_CHECKING:  # rich is imported only where a terminal shows the table (50 
     from rich.console import Console
     from rich.table import Table
 
-from multisniff.engine.runs import CaptureRun
+from multisniff.engine.runs import CAPTURED, CaptureRun
 from multisniff.engine.session import SessionResult
 
 
@@ -61,6 +62,7 @@ def run_json(run: CaptureRun) -> dict[str, Any]:
         "state": run.state,
         "error": run.error,
         "ended_by": run.ended_by,
+        "resumed": run.resumed,
         "restarts": run.restarts,
         "packets": run.packets,
         "bytes": run.bytes,
@@ -83,8 +85,8 @@ def summary_json(result: SessionResult | None, *, exit_code: int, output: str | 
         "error": error,
         "totals": {
             "pods": len(runs),
-            "captured": sum(run.state in ("done", "ended") for run in runs),
-            "failed": sum(run.state not in ("done", "ended") for run in runs),
+            "captured": sum(run.state in CAPTURED for run in runs),
+            "failed": sum(run.state not in CAPTURED for run in runs),
             "packets": sum(run.packets for run in runs),
             "bytes": sum(run.bytes for run in runs),
             "dropped": sum(run.dropped for run in runs),
@@ -121,6 +123,8 @@ def summary_lines(result: SessionResult) -> list[str]:
         if run.restarts:
             line += (f", went on across {run.restarts} container restart"
                      f"{'s' if run.restarts != 1 else ''}")
+        if run.resumed:
+            line += f", resumed {run.resumed}"
         if run.error:
             line += f": {run.error}"
         lines.append(line)

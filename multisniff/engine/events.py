@@ -183,7 +183,7 @@ class Timeline:
 
     def gap(self, label: str, detail: str) -> None:
         """The capture of `label` missed packets for a while (its stream broke and was opened
-        again): `detail` says how long and why. For the reconnecting logic to call."""
+        again): `detail` says how long and why."""
         self.add(EventKind.GAP, f"gap in the capture of {label}: {detail}", warning=True)
 
     def command_started(self, argv: list[str] | tuple[str, ...]) -> None:

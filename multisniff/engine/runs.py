@@ -24,6 +24,8 @@ LINKTYPE_ETHERNET = 1
 LINKTYPE_LINUX_SLL2 = 276
 NANOSECONDS = 9
 """if_tsresol of tcpdump --time-stamp-precision=nano, as every mode runs it."""
+CAPTURED = ("done", "ended", "interrupted")
+"""The states of a run that captured what it could: not failures."""
 
 
 @dataclass(eq=False)
@@ -37,10 +39,14 @@ class CaptureRun:
     snaplen: int = 262144
     shared_with: tuple[str, ...] = ()
     state: str = "starting"
-    """starting, capturing, stopping, done, failed, refused, or ended: its container ended
-    under it (`ended_by`); what it captured until then is kept, and it is not a failure."""
+    """starting, capturing, stopping, done, failed, refused, ended: its container ended
+    under it (`ended_by`), or interrupted: its exec stream broke (`ended_by`) and a new run
+    of the same target took over. What an ended or interrupted run captured is kept, and it
+    is not a failure."""
     ended_by: str = ""
-    """Why an ended run ended, as "ended by ...": "a container restart"."""
+    """Why an ended or interrupted run ended, as "ended by ...": "a container restart"."""
+    resumed: str = ""
+    """For a run that took over from an interrupted one: the gap, as "after N s without"."""
     restarts: int = 0
     """Restarts of the target container that the capture went on across."""
     packets: int = 0
@@ -62,7 +68,11 @@ class CaptureRun:
     @property
     def outcome(self) -> str:
         """The state in words: "done", "failed", "ended by a container restart", ..."""
-        return f"ended by {self.ended_by}" if self.state == "ended" else self.state
+        if self.state == "ended":
+            return f"ended by {self.ended_by}"
+        if self.state == "interrupted":
+            return f"interrupted by {self.ended_by}"
+        return self.state
 
     @property
     def description(self) -> str:
@@ -100,8 +110,10 @@ class CaptureRun:
         report = self.report
         comments = [f"multisniff: mode {self.mode}, {self.packets} packets written, "
                     f"{self.late} late, {self.dropped} dropped"]
-        if self.state == "ended":
+        if self.state in ("ended", "interrupted"):
             comments.append(f"multisniff: {self.outcome}")
+        if self.resumed:
+            comments.append(f"multisniff: resumed {self.resumed}")
         if self.restarts:
             comments.append(f"multisniff: went on across {self.restarts} container restart"
                             f"{'s' if self.restarts != 1 else ''}")

@@ -12,6 +12,16 @@ A restarted target container ends a capture that runs in it (`RemoteCapture.boun
 the run is "ended by a container restart", not failed, and a new run starts) and not one that
 holds only the pod's network namespace (the run goes on, under the new container's key).
 
+A capture whose exec stream breaks while nobody asked it to stop, after its tcpdump's header came
+(the API server or the kubelet restarted: `read()` raises ClusterError, or the stream ends
+without an exit status) is resumed:
+the API is asked, with backoff for up to `reconnect_timeout` seconds, whether its pod and
+container are still there and an exec reaches them again; then the run is "interrupted" (what
+it got is kept, and counts as captured), the timeline gets a gap event, and a new run of the
+same target takes over under an interface of the same name. Without an answer in time the run
+fails with a sentence that says so. The pod watch reconnects the same way: it lists the pods
+again, acts on what changed meanwhile, and watches on.
+
 Exit codes of a session (multisniff.errors.ExitCode): 0 every target was captured, 1 some
 failed while others were captured, 3 nothing was captured, 130 interrupted (Ctrl-C/SIGTERM).
 """
@@ -21,21 +31,29 @@ from __future__ import annotations
 import ipaddress
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
 from multisniff.capture.auto import assess
-from multisniff.capture.model import CaptureMode, CaptureReport, CaptureSpec, RemoteCapture
+from multisniff.capture.model import (
+    CaptureMode,
+    CaptureReport,
+    CaptureSpec,
+    RemoteCapture,
+    Target,
+)
 from multisniff.engine.events import Event, Timeline
 from multisniff.engine.output import FileOutput, LiveOutput
-from multisniff.engine.runs import CaptureRun, Transcoder
+from multisniff.engine.runs import CAPTURED, CaptureRun, Transcoder
 from multisniff.engine.settings import CaptureSettings
 from multisniff.engine.targets import Candidate, candidate, covered, plan
 from multisniff.errors import (
     ApiRequest,
+    ClusterError,
     ExitCode,
     Forbidden,
     MultisniffError,
@@ -44,7 +62,16 @@ from multisniff.errors import (
     RefusedError,
     UsageError,
 )
-from multisniff.kube.model import Cluster, PodEventType, PodInfo, PodList, PodSelector
+from multisniff.kube.api import pod_changes
+from multisniff.kube.model import (
+    Cluster,
+    PodEvent,
+    PodEventType,
+    PodInfo,
+    PodList,
+    PodRef,
+    PodSelector,
+)
 from multisniff.pcap.blocks import NameRecord
 
 log = logging.getLogger("multisniff")
@@ -52,6 +79,12 @@ log = logging.getLogger("multisniff")
 CONTAINER_NEWS = 10.0
 """Seconds the API may take to show that a container ended (the kubelet notices and reports
 it within a few seconds) when a capture bound to it ended without being asked to."""
+RECONNECT_FIRST = 0.5
+RECONNECT_MOST = 5.0
+"""Seconds between reconnect attempts: the first wait, doubled up to this."""
+BROKEN_WITHOUT_STATUS = "its exec stream ended without an exit status"
+
+_T = TypeVar("_T")
 
 
 class NothingMatches(MultisniffError):
@@ -149,6 +182,8 @@ class Session:
         self._watch_scope = anyio.CancelScope()
         self._started_at = 0.0
         self._stopping = False
+        self._outages: dict[tuple[str, ...], tuple[float, float]] = {}
+        """Per target key whose stream broke: since when, and the wait before the next try."""
         self._starting: set[CaptureRun] = set()
         """Runs of the pods found at the start that are not capturing (or over) yet."""
         self._all_started = anyio.Event()
@@ -252,7 +287,7 @@ class Session:
                     if not self._starting:
                         self._all_started.set()
                     if self.settings.follow:
-                        tg.start_soon(self._watch, pod_list.resource_version)
+                        tg.start_soon(self._watch, pod_list)
                     elif not self.active:
                         self.stop("no pod could be captured")
                     if self.settings.duration is not None:
@@ -372,19 +407,24 @@ class Session:
             return
         if self._stopping or item.key in self.active:
             return
-        run = CaptureRun(number=len(self.runs) + 1, target=item.target, mode=self.mode.name,
-                         interface=self.settings.interface, bpf_filter=self.settings.filter,
-                         snaplen=self.settings.snaplen, shared_with=item.shared_with,
-                         started=self.wall_clock())
-        self.runs.append(run)
-        self.active[item.key] = (run, None)
+        run = self._launch(item.key, item.target, shared_with=item.shared_with)
         if item.target.pod.host_network:
             log.info("%s uses the host network of node %s: capturing that network once%s.",
                      run.label, item.target.pod.node,
                      f" (it also carries {', '.join(item.shared_with)})"
                      if item.shared_with else "")
+
+    def _launch(self, key: tuple[str, ...], target: Target, *, shared_with: tuple[str, ...],
+                resumed: str = "") -> CaptureRun:
+        run = CaptureRun(number=len(self.runs) + 1, target=target, mode=self.mode.name,
+                         interface=self.settings.interface, bpf_filter=self.settings.filter,
+                         snaplen=self.settings.snaplen, shared_with=shared_with,
+                         started=self.wall_clock(), resumed=resumed)
+        self.runs.append(run)
+        self.active[key] = (run, None)
         assert self._tg is not None
-        self._tg.start_soon(self._capture, item.key, run, name=f"capture {run.label}")
+        self._tg.start_soon(self._capture, key, run, name=f"capture {run.label}")
+        return run
 
     def _covered(self, pod: PodInfo, run: CaptureRun) -> None:
         """A hostNetwork pod that joined a node network we capture already: say so once, in
@@ -394,13 +434,68 @@ class Session:
         self._skipped_uids.discard(pod.uid)
         self._start(covered(pod, run.label))
 
-    async def _watch(self, resource_version: str) -> None:
+    async def _watch(self, pod_list: PodList) -> None:
+        """Follow the pods; when the watch breaks (the API server went away), list them again
+        with backoff for up to reconnect_timeout, act on what changed meanwhile, watch on."""
+        known: dict[PodRef, PodInfo] = {pod.ref: pod for pod in pod_list.pods}
+        version = pod_list.resource_version
         with self._watch_scope:
-            try:
-                async for event in self.cluster.watch_pods(self.selector, resource_version):
-                    await self._on_event(event.type, event.pod)
-            except MultisniffError as exc:
-                log.error("Following pods stopped: %s Captures already running go on.", exc)
+            while True:
+                try:
+                    async for event in self.cluster.watch_pods(self.selector, version):
+                        await self._seen(known, event)
+                    return
+                except RefusedError as exc:
+                    log.error("Following pods stopped: %s Captures already running go on.",
+                              exc)
+                    return
+                except MultisniffError as exc:
+                    log.warning("Following pods broke: %s Listing them again for up to %g s "
+                                "(reconnect_timeout).", exc, self.settings.reconnect_timeout)
+                    relisted, last = await self._retrying(
+                        lambda: self.cluster.list_pods(self.selector), "listing pods again")
+                if relisted is None:
+                    log.error("Following pods stopped: the pods could not be listed again "
+                              "within reconnect_timeout %g s (%s). Captures already running "
+                              "go on.", self.settings.reconnect_timeout, last or "stopping")
+                    if not self.active:
+                        self.stop("the pod watch could not reconnect")
+                    return
+                log.info("Following pods again (%d match).", len(relisted.pods))
+                for event in pod_changes(known, relisted.pods):
+                    await self._seen(known, event)
+                version = relisted.resource_version
+
+    async def _seen(self, known: dict[PodRef, PodInfo], event: PodEvent) -> None:
+        if event.type is PodEventType.DELETED:
+            known.pop(event.pod.ref, None)
+        else:
+            known[event.pod.ref] = event.pod
+        await self._on_event(event.type, event.pod)
+
+    async def _retrying(self, attempt: Callable[[], Awaitable[_T]], what: str, *,
+                        timeout: float | None = None, first_wait: float = 0.0
+                        ) -> tuple[_T | None, str]:
+        """`attempt()` until it returns, waiting longer after each failure, for up to
+        `timeout` (reconnect_timeout) seconds and only while the session is not stopping: its
+        value, or None and the last failure."""
+        delay = RECONNECT_FIRST
+        last = ""
+        with anyio.move_on_after(self.settings.reconnect_timeout if timeout is None
+                                 else timeout):
+            if first_wait:
+                with anyio.move_on_after(first_wait):
+                    await self._stop_requested.wait()
+            while not self._stopping:
+                try:
+                    return await attempt(), ""
+                except MultisniffError as exc:
+                    last = str(exc)
+                    log.debug("%s failed: %s; again in %.1f s", what, exc, delay)
+                with anyio.move_on_after(delay):
+                    await self._stop_requested.wait()
+                delay = min(delay * 2, RECONNECT_MOST)
+        return None, last
 
     async def _on_event(self, kind: PodEventType, pod: PodInfo) -> None:
         self.timeline.pod_event(kind, pod)
@@ -447,6 +542,9 @@ class Session:
     async def _capture(self, key: tuple[str, ...], run: CaptureRun) -> None:
         cancelled = False
         bound = True
+        broke = ""
+        started = False
+        resume = ""
         try:
             assessment = await assess(self.mode, run.target)
             run.reason = assessment.reason
@@ -470,16 +568,30 @@ class Session:
                     assert self._tg is not None
                     self._tg.start_soon(self._announce, run, capture, announcing)
                     try:
-                        await self._copy(run, capture)
+                        broke, started = await self._copy(run, capture)
                     finally:
                         announcing.cancel()
-                with anyio.move_on_after(self.settings.stop_grace):
-                    run.report = await capture.wait()
-            if bound and not run.ended_by and run.state != "stopping" and \
+                if not broke:
+                    with anyio.move_on_after(self.settings.stop_grace):
+                        run.report = await capture.wait()
+            if not broke and bound and not run.ended_by and run.state != "stopping" and \
                     not self._stopping and killed(run.report) and \
                     await self._container_ended(run):
                 run.ended_by = "a container restart"
-            if run.ended_by:
+            if not broke and started and not run.ended_by and run.state == "capturing" and \
+                    not self._stopping and run.report is not None and \
+                    run.report.exit_code is None:
+                broke = BROKEN_WITHOUT_STATUS
+            if broke:
+                now = self.wall_clock()
+                since, wait = self._outages.get(key, (now, 0.0))
+                if not run.resumed or run.packets or now - run.started > 2 * RECONNECT_MOST:
+                    since, wait = now, 0.0  # not a resumed run that broke again at once
+                self._outages[key] = (since, min(max(2 * wait, RECONNECT_FIRST),
+                                                 RECONNECT_MOST))
+                resume = await self._reconnect(run, broke, bound=bound, since=since,
+                                               first_wait=wait)
+            elif run.ended_by:
                 # What is cut short (the last packet, tcpdump's statistics) died with it.
                 run.state, run.error = "ended", ""
             else:
@@ -521,6 +633,8 @@ class Session:
             for held, (active, _) in list(self.active.items()):
                 if active is run:  # under its own key, or a restarted container's
                     del self.active[held]
+            if resume and not self._stopping and key not in self.active:
+                self._launch(key, run.target, shared_with=run.shared_with, resumed=resume)
             if not self._stopping:
                 # News while the others go on; when the session stops, its summary says it.
                 log.info("%s: %s, %d packets, %d dropped; the other captures go on.",
@@ -568,16 +682,85 @@ class Session:
                 await anyio.sleep(0.5)
         return False
 
+    async def _reconnect(self, run: CaptureRun, broke: str, *, bound: bool, since: float,
+                         first_wait: float) -> str:
+        """The run's exec stream broke (`broke` says how) while nobody asked it to stop: wait,
+        with backoff for up to reconnect_timeout from `since` (when the outage began: a run
+        resumed that broke again at once goes on with its predecessor's outage, and waits
+        `first_wait` first), until the API answers and an exec reaches the pod again. Sets the
+        run's end; returns how a new run resumes it ("after a gap of ...") or "" when none
+        should (the pod or container is gone, no answer in time, stopping)."""
+        started = self.wall_clock()
+        left = self.settings.reconnect_timeout - (started - since)
+        pod = run.target.pod
+        before = pod.container(run.target.container)
+        selector = PodSelector(pod.ref.namespace, fields=f"metadata.name={pod.ref.name}")
+        log.warning("%s: %s; reconnecting for up to %g s (reconnect_timeout).", run.label,
+                    broke, self.settings.reconnect_timeout)
+
+        async def attempt() -> str:
+            if run.state == "stopping":
+                return "stopped"
+            listed = (await self.cluster.list_pods(selector)).pods
+            now = next((p for p in listed if p.uid == pod.uid), None)
+            if now is None or now.deleting or now.phase != "Running":
+                return "pod"
+            info = now.container(run.target.container)
+            if bound and (before is None or info is None or not info.running or
+                          info.container_id != before.container_id):
+                return "container"
+            # Any answer of the exec, a failed command's included, says the node's kubelet is
+            # reachable again; a refused handshake raises.
+            async with self.cluster.exec(pod.ref, run.target.container, ["true"]) as channel:
+                while await channel.read():
+                    pass
+                await channel.wait()
+            return "ok"
+
+        verdict, last = (await self._retrying(attempt, f"reconnecting {run.label}",
+                                              timeout=left, first_wait=first_wait)
+                         if left > 0 else (None, "it broke again each time it was resumed"))
+        waited = self.wall_clock() - started
+        if verdict == "ok" and not self._stopping and run.state != "stopping":
+            run.state, run.ended_by, run.error = "interrupted", f"a broken stream ({broke})", ""
+            self.timeline.gap(run.label, f"{broke}; a new capture starts {waited:.1f} s later")
+            log.info("%s: reachable again after %.1f s; starting a new capture.", run.label,
+                     waited)
+            return f"after a gap of {waited:.1f} s ({broke})"
+        if verdict in ("pod", "container"):
+            run.state, run.error = "ended", ""
+            run.ended_by = "a container restart" if verdict == "container" else \
+                "its pod going away"
+        elif verdict is None and not self._stopping and run.state != "stopping":
+            run.state = "failed"
+            run.error = (f"{broke}, and it could not be resumed within reconnect_timeout "
+                         f"{self.settings.reconnect_timeout:g} s ({last or 'no answer'}); "
+                         "raise reconnect_timeout to wait longer for the cluster")
+        else:  # stopped meanwhile: what it got is what was asked for
+            run.state, run.ended_by, run.error = "interrupted", f"a broken stream ({broke})", ""
+        return ""
+
     def _left(self) -> tuple[int | None, int | None]:
         settings = self.settings
         packets_left = None if settings.count is None else settings.count - self.packets
         bytes_left = None if settings.max_size is None else settings.max_size - self.bytes
         return packets_left, bytes_left
 
-    async def _copy(self, run: CaptureRun, capture: RemoteCapture) -> None:
+    async def _copy(self, run: CaptureRun, capture: RemoteCapture) -> tuple[str, bool]:
+        """Copy the run's capture into the output until its stream ends. Returns how its
+        stream broke when it broke while capturing and nobody asked it to stop (else ""), and
+        whether tcpdump's header came: only a tcpdump known to have run is resumed."""
         transcoder = Transcoder(run)
+        broke = ""
         while True:
-            data = await capture.read()
+            try:
+                data = await capture.read()
+            except ClusterError as exc:
+                if self._stopping or run.state != "capturing" or \
+                        transcoder.reader.format is None:
+                    raise
+                broke = str(exc).rstrip(".")
+                break
             if not data:
                 break
             packets_left, bytes_left = self._left()
@@ -598,22 +781,24 @@ class Session:
                 self.stop(f"--count {self.settings.count} packets reached")
             if bytes_left is not None and (bytes_left <= 0 or run.cut):
                 self.stop(f"--max-size {self.settings.max_size} bytes reached")
+        started = transcoder.reader.format is not None
         problem = transcoder.finish()
         missing = transcoder.missing_interface()
         if missing:
             await self.output.write(run, missing)
-        if problem is not None and not run.error:
+        if problem is not None and not run.error and not broke:
             if transcoder.reader.format is None and run.state == "stopping":
                 run.error = "it was stopped before its tcpdump had started"
             else:
                 run.error = f"its capture stream was cut off: {problem}"
+        return broke, started
 
     # --- the end ------------------------------------------------------------------------------
 
     def _result(self) -> SessionResult:
         """The result, kept in `self.result`; raises the error that ended the session."""
-        captured = [run for run in self.runs if run.state in ("done", "ended")]
-        failed = [run for run in self.runs if run.state not in ("done", "ended")]
+        captured = [run for run in self.runs if run.state in CAPTURED]
+        failed = [run for run in self.runs if run.state not in CAPTURED]
         error: MultisniffError | None = self.fatal
         if error is not None:
             code = error.exit_code

@@ -76,6 +76,9 @@ class CaptureSettings:
     """Seconds allowed for stopping, draining and cleaning up before work is cut off."""
     startup_timeout: float = 120.0
     """--duration starts once the pods found at the start capture, or after this at most."""
+    reconnect_timeout: float = field(default=120.0, metadata={"positive": True})
+    """Seconds a capture whose exec stream broke (the API server or the kubelet restarted), and
+    the pod watch, keep trying to reconnect before they give up."""
 
     @property
     def rotating(self) -> bool:

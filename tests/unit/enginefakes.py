@@ -54,6 +54,8 @@ class FakeCapture:
     """Its stream ends as a killed container's would: no exit status, no statistics."""
     silent: bool = False
     """Killed before tcpdump wrote anything, its header included."""
+    break_after: int | None = None
+    """Its exec stream breaks (read() raises ClusterError) once this many packets went out."""
     produced: int = 0
     delivered: int = 0
     dropped: int = 0
@@ -95,6 +97,10 @@ class FakeCapture:
         if not self._header_sent:
             self._header_sent = True
             return PCAP_HEADER
+        if self.break_after is not None and self.delivered >= self.break_after:
+            from multisniff.errors import ClusterError
+
+            raise ClusterError("The exec stream broke: connection reset by peer.")
         if self.interval is None:
             if self._done():
                 return b""
