@@ -28,6 +28,12 @@ def main(argv: list[str] | None = None) -> int:
     p_up.add_argument("--no-workload", action="store_true",
                       help="do not apply tests/cluster/manifests/*.yaml")
     sub.add_parser("down", help="stop the cluster and remove everything it left on the host")
+    for verb, what in (("stop", "stop one component (containers go on) and wait until it is "
+                                "gone"),
+                       ("start", "start a stopped component and wait until it is ready"),
+                       ("restart", "stop, then start, one component (fault tests)")):
+        sub.add_parser(verb, help=what).add_argument("component",
+                                                     choices=cluster.RESTARTABLE)
     p_status = sub.add_parser("status", help="is it up? (exit 0 if so, 3 if not)")
     p_status.add_argument("--json", action="store_true", help="facts for the test fixture")
     sub.add_parser("env", help="print shell exports for KUBECONFIG and kubectl")
@@ -40,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     layout = Layout.from_environment()
 
-    if args.command in ("build", "up", "down", "demo"):
+    if args.command in ("build", "up", "down", "demo", "stop", "start", "restart"):
         # One of these at a time: two test sessions starting the cluster at once would fight.
         layout.state.mkdir(parents=True, exist_ok=True)
         lock = open(layout.state / "clusterctl.lock", "w")  # noqa: SIM115 (held until exit)
@@ -64,6 +70,10 @@ def _dispatch(args: argparse.Namespace, layout: Layout) -> int:
         return 0
     if args.command == "down":
         return 1 if cluster.down(layout) else 0
+    if args.command in ("stop", "start", "restart"):
+        {"stop": cluster.stop, "start": cluster.start,
+         "restart": cluster.restart}[args.command](layout, args.component)
+        return 0
     if args.command == "status":
         st = cluster.status(layout)
         facts = cluster.describe(layout, st)

@@ -413,6 +413,77 @@ def down(layout: Layout, *, quiet: bool = False) -> list[str]:
     return problems
 
 
+RESTARTABLE = ("kube-apiserver", "kubelet")
+"""Components that `stop` and `start` (and `restart`) take one at a time, for fault tests."""
+STOP_TIMEOUT = 20.0
+"""Seconds `stop` waits for the old process to be gone (SIGKILL after 10)."""
+
+
+def _kubelet_healthy(layout: Layout) -> bool:
+    import urllib.request
+
+    url = f"http://127.0.0.1:{layout.kubelet_healthz_port}/healthz"
+    with urllib.request.urlopen(url, timeout=2) as resp:
+        return bool(resp.read().strip() == b"ok")
+
+
+def stop(layout: Layout, name: str) -> float:
+    """Stop one component and return once its process is gone (bounded); the seconds taken.
+    Containers, shims and the other components are left running."""
+    if name not in RESTARTABLE:
+        raise ClusterError(f"Cannot stop {name!r}: only {', '.join(RESTARTABLE)} can be "
+                           "stopped and started alone.")
+    started = time.monotonic()
+    pid = processes.pid_of(layout, name)
+    if pid is None:
+        log(f"{name} is not running")
+        return 0.0
+    killed = processes.terminate([pid], grace=10)
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while (processes.alive(pid) or processes.pid_of(layout, name) is not None) and \
+            time.monotonic() < deadline:
+        time.sleep(0.1)
+    if processes.alive(pid) or processes.pid_of(layout, name) is not None:
+        raise ClusterError(f"{name} (pid {pid}) was still running {STOP_TIMEOUT:g} s after "
+                           f"SIGTERM and SIGKILL; kill it by hand, then run clusterctl start "
+                           f"{name}.")
+    elapsed = time.monotonic() - started
+    log(f"stopped {name} in {elapsed:.1f}s" + (" (had to SIGKILL)" if killed else ""))
+    return elapsed
+
+
+def start(layout: Layout, name: str) -> float:
+    """Start one component that `stop` stopped and return once it is ready: the API server
+    answering /readyz, the kubelet's /healthz answering and the node Ready; the seconds."""
+    if name not in RESTARTABLE:
+        raise ClusterError(f"Cannot start {name!r}: only {', '.join(RESTARTABLE)} can be "
+                           "stopped and started alone.")
+    if processes.pid_of(layout, name) is not None:
+        raise ClusterError(f"{name} is running already; clusterctl restart {name} restarts it.")
+    started = time.monotonic()
+    api = ApiClient(layout)
+    if name == "kube-apiserver":
+        pid = processes.start(layout, _daemons(layout)[name])
+        processes.wait_until(layout, name, pid, api.ready, timeout=90, what="ready")
+    else:
+        containerd = processes.pid_of(layout, "containerd")
+        if containerd is None:
+            raise ClusterError("containerd is not running, so the kubelet cannot start; run "
+                               "clusterctl up.")
+        pid = processes.start(layout, _kubelet(layout, containerd))
+        processes.wait_until(layout, name, pid,
+                             lambda: _kubelet_healthy(layout) and api.node_ready(
+                                 layout.node_name), timeout=60, what="healthy, node Ready")
+    elapsed = time.monotonic() - started
+    log(f"started {name}, ready in {elapsed:.1f}s")
+    return elapsed
+
+
+def restart(layout: Layout, name: str) -> float:
+    """`stop`, then `start`: the old process is gone before the new one starts."""
+    return stop(layout, name) + start(layout, name)
+
+
 def _unmount_leftovers(layout: Layout) -> list[str]:
     """Mounts in the host namespace under our directories: none are made there, but be sure."""
     prefixes = (str(layout.state) + "/", str(layout.containerd_state) + "/",
