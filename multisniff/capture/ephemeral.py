@@ -248,7 +248,8 @@ class EphemeralMode:
                 if program is not None:
                     await channel.write(program)
                 capture = ExecCapture(self._cluster, ref, name, channel, stderr,
-                                      stop_command=stop, bound_to_container=False)
+                                      stop_command=stop, bound_to_container=False,
+                                      spec=spec)
                 yield capture
         finally:
             # An exit status means the shell got to its end and left the file the sleeper

@@ -9,11 +9,12 @@ reaches EOF. `stop()` half-closes stdin; where the exec protocol cannot (v4) it 
 from __future__ import annotations
 
 import shlex
+import time
 from collections.abc import Sequence
 
 import anyio
 
-from multisniff.capture.model import CaptureReport
+from multisniff.capture.model import CaptureReport, CaptureSpec
 from multisniff.capture.stats import last_lines, parse_statistics
 from multisniff.kube.model import Cluster, ExecChannel, PodRef
 
@@ -41,7 +42,7 @@ class ExecCapture:
 
     def __init__(self, cluster: Cluster, pod: PodRef, container: str, channel: ExecChannel,
                  stderr: StderrLog, *, stop_command: Sequence[str],
-                 bound_to_container: bool) -> None:
+                 bound_to_container: bool, spec: CaptureSpec | None = None) -> None:
         self.bound_to_container = bound_to_container
         self._cluster = cluster
         self._pod = pod
@@ -50,6 +51,9 @@ class ExecCapture:
         self._stderr = stderr
         self._stop_command = list(stop_command)
         self._stopped = False
+        self._spec = spec
+        """What bounds the remote side: an end by neither was not its own (`unasked`)."""
+        self._opened = time.monotonic()
         self.exit_code: int | None = None
         """The remote command's exit status, once `wait` has it."""
 
@@ -83,7 +87,13 @@ class ExecCapture:
             received=stats.received,
             dropped_by_kernel=stats.dropped_by_kernel,
             message=last_lines(text) or result.message,
+            unasked=self._unasked(),
         )
+
+    def _unasked(self) -> bool:
+        spec = self._spec
+        return (spec is not None and not self._stopped and spec.packet_count is None and
+                time.monotonic() - self._opened < spec.lifetime - 1)
 
 
 def signal_by_pidfile(pidfile: str, signal: str) -> list[str]:

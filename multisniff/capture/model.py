@@ -148,6 +148,10 @@ class CaptureReport:
     """"N packets dropped by kernel"."""
     message: str = ""
     """The last lines of stderr or the server's message, for the log when it failed."""
+    unasked: bool = False
+    """It ended although nobody asked it to and no bound of its own (-c, the lifetime) ended
+    it: its stream was closed under it (the API server or the kubelet went away), and its
+    watchdog, seeing stdin end, stopped tcpdump."""
 
 
 class RemoteCapture(Protocol):

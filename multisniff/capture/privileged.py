@@ -498,7 +498,7 @@ class PrivilegedMode:
                 # the target container does not end this capture.
                 yield ExecCapture(self._cluster, agent.ref, AGENT_CONTAINER, channel, stderr,
                                   stop_command=signal_by_pidfile(pidfile, "INT"),
-                                  bound_to_container=False)
+                                  bound_to_container=False, spec=spec)
         finally:
             await self._release(agent)
 

@@ -279,7 +279,7 @@ class UploadMode:
             # A v4 exec cannot close stdin alone: then signal the watchdog by its PID file.
             stop = signal_by_pidfile(pidfile, "INT")
             yield ExecCapture(self._cluster, ref, name, channel, stderr, stop_command=stop,
-                              bound_to_container=True)
+                              bound_to_container=True, spec=spec)
             # Leaving the exec closes the stream: the watchdog stops tcpdump and removes DIR.
 
     def _done(self, key: tuple[str, str]) -> None:

@@ -83,6 +83,7 @@ RECONNECT_FIRST = 0.5
 RECONNECT_MOST = 5.0
 """Seconds between reconnect attempts: the first wait, doubled up to this."""
 BROKEN_WITHOUT_STATUS = "its exec stream ended without an exit status"
+BROKEN_UNDER_IT = "its exec stream was closed under it (its tcpdump was stopped unasked)"
 
 _T = TypeVar("_T")
 
@@ -579,9 +580,11 @@ class Session:
                     await self._container_ended(run):
                 run.ended_by = "a container restart"
             if not broke and started and not run.ended_by and run.state == "capturing" and \
-                    not self._stopping and run.report is not None and \
-                    run.report.exit_code is None:
-                broke = BROKEN_WITHOUT_STATUS
+                    not self._stopping and run.report is not None:
+                if run.report.exit_code is None:
+                    broke = BROKEN_WITHOUT_STATUS
+                elif run.report.unasked:
+                    broke = BROKEN_UNDER_IT
             if broke:
                 now = self.wall_clock()
                 since, wait = self._outages.get(key, (now, 0.0))

@@ -54,6 +54,8 @@ class FakeCapture:
     """Its stream ends as a killed container's would: no exit status, no statistics."""
     silent: bool = False
     """Killed before tcpdump wrote anything, its header included."""
+    closed_under: bool = False
+    """It ends as a watchdog whose stdin was closed under it ends tcpdump: exit 0, unasked."""
     break_after: int | None = None
     """Its exec stream breaks (read() raises ClusterError) once this many packets went out."""
     produced: int = 0
@@ -131,7 +133,8 @@ class FakeCapture:
         if self.killed or self.silent:
             return CaptureReport(exit_code=None, message="container not running")
         return CaptureReport(exit_code=0, captured=self.delivered + len(self._buffer),
-                             received=self.produced, dropped_by_kernel=self.dropped)
+                             received=self.produced, dropped_by_kernel=self.dropped,
+                             unasked=self.closed_under and not self.stopped)
 
 
 @dataclass(eq=False)

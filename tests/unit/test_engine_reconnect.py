@@ -122,6 +122,23 @@ async def test_a_stream_that_ends_without_a_status_is_resumed_after_the_api_is_b
     assert result.exit_code == ExitCode.OK
 
 
+async def test_a_tcpdump_stopped_as_its_stdin_was_closed_under_it_is_resumed(
+        tmp_path: Path) -> None:
+    # The kubelet restarting closes the exec's stdin: the watchdog stops tcpdump, which ends
+    # with 0 and its statistics, though nobody asked.
+    out = tmp_path / "out.pcapng"
+    cluster = OutageCluster()
+    cluster.add_pod(make_pod("web-a", namespace="shop", labels={"app": "web"}))
+    mode = breaking_mode({"closed_under": True}, then_total=3)
+    with anyio.fail_after(20):
+        result = await Session(cluster, mode, PROFILE, FileOutput(str(out), grace=5)).run()
+
+    assert [(run.state, run.packets) for run in result.runs] == [("interrupted", 5),
+                                                                 ("done", 3)]
+    assert "closed under it" in result.runs[0].ended_by
+    assert result.exit_code == ExitCode.OK
+
+
 async def test_a_capture_that_cannot_resume_in_time_fails_with_a_sentence(
         tmp_path: Path) -> None:
     out = tmp_path / "out.pcapng"
