@@ -82,6 +82,8 @@ it within a few seconds) when a capture bound to it ended without being asked to
 RECONNECT_FIRST = 0.5
 RECONNECT_MOST = 5.0
 """Seconds between reconnect attempts: the first wait, doubled up to this."""
+API_SERVER_FAILURE = "Internal error occurred"
+"""How the API server's InternalError status begins (e.g. it cannot dial the kubelet)."""
 BROKEN_WITHOUT_STATUS = "its exec stream ended without an exit status"
 BROKEN_UNDER_IT = "its exec stream was closed under it (its tcpdump was stopped unasked)"
 
@@ -712,12 +714,15 @@ class Session:
             if bound and (before is None or info is None or not info.running or
                           info.container_id != before.container_id):
                 return "container"
-            # Any answer of the exec, a failed command's included, says the node's kubelet is
-            # reachable again; a refused handshake raises.
+            # An exit status, a failed command's included, says the node's kubelet is reachable
+            # again; a refused handshake raises, and the API server tells its own failure to
+            # reach the kubelet as an InternalError status.
             async with self.cluster.exec(pod.ref, run.target.container, ["true"]) as channel:
                 while await channel.read():
                     pass
-                await channel.wait()
+                result = await channel.wait()
+            if result.exit_code is None and result.message.startswith(API_SERVER_FAILURE):
+                raise ClusterError(f"The exec into {pod.ref} failed: {result.message}")
             return "ok"
 
         verdict, last = (await self._retrying(attempt, f"reconnecting {run.label}",
