@@ -125,3 +125,6 @@ def test_a_restarted_component_breaks_the_stream_and_the_capture_resumes(
     assert report["totals"]["failed"] == 0
     assert len(gaps) == 1 and gaps[0].startswith(f"gap in the capture of {label}: "), gaps
     assert "reconnecting for up to 120 s" in text
+    if component == "kube-apiserver":  # the pod watch broke too, and went on
+        assert "Following pods broke: Cannot reach the Kubernetes API" in text, text
+        assert "Following pods again (1 match)." in text, text
