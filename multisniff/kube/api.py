@@ -526,14 +526,15 @@ class KubeCluster:
         return open_exec(self._ws, pod, container, command, stdin=stdin, on_stderr=on_stderr,
                          host=self.host)
 
-    async def add_ephemeral_container(self, pod: PodRef, spec: Mapping[str, Any]) -> None:
+    async def add_ephemeral_container(self, pod: PodRef, spec: Mapping[str, Any], *,
+                                      dry_run: bool = False) -> None:
         # As kubectl debug does: a strategic merge patch of the subresource. The list merges by
         # name, so the server adds the container to those there: no read, no conflict to retry.
         await self._request(
             ApiRequest("patch", "pods/ephemeralcontainers", pod.namespace, pod.name),
             self._core.patch_namespaced_pod_ephemeralcontainers, pod.name, pod.namespace,
             {"spec": {"ephemeralContainers": [dict(spec)]}},
-            _content_type=STRATEGIC_MERGE_PATCH)
+            _content_type=STRATEGIC_MERGE_PATCH, **({"dry_run": "All"} if dry_run else {}))
 
     async def wait_container_running(self, pod: PodRef, container: str, *,
                                      timeout: float) -> PodInfo:

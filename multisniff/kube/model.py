@@ -216,9 +216,12 @@ class Cluster(Protocol):
         """Open an exec; leaving the context closes the stream (and with it stdin)."""
         ...
 
-    async def add_ephemeral_container(self, pod: PodRef, spec: Mapping[str, Any]) -> None:
+    async def add_ephemeral_container(self, pod: PodRef, spec: Mapping[str, Any], *,
+                                      dry_run: bool = False) -> None:
         """Add one container (a V1EphemeralContainer as a plain dict, camelCase keys) by a
-        `patch` of the pod's ephemeralcontainers subresource, as kubectl debug does."""
+        `patch` of the pod's ephemeralcontainers subresource, as kubectl debug does. With
+        `dry_run` the server checks the patch, admission (Pod Security) included, and keeps
+        nothing."""
         ...
 
     async def wait_container_running(self, pod: PodRef, container: str, *,

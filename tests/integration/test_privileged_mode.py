@@ -597,3 +597,46 @@ async def test_from_python_the_session_id_labels_the_agent_and_cleanup_finds_not
     assert cap.result.left_behind == []
     report = await api.cleanup(namespace=pods["agents"], kubeconfig=str(cluster.kubeconfig))
     assert report.found == [] and report.lines()[-1] == "Nothing was left behind."
+
+
+def test_auto_passes_ephemeral_by_where_pod_security_refuses_it_and_takes_privileged(
+        cluster: Any, pods: dict[str, Any], tmp_path: Path) -> None:
+    """The targets' namespace enforces baseline, which refuses NET_ADMIN and NET_RAW: a dry
+    run of the ephemeral container's patch tells auto so, which then takes privileged."""
+    namespace = pods["namespace"]
+    allow = tmp_path / "allow.toml"
+    allow.write_text(f'allow_privileged = true\nagent_namespace = "{pods["agents"]}"\n'
+                     f'agent_image = "{WORKLOAD_IMAGE}"\n')
+
+    def ephemeral_containers() -> list[Any]:
+        pod = cluster.kubectl_json("get", "pod", "sink-a", "-n", namespace)
+        return list(pod["spec"].get("ephemeralContainers") or ())
+
+    before = ephemeral_containers()
+    base = [sys.executable, "-m", "multisniff", "--kubeconfig", str(cluster.kubeconfig),
+            "-l", "app=sink-a", "-n", namespace, "--profile", str(allow)]
+    env = {**os.environ, "MULTISNIFF_BUNDLES": pods["bundles"]}
+    planned = subprocess.run([*base, "--dry-run"], capture_output=True, text=True,
+                             timeout=120, env=env)
+    assert planned.returncode == 0, planned.stderr
+    assert f"{namespace}/sink-a: would capture with mode privileged" in planned.stdout, \
+        planned.stdout
+    assert (f"ephemeral: namespace {namespace} enforces Pod Security level 'baseline', which "
+            f"refuses the ephemeral container's NET_ADMIN and NET_RAW") in planned.stdout
+
+    out, log = tmp_path / "out.pcapng", tmp_path / "log.txt"
+    with log.open("wb") as stderr:
+        process = subprocess.Popen([*base, "-f", f"udp dst port {PORT}", "-o", str(out),
+                                    "--duration", "20s"],
+                                   stdout=subprocess.DEVNULL, stderr=stderr, env=env)
+    try:
+        wait_capturing(process, log, ["sink-a"])
+        send(cluster, pods, {"sink-a": 4})
+        assert process.wait(timeout=120) == 0, log.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert "mode privileged" in log.read_text()
+    assert per_interface(out) == {f"{namespace}/sink-a": 4}
+    assert ephemeral_containers() == before
+    wait_none_labelled(cluster, pods["agents"], namespace)

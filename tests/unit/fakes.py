@@ -18,7 +18,7 @@ from typing import Any
 import anyio
 from anyio.abc import Process
 
-from multisniff.errors import ApiRequest, ContainerNotStarted, Forbidden
+from multisniff.errors import ApiRequest, ContainerNotStarted, Forbidden, PodSecurityRefused
 from multisniff.kube.model import (
     JOB_NAME_LABEL,
     ContainerInfo,
@@ -98,6 +98,8 @@ class FakeCluster:
     events: list[PodEvent] = field(default_factory=list)
     execs: list[ExecRecord] = field(default_factory=list)
     ephemeral_specs: list[tuple[PodRef, dict[str, Any]]] = field(default_factory=list)
+    dry_runs: list[tuple[PodRef, dict[str, Any]]] = field(default_factory=list)
+    """Every dry run of adding an ephemeral container, admitted or not."""
     access_reviews: list[tuple[str, str, str | None, str]] = field(default_factory=list)
     """Every can_i asked: (verb, resource, namespace, subresource)."""
     created: list[dict[str, Any]] = field(default_factory=list)
@@ -186,7 +188,23 @@ class FakeCluster:
                     if record.result is None:
                         record.result = ExecResult(process.returncode)
 
-    async def add_ephemeral_container(self, pod: PodRef, spec: Mapping[str, Any]) -> None:
+    async def add_ephemeral_container(self, pod: PodRef, spec: Mapping[str, Any], *,
+                                      dry_run: bool = False) -> None:
+        """Pod Security of the namespace (its enforce label) refuses added capabilities below
+        privileged, as the admission plugin does; a dry run stops after that."""
+        if dry_run:
+            self.dry_runs.append((pod, dict(spec)))
+        level = (self.namespaces.get(pod.namespace) or {}).get(
+            "pod-security.kubernetes.io/enforce", "privileged")
+        added = ((spec.get("securityContext") or {}).get("capabilities") or {}).get("add")
+        if level != "privileged" and added:
+            raise PodSecurityRefused(
+                ApiRequest("patch", "pods/ephemeralcontainers", pod.namespace, pod.name),
+                level=level, why=f'non-default capabilities (container "{spec["name"]}" must '
+                                 f'not include {", ".join(map(repr, added))} in '
+                                 f'securityContext.capabilities.add)')
+        if dry_run:
+            return
         self.ephemeral_specs.append((pod, dict(spec)))
         info = self.pods[pod]
         container = ContainerInfo(name=str(spec["name"]), image=str(spec["image"]),

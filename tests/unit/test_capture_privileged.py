@@ -381,3 +381,35 @@ async def test_cleanup_finds_and_removes_the_agent_job_and_its_pod() -> None:
     assert report.lines()[0] == f"removed agent job (Active) in capture/{agent.job}"
     assert cluster.deleted_jobs == jobs_of(agent) and cluster.jobs == {}
     assert agent.ref not in cluster.pods
+
+
+@pytest.mark.anyio
+async def test_auto_moves_past_ephemeral_where_pod_security_refuses_its_capabilities() -> None:
+    cluster = FakeCluster(namespaces={"web": {"pod-security.kubernetes.io/enforce": "baseline"},
+                                      "capture": {}})
+    auto = registry.create("auto", cluster, ModeOptions(session=MARK, allow_privileged=True,
+                                                        agent_namespace="capture"))
+    assert isinstance(auto, AutoMode)
+    privileged = auto.modes[-1]
+    assert isinstance(privileged, PrivilegedMode)
+    privileged._bundles._made["amd64"] = object()  # type: ignore[assignment]
+    mode_of, said = await auto.choose(non_root_target())
+    assert mode_of is privileged, said.reason
+    assert ("ephemeral: namespace web enforces Pod Security level 'baseline', which refuses "
+            "the ephemeral container's NET_ADMIN and NET_RAW (non-default capabilities") \
+        in said.reason
+    # A dry run, nothing added; asked once for the namespace, not once per pod.
+    other = Target(make_pod("web-1", namespace="web", containers=[
+        non_root_target().pod.containers[0]]), "app")
+    assert (await auto.choose(other))[0] is privileged
+    assert len(cluster.dry_runs) == 1 and cluster.ephemeral_specs == []
+
+
+@pytest.mark.anyio
+async def test_ephemeral_is_assessed_usable_where_pod_security_admits_it() -> None:
+    cluster = FakeCluster(namespaces={"web": {"pod-security.kubernetes.io/enforce": "privileged"}})
+    auto = registry.create("auto", cluster, ModeOptions(session=MARK, allow_privileged=True))
+    assert isinstance(auto, AutoMode)
+    mode_of, said = await auto.choose(non_root_target())
+    assert mode_of is auto.modes[1], said.reason
+    assert len(cluster.dry_runs) == 1 and cluster.ephemeral_specs == []
