@@ -37,7 +37,7 @@ import logging
 import secrets
 import shlex
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -154,6 +154,9 @@ class EphemeralMode:
         if options.ephemeral_image:
             return cls(cluster, image=options.ephemeral_image, leftovers=options.leftovers)
         return cls(cluster, leftovers=options.leftovers)
+
+    def exec_namespaces(self, namespaces: Sequence[str]) -> set[str]:
+        return set(namespaces)
 
     async def aclose(self) -> None:
         """Nothing lives for the session: each capture ends its own container's processes."""

@@ -35,7 +35,7 @@ import re
 import secrets
 import shlex
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -274,6 +274,12 @@ class PrivilegedMode:
     def agents(self) -> tuple[PodRef, ...]:
         """The agent pods that exist now."""
         return tuple(agent.ref for agent in self._all if not agent.deleted)
+
+    def exec_namespaces(self, namespaces: Sequence[str]) -> set[str]:
+        """The agent namespace's, or each target's own; none where auto may not use it."""
+        if not self._consented:
+            return set()
+        return {self._namespace} if self._namespace else set(namespaces)
 
     def _agent_namespace(self, target: Target) -> str:
         node = target.pod.node or ""

@@ -437,16 +437,19 @@ def test_follow_creates_the_agent_with_the_nodes_first_target_and_deletes_it_wit
 
 
 def rbac_user(cluster: Any, tmp_path: Path, pods: dict[str, Any], *,
-              agent_pods: bool) -> tuple[Path, list[tuple[str, ...]]]:
+              agent_pods: bool, target_exec: bool = True,
+              ) -> tuple[Path, list[tuple[str, ...]]]:
     """A ServiceAccount that may read and exec into the targets' pods but not add ephemeral
-    containers, may read nodes and namespaces, and (with `agent_pods`) may create and delete
-    jobs, read pods and exec in the agent namespace; its kubeconfig, and what to delete
+    containers, may read nodes and namespaces, may read pods and exec in the agent namespace,
+    and (with `agent_pods`) create and delete jobs there; its kubeconfig, and what to delete
     afterwards."""
     namespace, agents = pods["namespace"], pods["agents"]
-    name = f"msx-priv-user-{os.getpid()}-{int(agent_pods)}"
+    name = f"msx-priv-user-{os.getpid()}-{int(agent_pods)}{int(target_exec)}"
     pod_rules = [{"apiGroups": [""], "resources": ["pods"],
-                  "verbs": ["get", "list", "watch"]},
-                 {"apiGroups": [""], "resources": ["pods/exec"], "verbs": ["create", "get"]}]
+                  "verbs": ["get", "list", "watch"]}]
+    if target_exec:
+        pod_rules.append({"apiGroups": [""], "resources": ["pods/exec"],
+                          "verbs": ["create", "get"]})
     docs: list[dict[str, Any]] = [
         {"apiVersion": "v1", "kind": "ServiceAccount",
          "metadata": {"name": name, "namespace": namespace}},
@@ -466,22 +469,22 @@ def rbac_user(cluster: Any, tmp_path: Path, pods: dict[str, Any], *,
                      "name": name},
          "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}]},
     ]
-    if agent_pods:
-        docs += [
-            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-             "metadata": {"name": name, "namespace": agents},
-             "rules": [{"apiGroups": [""], "resources": ["pods"],
-                        "verbs": ["get", "list", "watch"]},
-                       {"apiGroups": ["batch"], "resources": ["jobs"],
-                        "verbs": ["create", "delete"]},
-                       {"apiGroups": [""], "resources": ["pods/exec"],
-                        "verbs": ["create", "get"]}]},
-            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-             "metadata": {"name": name, "namespace": agents},
-             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
-                         "name": name},
-             "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}]},
-        ]
+    # Exec and reading pods in the agent namespace either way; the Job only with agent_pods.
+    jobs = [{"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create", "delete"]}]
+    docs += [
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+         "metadata": {"name": name, "namespace": agents},
+         "rules": [{"apiGroups": [""], "resources": ["pods"],
+                    "verbs": ["get", "list", "watch"]},
+                   *(jobs if agent_pods else []),
+                   {"apiGroups": [""], "resources": ["pods/exec"],
+                    "verbs": ["create", "get"]}]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+         "metadata": {"name": name, "namespace": agents},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                     "name": name},
+         "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}]},
+    ]
     cluster.kubectl("apply", "-f", "-", input=json.dumps(
         {"apiVersion": "v1", "kind": "List", "items": docs}).encode())
     token = cluster.kubectl("create", "token", name, "-n", namespace,
@@ -506,7 +509,27 @@ def run_as(kubeconfig: Path, pods: dict[str, Any], tmp_path: Path, *args: str,
         env={**os.environ, "MULTISNIFF_BUNDLES": pods["bundles"]})
 
 
-def test_without_create_pods_in_the_agent_namespace_rbac_refuses_in_one_sentence(
+def test_privileged_needs_exec_only_in_the_agent_namespace(
+        cluster: Any, pods: dict[str, Any], tmp_path: Path) -> None:
+    kubeconfig, cluster_wide = rbac_user(cluster, tmp_path, pods, agent_pods=True,
+                                         target_exec=False)
+    out = tmp_path / "out.pcapng"
+    try:
+        result = run_as(kubeconfig, pods, tmp_path, "-l", "app=sink-a", "-n",
+                        pods["namespace"], "--mode", "privileged", "--agent-namespace",
+                        pods["agents"], "--agent-image", WORKLOAD_IMAGE, "--no-follow",
+                        "--duration", "3s", "-o", str(out))
+    finally:
+        for kind, name in cluster_wide:
+            cluster.kubectl("delete", kind, name, "--ignore-not-found")
+    # No exec into the targets' namespace, and none needed: the agent is exec'd into.
+    assert result.returncode == 0, result.stderr
+    assert "mode privileged" in result.stderr, result.stderr
+    assert out.stat().st_size > 0
+    wait_none_labelled(cluster, pods["agents"], pods["namespace"])
+
+
+def test_without_create_jobs_in_the_agent_namespace_rbac_refuses_in_one_sentence(
         cluster: Any, pods: dict[str, Any], tmp_path: Path) -> None:
     kubeconfig, cluster_wide = rbac_user(cluster, tmp_path, pods, agent_pods=False)
     try:
