@@ -60,7 +60,7 @@ def build_parser(*, record: bool = False) -> argparse.ArgumentParser:
 def _add_cleanup_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     cleanup = sub.add_parser(
         "cleanup", help="find and remove what earlier captures left behind",
-        description="Deletes multisniff's agent pods (by label) and stops multisniff's "
+        description="Deletes multisniff's agent Jobs and pods (by label) and stops multisniff's "
                     "tcpdumps and watchdogs and removes its bundles in every running "
                     "container reachable by exec. It also ends captures still running: use it "
                     "when none is.")
@@ -69,7 +69,7 @@ def _add_cleanup_command(sub: argparse._SubParsersAction[argparse.ArgumentParser
     cleanup.add_argument("-A", "--all-namespaces", action="store_true",
                          help="every namespace")
     cleanup.add_argument("--session", metavar="ID",
-                         help="only the agent pods of this session (its id is in their "
+                         help="only the agent Jobs and pods of this session (its id is in their "
                               "multisniff/session label and in the capture's log)")
     cleanup.add_argument("--dry-run", action="store_true",
                          help="list what would be removed; remove nothing")

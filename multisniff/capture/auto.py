@@ -11,7 +11,7 @@ shell (sh)" (the reasons the earlier modes said no).
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 from multisniff.capture.model import Assessment, CaptureMode, CaptureSpec, RemoteCapture, Target
@@ -92,6 +92,9 @@ class AutoMode:
             raise NoUsableMode(f"Pod {target.label} cannot be captured: {assessment.reason}.")
         async with mode.open(target, spec) as capture:
             yield capture
+
+    def exec_namespaces(self, namespaces: Sequence[str]) -> set[str]:
+        return set().union(*(mode.exec_namespaces(namespaces) for mode in self.modes))
 
     async def aclose(self) -> None:
         """Each mode's session ends, also when an earlier one's cleanup failed."""

@@ -4,8 +4,8 @@ A session removes what it created on every way out, and what outlives a client k
 ends by itself at the remote bound (watchdogs, agent pods' activeDeadlineSeconds). What can
 still be found afterwards, and is removed here:
 
-* agent pods of the privileged mode, by their labels (``app.kubernetes.io/managed-by=
-  multisniff``, and ``multisniff/session=ID`` with a session): deleted, also once terminated;
+* agent Jobs and pods of the privileged mode, by their labels (``app.kubernetes.io/managed-by=
+  multisniff``, and ``multisniff/session=ID`` with a session): deleted, also once finished;
 * in every running container reachable by exec (and the ephemeral containers we added):
   watchdogs and tcpdumps started by multisniff, known by their arguments, are stopped;
   unpacked bundles and run directories in /tmp are deleted; an ephemeral container's sleeper
@@ -63,7 +63,7 @@ def search_script(*, remove: bool) -> str:
 @dataclass(frozen=True, slots=True)
 class Leftover:
     what: str
-    """"agent pod", "watchdog", "tcpdump", "directory", "sleeper"."""
+    """"agent job", "agent pod", "watchdog", "tcpdump", "directory", "sleeper"."""
     where: str
     """namespace/pod, and the container for what is inside one."""
     detail: str = ""
@@ -119,7 +119,17 @@ async def cleanup(cluster: Cluster, *, namespace: str | None, session: str | Non
                   dry_run: bool = False) -> CleanupReport:
     """Find (and unless `dry_run`, remove) what multisniff left in `namespace` (None: all)."""
     report = CleanupReport(dry_run=dry_run, session=session)
-    agents = (await cluster.list_pods(agent_selector(namespace, session))).pods
+    selector = agent_selector(namespace, session)
+    for job in await cluster.list_jobs(namespace, selector.labels):
+        error = ""
+        if not dry_run:
+            try:
+                await cluster.delete_job(job.namespace, job.name)
+            except MultisniffError as exc:
+                error = str(exc)
+        report.found.append(Leftover("agent job", str(job), f"({job.state})",
+                                     removed=not dry_run and not error, error=error))
+    agents = (await cluster.list_pods(selector)).pods
     for pod in agents:
         error = ""
         if not dry_run:

@@ -37,7 +37,7 @@ import logging
 import secrets
 import shlex
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -58,7 +58,7 @@ from multisniff.capture.model import (
     Target,
 )
 from multisniff.capture.upload import capture_arguments, watchdog_arguments
-from multisniff.errors import ContainerNotStarted, MultisniffError
+from multisniff.errors import ContainerNotStarted, MultisniffError, PodSecurityRefused
 from multisniff.kube.model import Cluster
 
 log = logging.getLogger(__name__)
@@ -144,6 +144,8 @@ class EphemeralMode:
         self._watchdogs = PerArchitecture(cluster, lambda arch: self._make_watchdog(watchdogs,
                                                                                    arch))
         self._reviews: dict[tuple[str, str, str], tuple[float, bool]] = {}
+        self._admissions: dict[str, tuple[float, str | None]] = {}
+        """Namespace -> (when, why its Pod Security refuses our container, or None)."""
         self._no_image: dict[str, str] = {}
         """Nodes where the image could not be pulled in this session -> the kubelet's reason."""
 
@@ -152,6 +154,9 @@ class EphemeralMode:
         if options.ephemeral_image:
             return cls(cluster, image=options.ephemeral_image, leftovers=options.leftovers)
         return cls(cluster, leftovers=options.leftovers)
+
+    def exec_namespaces(self, namespaces: Sequence[str]) -> set[str]:
+        return set(namespaces)
 
     async def aclose(self) -> None:
         """Nothing lives for the session: each capture ends its own container's processes."""
@@ -167,6 +172,27 @@ class EphemeralMode:
                                                 subresource=subresource)
             known = self._reviews[key] = (now, allowed)
         return known[1]
+
+    async def _pod_security_refusal(self, target: Target) -> str | None:
+        """Why the namespace's Pod Security refuses our ephemeral container (None: it admits
+        it), from a server-side dry run of the patch that adds it, which adds nothing. Asked
+        once a minute per namespace: the level is the namespace's, the container the same.
+        Any other failure of the dry run raises, and is not remembered."""
+        namespace = target.pod.ref.namespace
+        now = time.monotonic()
+        known = self._admissions.get(namespace)
+        if known is not None and now - known[0] <= REVIEW_SECONDS:
+            return known[1]
+        spec = self.container_spec(f"msnf-{secrets.token_hex(3)}", target, CaptureSpec())
+        refusal: str | None = None
+        try:
+            await self._cluster.add_ephemeral_container(target.pod.ref, spec, dry_run=True)
+        except PodSecurityRefused as exc:
+            refusal = (f"namespace {namespace} enforces Pod Security level {exc.level!r}, "
+                       f"which refuses the ephemeral container's NET_ADMIN and NET_RAW "
+                       f"({exc.why})")
+        self._admissions[namespace] = (now, refusal)
+        return refusal
 
     @staticmethod
     def _make_watchdog(make: Callable[[str], bytes], arch: str) -> bytes | None:
@@ -195,10 +221,18 @@ class EphemeralMode:
                                      f"namespace {namespace} (patch pods/ephemeralcontainers)")
         if not await self._can_i("create", namespace, "exec"):
             return Assessment(False, f"you may not exec into pods in namespace {namespace}")
+        try:
+            refusal = await self._pod_security_refusal(target)
+        except MultisniffError as exc:
+            return Assessment(False, f"a dry run of adding the ephemeral container failed "
+                                     f"({str(exc).strip().rstrip('.')})")
+        if refusal is not None:
+            return Assessment(False, refusal)
         return Assessment(
             True,
             f"may add an ephemeral container with {self._image} next to container {name} "
-            f"(namespace {namespace}'s Pod Security must allow NET_ADMIN and NET_RAW)",
+            f"(a dry run shows namespace {namespace}'s Pod Security admits its NET_ADMIN "
+            f"and NET_RAW)",
             creates=(f"ephemeral container msnf-<random6> in pod {target.label} "
                      f"(stays listed, terminated, until the pod is deleted)",),
         )

@@ -197,3 +197,9 @@ class CaptureMode(Protocol):
         """The session ends: remove whatever the mode created for it. Called once, shielded
         and bounded in time by the engine; failures are logged with what is left."""
         ...
+
+    def exec_namespaces(self, namespaces: Sequence[str]) -> set[str]:
+        """The namespaces this mode execs into to capture targets in `namespaces` (those
+        themselves, or its agents'): where the session checks, before anything starts, that
+        exec is allowed."""
+        ...

@@ -11,9 +11,12 @@ One agent serves every target on its node. It is created when the node gets its 
 (in the agent namespace, else the namespace of that target), pinned with ``nodeName``,
 tolerating every taint, with small requests and limits and no service account token, and
 deleted when the node's last capture ends and in any case when the session ends (`aclose`).
-Its ``activeDeadlineSeconds`` is the remote bound plus `DEADLINE_MARGIN`, and its own process
-sleeps no longer, so a client killed with -9 leaves at most a terminated pod object after the
-deadline (`multisniff cleanup` removes it).
+The agent pod is the one pod of a batch/v1 Job (``backoffLimit: 0``): its
+``activeDeadlineSeconds`` is the remote bound plus `DEADLINE_MARGIN`, and its own process
+sleeps no longer; once the Job has finished, the cluster's TTL-after-finished controller
+deletes it and its pod `TTL_AFTER_FINISHED` seconds later. So a client killed with -9 leaves
+nothing once the deadline and the TTL have passed (before that, `multisniff cleanup` removes
+the Job and its pod).
 
 Per target, a process of the target container is found by scanning the host's
 ``/proc/*/cgroup`` for the container ID from the pod's status (`lookup_script`,
@@ -32,7 +35,7 @@ import re
 import secrets
 import shlex
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,7 +60,7 @@ from multisniff.capture.model import (
 )
 from multisniff.capture.upload import capture_arguments, watchdog_arguments
 from multisniff.errors import MultisniffError, RefusedError
-from multisniff.kube.model import Cluster, PodRef
+from multisniff.kube.model import JOB_NAME_LABEL, Cluster, PodRef, PodSelector
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +73,8 @@ AGENT_NAME = "multisniff-agent"
 NODE_ANNOTATION = "multisniff/node"
 DEADLINE_MARGIN = 30.0
 """Seconds an agent pod may outlive the remote bound: time to start, stop and flush."""
+TTL_AFTER_FINISHED = 5
+"""Seconds a finished agent Job (and its pod) stays before the cluster deletes it."""
 RESOURCES = {"requests": {"cpu": "50m", "memory": "64Mi"},
              "limits": {"cpu": "1", "memory": "512Mi"}}
 """The agent's own share: a sleeping shell, plus the tcpdumps and watchdogs of its node's
@@ -146,33 +151,46 @@ def agent_name(session_id: str, node: str) -> str:
 
 def agent_manifest(*, name: str, namespace: str, node: str, image: str, deadline: int,
                    session: SessionMark) -> dict[str, Any]:
+    """The agent's Job: one pod, never retried, ended at `deadline` and deleted by the cluster
+    `TTL_AFTER_FINISHED` seconds after it finished. Job and pod carry the same labels and
+    annotations, so `multisniff cleanup` finds either."""
+    metadata = {
+        "labels": {**session.labels(), AGENT_NAME_LABEL: AGENT_NAME},
+        "annotations": {**session.annotations(), NODE_ANNOTATION: node},
+    }
     return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {
-            "name": name,
-            "namespace": namespace,
-            "labels": {**session.labels(), AGENT_NAME_LABEL: AGENT_NAME},
-            "annotations": {**session.annotations(), NODE_ANNOTATION: node},
-        },
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name, "namespace": namespace, **metadata},
         "spec": {
-            "nodeName": node,
-            "hostPID": True,
-            "restartPolicy": "Never",
-            "automountServiceAccountToken": False,
-            "enableServiceLinks": False,
-            "terminationGracePeriodSeconds": 0,
+            "backoffLimit": 0,
+            "completions": 1,
+            "parallelism": 1,
             "activeDeadlineSeconds": deadline,
-            "tolerations": [{"operator": "Exists"}],
-            "containers": [{
-                "name": AGENT_CONTAINER,
-                "image": image,
-                "imagePullPolicy": "IfNotPresent",
-                "command": ["sleep", str(deadline)],
-                "securityContext": {"privileged": True},
-                "resources": RESOURCES,
-            }],
+            "ttlSecondsAfterFinished": TTL_AFTER_FINISHED,
+            "template": {"metadata": metadata, "spec": _agent_pod_spec(node, image, deadline)},
         },
+    }
+
+
+def _agent_pod_spec(node: str, image: str, deadline: int) -> dict[str, Any]:
+    return {
+        "nodeName": node,
+        "hostPID": True,
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": 0,
+        "activeDeadlineSeconds": deadline,
+        "tolerations": [{"operator": "Exists"}],
+        "containers": [{
+            "name": AGENT_CONTAINER,
+            "image": image,
+            "imagePullPolicy": "IfNotPresent",
+            "command": ["sleep", str(deadline)],
+            "securityContext": {"privileged": True},
+            "resources": RESOURCES,
+        }],
     }
 
 
@@ -191,6 +209,8 @@ class Agent:
     """One agent pod and the captures that use it."""
 
     node: str
+    job: str
+    """The name of its Job, in the pod's namespace."""
     ref: PodRef
     bundle: Bundle
     ends_at: float
@@ -205,7 +225,7 @@ class Agent:
         return AGENT_DIRECTORY
 
     def command(self) -> str:
-        return f"kubectl delete pod -n {self.ref.namespace} {self.ref.name}"
+        return f"kubectl delete job -n {self.ref.namespace} {self.job}"
 
 
 @dataclass
@@ -255,6 +275,12 @@ class PrivilegedMode:
         """The agent pods that exist now."""
         return tuple(agent.ref for agent in self._all if not agent.deleted)
 
+    def exec_namespaces(self, namespaces: Sequence[str]) -> set[str]:
+        """The agent namespace's, or each target's own; none where auto may not use it."""
+        if not self._consented:
+            return set()
+        return {self._namespace} if self._namespace else set(namespaces)
+
     def _agent_namespace(self, target: Target) -> str:
         node = target.pod.node or ""
         current = self._agents.get(node)
@@ -273,9 +299,9 @@ class PrivilegedMode:
         refusal: str | None = None
         way_out = ("give --agent-namespace with a namespace where you may, or use another "
                    "--mode")
-        if not await self._cluster.can_i("create", "pods", namespace=namespace):
-            refusal = (f"you may not create pods in namespace {namespace} (RBAC), which the "
-                       f"agent pod needs; {way_out}")
+        if not await self._cluster.can_i("create", "jobs", namespace=namespace, group="batch"):
+            refusal = (f"you may not create jobs in namespace {namespace} (RBAC), which the "
+                       f"agent pod's Job needs; {way_out}")
         elif not await self._cluster.can_i("create", "pods", namespace=namespace,
                                            subresource="exec"):
             refusal = (f"you may not create pods/exec in namespace {namespace} (RBAC), which "
@@ -324,8 +350,8 @@ class PrivilegedMode:
             await self._bundles.for_pod(pod)
         except MultisniffError as exc:
             return Assessment(False, _clause(exc))
-        where = (f"privileged agent pod {agent_name('<session>', pod.node)} in namespace "
-                 f"{namespace} on node {pod.node}")
+        where = (f"privileged agent pod of job {agent_name('<session>', pod.node)} in "
+                 f"namespace {namespace} on node {pod.node}")
         if not self._consented:
             return Assessment(False, f"only the privileged mode could, through a {where}; "
                                      f"auto uses it only where a profile sets "
@@ -334,7 +360,8 @@ class PrivilegedMode:
             True, f"a privileged agent pod on node {pod.node} enters the pod's network "
                   f"namespace (container {name} needs no shell, tools or capabilities)",
             creates=(f"{where} (hostPID, shared by the node's targets; deleted when they end, "
-                     f"and by the cluster after activeDeadlineSeconds {self._deadline})",))
+                     f"and by the cluster {TTL_AFTER_FINISHED} s after activeDeadlineSeconds "
+                     f"{self._deadline})",))
 
     # --- agents -------------------------------------------------------------------------------
 
@@ -356,25 +383,26 @@ class PrivilegedMode:
         bundle = await self._bundles.for_pod(target.pod)
         namespace = self._agent_namespace(target)
         name = agent_name(self.session.session_id, node)
-        if any(a.ref.name == name and a.ref.namespace == namespace and not a.deleted
-               for a in self._all):
+        if any(a.job == name and a.ref.namespace == namespace for a in self._all):
             name = f"{name}-{secrets.token_hex(2)}"
         manifest = agent_manifest(name=name, namespace=namespace, node=node, image=self._image,
                                   deadline=self._deadline, session=self.session)
         try:
-            ref = await self._cluster.create_pod(manifest)
+            await self._cluster.create_job(manifest)
         except RefusedError as exc:
             raise RefusedError(
-                f"Creating the agent pod {name} in namespace {namespace} was refused "
+                f"Creating the agent pod's Job {name} in namespace {namespace} was refused "
                 f"({_clause(exc)}); give --agent-namespace with a namespace where privileged "
                 f"pods are allowed, or use another --mode.") from exc
-        agent = Agent(node=node, ref=ref, bundle=bundle,
+        agent = Agent(node=node, job=name, ref=PodRef(namespace, name), bundle=bundle,
                       ends_at=time.monotonic() + self._deadline)
         self._all.append(agent)
-        log.info("Created agent pod %s on node %s (session %s; `multisniff cleanup --session "
-                 "%s -A` removes what a killed run leaves).", ref, node,
-                 self.session.session_id, self.session.session_id)
         try:
+            agent.ref = await self._job_pod(agent)
+            log.info("Created agent pod %s (job %s) on node %s (session %s; `multisniff "
+                     "cleanup --session %s -A` removes what a killed run leaves).", agent.ref,
+                     name, node, self.session.session_id, self.session.session_id)
+            ref = agent.ref
             try:
                 await self._cluster.wait_container_running(ref, AGENT_CONTAINER,
                                                            timeout=self._start_timeout)
@@ -388,6 +416,20 @@ class PrivilegedMode:
             await self._delete(agent)
             raise
         return agent
+
+    async def _job_pod(self, agent: Agent) -> PodRef:
+        """The pod the Job controller made for the agent's Job (asked twice a second)."""
+        selector = PodSelector(agent.ref.namespace, labels=f"{JOB_NAME_LABEL}={agent.job}")
+        with anyio.move_on_after(self._start_timeout):
+            while True:
+                pods = (await self._cluster.list_pods(selector)).pods
+                if pods:
+                    return pods[0].ref
+                await anyio.sleep(0.5)
+        raise PrivilegedError(
+            f"The agent Job {agent.job} in namespace {agent.ref.namespace} made no pod within "
+            f"{self._start_timeout:g} s; kubectl describe job -n {agent.ref.namespace} "
+            f"{agent.job} says why (Pod Security, a quota), or use another --mode.")
 
     async def _send_bundle(self, agent: Agent) -> None:
         data = agent.bundle.targz
@@ -420,7 +462,8 @@ class PrivilegedMode:
                     await self._delete(agent)
 
     async def _delete(self, agent: Agent) -> None:
-        """Delete the agent pod, shielded and bounded; what fails is left for the summary."""
+        """Delete the agent's Job and with it its pod, shielded and bounded; what fails is left
+        for the summary."""
         if agent.deleted:
             return
         agent.deleted = True
@@ -428,8 +471,9 @@ class PrivilegedMode:
             del self._agents[agent.node]
         try:
             with anyio.fail_after(self._cleanup_timeout, shield=True):
-                await self._cluster.delete_pod(agent.ref, grace_seconds=0)
-            log.debug("Deleted agent pod %s.", agent.ref)
+                await self._cluster.delete_job(agent.ref.namespace, agent.job)
+            log.debug("Deleted agent job %s/%s and its pod %s.", agent.ref.namespace,
+                      agent.job, agent.ref)
         except Exception as exc:
             log.warning("Could not delete agent pod %s (%s); it ends by its deadline, or now "
                         "with: %s", agent.ref, _clause(exc), agent.command())

@@ -29,7 +29,7 @@ import logging
 import posixpath
 import secrets
 import shlex
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 
 import anyio
@@ -173,6 +173,9 @@ class UploadMode:
     @classmethod
     def from_options(cls, cluster: Cluster, options: ModeOptions) -> UploadMode:
         return cls(cluster, leftovers=options.leftovers)
+
+    def exec_namespaces(self, namespaces: Sequence[str]) -> set[str]:
+        return set(namespaces)
 
     async def aclose(self) -> None:
         """Nothing lives for the session: each capture's watchdog removes its bundle."""

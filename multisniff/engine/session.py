@@ -112,10 +112,13 @@ async def check_namespace(cluster: Cluster, selector: PodSelector) -> None:
         raise NamespaceNotFound(ApiRequest("list", "pods", selector.namespace))
 
 
-async def check_exec(cluster: Cluster, pods: Sequence[PodInfo]) -> None:
-    """Raise RefusedError when no matched pod is in a namespace where we may exec: every
-    capture mode runs tcpdump through an exec, so nothing could start."""
-    namespaces = sorted({pod.ref.namespace for pod in pods})
+async def check_exec(cluster: Cluster, pods: Sequence[PodInfo], mode: CaptureMode) -> None:
+    """Raise RefusedError when the mode may exec in none of the namespaces it would exec into
+    for these pods (theirs, or its agents'): every capture mode runs tcpdump through an exec,
+    so nothing could start."""
+    if not pods:
+        return
+    namespaces = sorted(mode.exec_namespaces(sorted({pod.ref.namespace for pod in pods})))
     for namespace in namespaces:
         if await cluster.can_i("create", "pods", namespace=namespace, subresource="exec"):
             return
@@ -271,7 +274,7 @@ class Session:
                 raise NothingMatches(message.rstrip(".") + "; check -l and -n (or follow with "
                                      "the default instead of --no-follow).")
             log.warning("%s Waiting for matching pods (Ctrl-C to end).", message)
-        await check_exec(self.cluster, pod_list.pods)
+        await check_exec(self.cluster, pod_list.pods, self.mode)
         return pod_list
 
     async def _run(self, pod_list: PodList, task_status: TaskStatus[None]) -> None:

@@ -45,6 +45,7 @@ from multisniff.kube.execstream import ExecStream, open_exec
 from multisniff.kube.k8sclient import ApiException, WsApiClient, k8s, k8s_config
 from multisniff.kube.model import (
     ContainerInfo,
+    JobInfo,
     NodeInfo,
     PodEvent,
     PodEventType,
@@ -342,6 +343,7 @@ class KubeCluster:
         self._ws = WsApiClient(configuration=configuration, heartbeat=None)
         self._core: Any = k8s.CoreV1Api(self._rest)
         self._authz: Any = k8s.AuthorizationV1Api(self._rest)
+        self._batch: Any = k8s.BatchV1Api(self._rest)
         self._listed: dict[PodSelector, PodList] = {}
 
     async def aclose(self) -> None:
@@ -506,8 +508,8 @@ class KubeCluster:
         return dict((body.get("metadata") or {}).get("labels") or {})
 
     async def can_i(self, verb: str, resource: str, *, namespace: str | None,
-                    subresource: str = "") -> bool:
-        attributes: dict[str, str] = {"verb": verb, "resource": resource}
+                    subresource: str = "", group: str = "") -> bool:
+        attributes: dict[str, str] = {"verb": verb, "resource": resource, "group": group}
         if namespace:
             attributes["namespace"] = namespace
         if subresource:
@@ -524,14 +526,15 @@ class KubeCluster:
         return open_exec(self._ws, pod, container, command, stdin=stdin, on_stderr=on_stderr,
                          host=self.host)
 
-    async def add_ephemeral_container(self, pod: PodRef, spec: Mapping[str, Any]) -> None:
+    async def add_ephemeral_container(self, pod: PodRef, spec: Mapping[str, Any], *,
+                                      dry_run: bool = False) -> None:
         # As kubectl debug does: a strategic merge patch of the subresource. The list merges by
         # name, so the server adds the container to those there: no read, no conflict to retry.
         await self._request(
             ApiRequest("patch", "pods/ephemeralcontainers", pod.namespace, pod.name),
             self._core.patch_namespaced_pod_ephemeralcontainers, pod.name, pod.namespace,
             {"spec": {"ephemeralContainers": [dict(spec)]}},
-            _content_type=STRATEGIC_MERGE_PATCH)
+            _content_type=STRATEGIC_MERGE_PATCH, **({"dry_run": "All"} if dry_run else {}))
 
     async def wait_container_running(self, pod: PodRef, container: str, *,
                                      timeout: float) -> PodInfo:
@@ -581,6 +584,38 @@ class KubeCluster:
             await self._request(ApiRequest("delete", "pods", pod.namespace, pod.name),
                                 self._core.delete_namespaced_pod, pod.name, pod.namespace,
                                 grace_period_seconds=grace_seconds)
+
+    # -- jobs --
+
+    async def create_job(self, manifest: Mapping[str, Any]) -> None:
+        namespace = str((manifest.get("metadata") or {}).get("namespace") or "default")
+        await self._request(ApiRequest("create", "jobs", namespace),
+                            self._batch.create_namespaced_job, namespace, dict(manifest))
+
+    async def delete_job(self, namespace: str, name: str) -> None:
+        with suppress(NotFound):
+            await self._request(ApiRequest("delete", "jobs", namespace, name),
+                                self._batch.delete_namespaced_job, name, namespace,
+                                propagation_policy="Background")
+
+    async def list_jobs(self, namespace: str | None, labels: str) -> tuple[JobInfo, ...]:
+        request = ApiRequest("list", "jobs", namespace)
+        if namespace is None:
+            body = await self._request(request, self._batch.list_job_for_all_namespaces,
+                                       label_selector=labels)
+        else:
+            body = await self._request(request, self._batch.list_namespaced_job, namespace,
+                                       label_selector=labels)
+        return tuple(job_info(item) for item in body.get("items") or ())
+
+
+def job_info(job: Mapping[str, Any]) -> JobInfo:
+    meta, status = job.get("metadata") or {}, job.get("status") or {}
+    state = "Active"
+    for condition in status.get("conditions") or ():
+        if condition.get("type") in ("Complete", "Failed") and condition.get("status") == "True":
+            state = str(condition["type"])
+    return JobInfo(str(meta.get("namespace", "")), str(meta.get("name", "")), state)
 
 
 def _settled(obj: Mapping[str, Any], pod: PodRef, container: str) -> bool:

@@ -14,6 +14,9 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
+"""The label the Job controller puts on each pod of a Job: the Job's name."""
+
 
 @dataclass(frozen=True, slots=True)
 class PodRef:
@@ -110,6 +113,19 @@ class NodeInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class JobInfo:
+    """A batch/v1 Job, as far as multisniff asks."""
+
+    namespace: str
+    name: str
+    state: str
+    """"Complete", "Failed", or "Active" (not finished yet)."""
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
 class ExecResult:
     """How an exec ended, from its status channel.
 
@@ -183,8 +199,9 @@ class Cluster(Protocol):
         ...
 
     async def can_i(self, verb: str, resource: str, *, namespace: str | None,
-                    subresource: str = "") -> bool:
-        """SelfSubjectAccessReview: may the current user do this?"""
+                    subresource: str = "", group: str = "") -> bool:
+        """SelfSubjectAccessReview: may the current user do this? (`group`: the resource's
+        API group, "" for the core group, "batch" for jobs.)"""
         ...
 
     def exec(
@@ -199,9 +216,12 @@ class Cluster(Protocol):
         """Open an exec; leaving the context closes the stream (and with it stdin)."""
         ...
 
-    async def add_ephemeral_container(self, pod: PodRef, spec: Mapping[str, Any]) -> None:
+    async def add_ephemeral_container(self, pod: PodRef, spec: Mapping[str, Any], *,
+                                      dry_run: bool = False) -> None:
         """Add one container (a V1EphemeralContainer as a plain dict, camelCase keys) by a
-        `patch` of the pod's ephemeralcontainers subresource, as kubectl debug does."""
+        `patch` of the pod's ephemeralcontainers subresource, as kubectl debug does. With
+        `dry_run` the server checks the patch, admission (Pod Security) included, and keeps
+        nothing."""
         ...
 
     async def wait_container_running(self, pod: PodRef, container: str, *,
@@ -215,4 +235,17 @@ class Cluster(Protocol):
 
     async def delete_pod(self, pod: PodRef, *, grace_seconds: int = 0) -> None:
         """Delete; a pod that is already gone is not an error."""
+        ...
+
+    async def create_job(self, manifest: Mapping[str, Any]) -> None:
+        """Create a batch/v1 Job; its controller makes its pod (labelled `JOB_NAME_LABEL`)."""
+        ...
+
+    async def delete_job(self, namespace: str, name: str) -> None:
+        """Delete the Job and, in the background, its pods; a Job already gone is not an
+        error."""
+        ...
+
+    async def list_jobs(self, namespace: str | None, labels: str) -> tuple[JobInfo, ...]:
+        """Jobs with these labels in `namespace` (None: every namespace)."""
         ...

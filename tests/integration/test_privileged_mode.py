@@ -3,8 +3,8 @@ non-root container without any capability, CoreDNS without a shell) in a namespa
 Pod Security level (baseline) refuses an ephemeral container's capabilities, several on one
 node through one agent pod in an agent namespace, with exact counts of the datagrams sent to
 each (tshark). After every way out (the end, SIGINT, SIGTERM, kill -9 after the agent's
-deadline, the agent pod deleted by someone else, a target pod deleted) no pod labelled by
-multisniff is left."""
+deadline and the TTL of its Job, the agent pod deleted by someone else, a target pod deleted)
+no pod labelled by multisniff is left."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from workloads import apply_and_wait, wait_for
 
 import multisniff
 from multisniff import api
+from multisniff.capture.privileged import TTL_AFTER_FINISHED
 
 pytestmark = pytest.mark.cluster
 
@@ -223,7 +224,7 @@ def processes_of_pod(uid: str) -> list[int]:
     return found
 
 
-def test_kill_9_leaves_no_running_agent_after_its_deadline_and_cleanup_removes_it(
+def test_kill_9_leaves_no_labelled_pod_or_job_after_its_deadline_and_ttl(
         cluster: Any, pods: dict[str, Any], tmp_path: Path) -> None:
     profile = tmp_path / "short.toml"
     profile.write_text("startup_timeout = 5\nlifetime_margin = 5\n")
@@ -241,21 +242,22 @@ def test_kill_9_leaves_no_running_agent_after_its_deadline_and_cleanup_removes_i
     finally:
         process.kill()
         process.wait(timeout=10)
-    time.sleep(max(0.0, deadline - (time.monotonic() - created)) + 10)
+    time.sleep(max(0.0, deadline - (time.monotonic() - created)))
+    # The cluster ends the agent at its deadline and deletes its Job and pod the TTL after:
+    # nobody runs cleanup here.
+    wait_none_labelled(cluster, pods["agents"], pods["namespace"],
+                       seconds=TTL_AFTER_FINISHED + 30)
     assert processes_of_pod(agent["metadata"]["uid"]) == []
-    name = agent["metadata"]["name"]
-    after = cluster.kubectl_json("get", "pod", name, "-n", pods["agents"])
-    # The cluster ended it by itself: no container of it runs.
-    assert after["status"]["phase"] in ("Failed", "Succeeded"), after["status"]
-    assert not any("running" in (s.get("state") or {})
-                   for s in after["status"].get("containerStatuses") or ())
+    until = time.monotonic() + TTL_AFTER_FINISHED + 30
+    while (jobs := cluster.kubectl_json("get", "jobs", "-n", pods["agents"], "-l",
+                                        MANAGED)["items"]) and time.monotonic() < until:
+        time.sleep(0.5)
+    assert [(job["metadata"]["name"], job["status"]) for job in jobs] == []
     cleanup = subprocess.run(
         [sys.executable, "-m", "multisniff", "cleanup", "--kubeconfig", str(cluster.kubeconfig),
          "-A", "--session", session], capture_output=True, text=True, timeout=120)
     assert cleanup.returncode == 0, cleanup.stderr
-    assert f"removed agent pod ({after['status']['phase']}) in {pods['agents']}/{name}" \
-        in cleanup.stdout
-    wait_none_labelled(cluster, pods["agents"], pods["namespace"], seconds=10)
+    assert "Nothing was left behind." in cleanup.stdout
 
 
 def test_the_agent_deleted_by_someone_else_ends_its_captures_and_nothing_is_left(
@@ -435,15 +437,19 @@ def test_follow_creates_the_agent_with_the_nodes_first_target_and_deletes_it_wit
 
 
 def rbac_user(cluster: Any, tmp_path: Path, pods: dict[str, Any], *,
-              agent_pods: bool) -> tuple[Path, list[tuple[str, ...]]]:
+              agent_pods: bool, target_exec: bool = True,
+              ) -> tuple[Path, list[tuple[str, ...]]]:
     """A ServiceAccount that may read and exec into the targets' pods but not add ephemeral
-    containers, may read nodes and namespaces, and (with `agent_pods`) may create pods and
-    exec in the agent namespace; its kubeconfig, and what to delete afterwards."""
+    containers, may read nodes and namespaces, may read pods and exec in the agent namespace,
+    and (with `agent_pods`) create and delete jobs there; its kubeconfig, and what to delete
+    afterwards."""
     namespace, agents = pods["namespace"], pods["agents"]
-    name = f"msx-priv-user-{os.getpid()}-{int(agent_pods)}"
+    name = f"msx-priv-user-{os.getpid()}-{int(agent_pods)}{int(target_exec)}"
     pod_rules = [{"apiGroups": [""], "resources": ["pods"],
-                  "verbs": ["get", "list", "watch"]},
-                 {"apiGroups": [""], "resources": ["pods/exec"], "verbs": ["create", "get"]}]
+                  "verbs": ["get", "list", "watch"]}]
+    if target_exec:
+        pod_rules.append({"apiGroups": [""], "resources": ["pods/exec"],
+                          "verbs": ["create", "get"]})
     docs: list[dict[str, Any]] = [
         {"apiVersion": "v1", "kind": "ServiceAccount",
          "metadata": {"name": name, "namespace": namespace}},
@@ -463,20 +469,22 @@ def rbac_user(cluster: Any, tmp_path: Path, pods: dict[str, Any], *,
                      "name": name},
          "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}]},
     ]
-    if agent_pods:
-        docs += [
-            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-             "metadata": {"name": name, "namespace": agents},
-             "rules": [{"apiGroups": [""], "resources": ["pods"],
-                        "verbs": ["get", "list", "watch", "create", "delete"]},
-                       {"apiGroups": [""], "resources": ["pods/exec"],
-                        "verbs": ["create", "get"]}]},
-            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-             "metadata": {"name": name, "namespace": agents},
-             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
-                         "name": name},
-             "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}]},
-        ]
+    # Exec and reading pods in the agent namespace either way; the Job only with agent_pods.
+    jobs = [{"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create", "delete"]}]
+    docs += [
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+         "metadata": {"name": name, "namespace": agents},
+         "rules": [{"apiGroups": [""], "resources": ["pods"],
+                    "verbs": ["get", "list", "watch"]},
+                   *(jobs if agent_pods else []),
+                   {"apiGroups": [""], "resources": ["pods/exec"],
+                    "verbs": ["create", "get"]}]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+         "metadata": {"name": name, "namespace": agents},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                     "name": name},
+         "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}]},
+    ]
     cluster.kubectl("apply", "-f", "-", input=json.dumps(
         {"apiVersion": "v1", "kind": "List", "items": docs}).encode())
     token = cluster.kubectl("create", "token", name, "-n", namespace,
@@ -501,7 +509,27 @@ def run_as(kubeconfig: Path, pods: dict[str, Any], tmp_path: Path, *args: str,
         env={**os.environ, "MULTISNIFF_BUNDLES": pods["bundles"]})
 
 
-def test_without_create_pods_in_the_agent_namespace_rbac_refuses_in_one_sentence(
+def test_privileged_needs_exec_only_in_the_agent_namespace(
+        cluster: Any, pods: dict[str, Any], tmp_path: Path) -> None:
+    kubeconfig, cluster_wide = rbac_user(cluster, tmp_path, pods, agent_pods=True,
+                                         target_exec=False)
+    out = tmp_path / "out.pcapng"
+    try:
+        result = run_as(kubeconfig, pods, tmp_path, "-l", "app=sink-a", "-n",
+                        pods["namespace"], "--mode", "privileged", "--agent-namespace",
+                        pods["agents"], "--agent-image", WORKLOAD_IMAGE, "--no-follow",
+                        "--duration", "3s", "-o", str(out))
+    finally:
+        for kind, name in cluster_wide:
+            cluster.kubectl("delete", kind, name, "--ignore-not-found")
+    # No exec into the targets' namespace, and none needed: the agent is exec'd into.
+    assert result.returncode == 0, result.stderr
+    assert "mode privileged" in result.stderr, result.stderr
+    assert out.stat().st_size > 0
+    wait_none_labelled(cluster, pods["agents"], pods["namespace"])
+
+
+def test_without_create_jobs_in_the_agent_namespace_rbac_refuses_in_one_sentence(
         cluster: Any, pods: dict[str, Any], tmp_path: Path) -> None:
     kubeconfig, cluster_wide = rbac_user(cluster, tmp_path, pods, agent_pods=False)
     try:
@@ -512,8 +540,8 @@ def test_without_create_pods_in_the_agent_namespace_rbac_refuses_in_one_sentence
             cluster.kubectl("delete", kind, name, "--ignore-not-found")
     assert result.returncode == 3, result.stderr
     assert "Traceback" not in result.stderr
-    assert (f"you may not create pods in namespace {pods['agents']} (RBAC), which the agent "
-            f"pod needs; give --agent-namespace") in result.stderr
+    assert (f"you may not create jobs in namespace {pods['agents']} (RBAC), which the agent "
+            f"pod's Job needs; give --agent-namespace") in result.stderr
     assert labelled(cluster, pods["agents"]) == []
 
 
@@ -592,3 +620,46 @@ async def test_from_python_the_session_id_labels_the_agent_and_cleanup_finds_not
     assert cap.result.left_behind == []
     report = await api.cleanup(namespace=pods["agents"], kubeconfig=str(cluster.kubeconfig))
     assert report.found == [] and report.lines()[-1] == "Nothing was left behind."
+
+
+def test_auto_passes_ephemeral_by_where_pod_security_refuses_it_and_takes_privileged(
+        cluster: Any, pods: dict[str, Any], tmp_path: Path) -> None:
+    """The targets' namespace enforces baseline, which refuses NET_ADMIN and NET_RAW: a dry
+    run of the ephemeral container's patch tells auto so, which then takes privileged."""
+    namespace = pods["namespace"]
+    allow = tmp_path / "allow.toml"
+    allow.write_text(f'allow_privileged = true\nagent_namespace = "{pods["agents"]}"\n'
+                     f'agent_image = "{WORKLOAD_IMAGE}"\n')
+
+    def ephemeral_containers() -> list[Any]:
+        pod = cluster.kubectl_json("get", "pod", "sink-a", "-n", namespace)
+        return list(pod["spec"].get("ephemeralContainers") or ())
+
+    before = ephemeral_containers()
+    base = [sys.executable, "-m", "multisniff", "--kubeconfig", str(cluster.kubeconfig),
+            "-l", "app=sink-a", "-n", namespace, "--profile", str(allow)]
+    env = {**os.environ, "MULTISNIFF_BUNDLES": pods["bundles"]}
+    planned = subprocess.run([*base, "--dry-run"], capture_output=True, text=True,
+                             timeout=120, env=env)
+    assert planned.returncode == 0, planned.stderr
+    assert f"{namespace}/sink-a: would capture with mode privileged" in planned.stdout, \
+        planned.stdout
+    assert (f"ephemeral: namespace {namespace} enforces Pod Security level 'baseline', which "
+            f"refuses the ephemeral container's NET_ADMIN and NET_RAW") in planned.stdout
+
+    out, log = tmp_path / "out.pcapng", tmp_path / "log.txt"
+    with log.open("wb") as stderr:
+        process = subprocess.Popen([*base, "-f", f"udp dst port {PORT}", "-o", str(out),
+                                    "--duration", "20s"],
+                                   stdout=subprocess.DEVNULL, stderr=stderr, env=env)
+    try:
+        wait_capturing(process, log, ["sink-a"])
+        send(cluster, pods, {"sink-a": 4})
+        assert process.wait(timeout=120) == 0, log.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert "mode privileged" in log.read_text()
+    assert per_interface(out) == {f"{namespace}/sink-a": 4}
+    assert ephemeral_containers() == before
+    wait_none_labelled(cluster, pods["agents"], namespace)

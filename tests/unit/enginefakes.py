@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import struct
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 
@@ -154,6 +154,9 @@ class FakeMode:
 
     async def aclose(self) -> None:
         self.sessions_closed += 1
+
+    def exec_namespaces(self, namespaces: Sequence[str]) -> set[str]:
+        return set(namespaces)
 
     async def assess(self, target: Target) -> Assessment:
         if target.pod.ref.name in self.refuse:

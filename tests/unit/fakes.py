@@ -18,10 +18,12 @@ from typing import Any
 import anyio
 from anyio.abc import Process
 
-from multisniff.errors import ApiRequest, ContainerNotStarted, Forbidden
+from multisniff.errors import ApiRequest, ContainerNotStarted, Forbidden, PodSecurityRefused
 from multisniff.kube.model import (
+    JOB_NAME_LABEL,
     ContainerInfo,
     ExecResult,
+    JobInfo,
     NodeInfo,
     PodEvent,
     PodInfo,
@@ -96,10 +98,14 @@ class FakeCluster:
     events: list[PodEvent] = field(default_factory=list)
     execs: list[ExecRecord] = field(default_factory=list)
     ephemeral_specs: list[tuple[PodRef, dict[str, Any]]] = field(default_factory=list)
+    dry_runs: list[tuple[PodRef, dict[str, Any]]] = field(default_factory=list)
+    """Every dry run of adding an ephemeral container, admitted or not."""
     access_reviews: list[tuple[str, str, str | None, str]] = field(default_factory=list)
     """Every can_i asked: (verb, resource, namespace, subresource)."""
     created: list[dict[str, Any]] = field(default_factory=list)
     deleted: list[PodRef] = field(default_factory=list)
+    jobs: dict[PodRef, JobInfo] = field(default_factory=dict)
+    deleted_jobs: list[PodRef] = field(default_factory=list)
     resource_version: int = 1
     default_namespace: str = "default"
     namespaces: dict[str, dict[str, str]] = field(default_factory=dict)
@@ -142,7 +148,7 @@ class FakeCluster:
         return tuple(self.nodes.values())
 
     async def can_i(self, verb: str, resource: str, *, namespace: str | None,
-                    subresource: str = "") -> bool:
+                    subresource: str = "", group: str = "") -> bool:
         self.access_reviews.append((verb, resource, namespace, subresource))
         return self.allowed is None or (verb, resource, subresource) in self.allowed
 
@@ -182,7 +188,23 @@ class FakeCluster:
                     if record.result is None:
                         record.result = ExecResult(process.returncode)
 
-    async def add_ephemeral_container(self, pod: PodRef, spec: Mapping[str, Any]) -> None:
+    async def add_ephemeral_container(self, pod: PodRef, spec: Mapping[str, Any], *,
+                                      dry_run: bool = False) -> None:
+        """Pod Security of the namespace (its enforce label) refuses added capabilities below
+        privileged, as the admission plugin does; a dry run stops after that."""
+        if dry_run:
+            self.dry_runs.append((pod, dict(spec)))
+        level = (self.namespaces.get(pod.namespace) or {}).get(
+            "pod-security.kubernetes.io/enforce", "privileged")
+        added = ((spec.get("securityContext") or {}).get("capabilities") or {}).get("add")
+        if level != "privileged" and added:
+            raise PodSecurityRefused(
+                ApiRequest("patch", "pods/ephemeralcontainers", pod.namespace, pod.name),
+                level=level, why=f'non-default capabilities (container "{spec["name"]}" must '
+                                 f'not include {", ".join(map(repr, added))} in '
+                                 f'securityContext.capabilities.add)')
+        if dry_run:
+            return
         self.ephemeral_specs.append((pod, dict(spec)))
         info = self.pods[pod]
         container = ContainerInfo(name=str(spec["name"]), image=str(spec["image"]),
@@ -212,6 +234,33 @@ class FakeCluster:
     async def delete_pod(self, pod: PodRef, *, grace_seconds: int = 0) -> None:
         self.deleted.append(pod)
         self.pods.pop(pod, None)
+
+    async def create_job(self, manifest: Mapping[str, Any]) -> None:
+        """Records the Job and makes its pod at once, running every container of it."""
+        self.created.append(dict(manifest))
+        meta, template = manifest["metadata"], manifest["spec"]["template"]
+        namespace = meta.get("namespace", "default")
+        self.jobs[PodRef(namespace, meta["name"])] = JobInfo(namespace, meta["name"], "Active")
+        containers = [ContainerInfo(c["name"], c["image"], running=True)
+                      for c in template["spec"]["containers"]]
+        self.add_pod(make_pod(f"{meta['name']}-x1y2z", namespace=namespace,
+                              node=template["spec"].get("nodeName", "node-1"),
+                              containers=containers,
+                              labels={**template["metadata"].get("labels", {}),
+                                      JOB_NAME_LABEL: meta["name"]}))
+
+    async def delete_job(self, namespace: str, name: str) -> None:
+        """Deletes the Job and its pods, as the garbage collector does."""
+        self.deleted_jobs.append(PodRef(namespace, name))
+        self.jobs.pop(PodRef(namespace, name), None)
+        for ref, pod in list(self.pods.items()):
+            if ref.namespace == namespace and pod.labels.get(JOB_NAME_LABEL) == name:
+                del self.pods[ref]
+
+    async def list_jobs(self, namespace: str | None, labels: str) -> tuple[JobInfo, ...]:
+        """Every Job here is one of multisniff's agents: the labels are not looked at."""
+        return tuple(job for job in self.jobs.values()
+                     if namespace is None or job.namespace == namespace)
 
 
 async def _pump_stderr(stream: Any, on_stderr: Callable[[bytes], None] | None) -> None:

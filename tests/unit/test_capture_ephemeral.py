@@ -36,8 +36,11 @@ class SleeperCluster(FakeCluster):
 
     sleepers: list[subprocess.Popen[bytes]]
 
-    async def add_ephemeral_container(self, pod: PodRef, spec: Mapping[str, Any]) -> None:
-        await super().add_ephemeral_container(pod, spec)
+    async def add_ephemeral_container(self, pod: PodRef, spec: Mapping[str, Any], *,
+                                      dry_run: bool = False) -> None:
+        await super().add_ephemeral_container(pod, spec, dry_run=dry_run)
+        if dry_run:
+            return
         # Kubernetes turns $$ into $ in a container's command.
         argv = [a.replace("$$", "$") for a in spec["command"]]
         assert self.rewrite is not None

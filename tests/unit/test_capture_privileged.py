@@ -8,8 +8,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -19,6 +18,7 @@ from fakes import FakeCluster, make_pod
 
 from multisniff.capture import registry
 from multisniff.capture.auto import AutoMode
+from multisniff.capture.cleanup import cleanup
 from multisniff.capture.model import (
     MANAGED_BY_LABEL,
     SESSION_LABEL,
@@ -162,11 +162,18 @@ MARK = SessionMark(session_id="ab12cd34", host="laptop", user="ana",
 def test_the_agent_pod_is_pinned_privileged_marked_and_bounded() -> None:
     manifest = agent_manifest(name="msnf-agent-x", namespace="web", node="node-7",
                               image="busybox:1", deadline=3720, session=MARK)
-    meta, spec = manifest["metadata"], manifest["spec"]
-    assert meta["labels"][MANAGED_BY_LABEL] == "multisniff"
-    assert meta["labels"][SESSION_LABEL] == "ab12cd34"
-    assert {"multisniff/client-host": "laptop", "multisniff/client-user": "ana",
-            "multisniff/started": "2026-11-29T21:00:00Z"}.items() <= meta["annotations"].items()
+    assert manifest["kind"] == "Job"
+    job = manifest["spec"]
+    # One pod, never retried, ended at the deadline, deleted by the cluster soon after.
+    assert job["backoffLimit"] == 0 and job["activeDeadlineSeconds"] == 3720
+    assert 0 < job["ttlSecondsAfterFinished"] <= 60
+    for meta in (manifest["metadata"], job["template"]["metadata"]):
+        assert meta["labels"][MANAGED_BY_LABEL] == "multisniff"
+        assert meta["labels"][SESSION_LABEL] == "ab12cd34"
+        assert {"multisniff/client-host": "laptop", "multisniff/client-user": "ana",
+                "multisniff/started": "2026-11-29T21:00:00Z"}.items() \
+            <= meta["annotations"].items()
+    spec = job["template"]["spec"]
     assert spec["nodeName"] == "node-7" and spec["hostPID"] is True
     assert spec["tolerations"] == [{"operator": "Exists"}]
     assert spec["automountServiceAccountToken"] is False
@@ -201,7 +208,7 @@ async def test_the_assessment_names_what_it_would_create_and_where() -> None:
     assessment = await mode(cluster, agent_namespace="capture").assess(non_root_target())
     assert assessment.usable, assessment.reason
     (creates,) = assessment.creates
-    assert creates.startswith("privileged agent pod msnf-agent-<session>-")
+    assert creates.startswith("privileged agent pod of job msnf-agent-<session>-")
     assert "in namespace capture on node node-1" in creates
 
 
@@ -217,12 +224,13 @@ async def test_pod_security_of_the_agent_namespace_is_a_refusal_that_names_its_l
 
 
 @pytest.mark.anyio
-async def test_rbac_without_create_pods_is_a_refusal() -> None:
+async def test_rbac_without_create_jobs_is_a_refusal() -> None:
     cluster = FakeCluster(namespaces={"web": {}},
-                          allowed={("create", "pods", "exec"), ("get", "pods", "")})
+                          allowed={("create", "pods", "exec"), ("get", "pods", ""),
+                                   ("create", "pods", "")})
     assessment = await mode(cluster).assess(non_root_target())
     assert not assessment.usable
-    assert assessment.reason.startswith("you may not create pods in namespace web (RBAC)")
+    assert assessment.reason.startswith("you may not create jobs in namespace web (RBAC)")
 
 
 @pytest.mark.anyio
@@ -256,22 +264,18 @@ async def test_auto_uses_privileged_only_last_and_only_when_allowed() -> None:
 
 
 class AgentCluster(FakeCluster):
-    """Agent pods it creates run at once; the bundle's unpacking only swallows its bytes."""
+    """Agent Jobs' pods run at once; the bundle's unpacking only swallows its bytes."""
 
     fail_deletes: bool = False
 
-    async def create_pod(self, manifest: Mapping[str, Any]) -> PodRef:
-        ref = await super().create_pod(manifest)
-        self.add_pod(replace(make_pod(ref.name, namespace=ref.namespace,
-                                      node=manifest["spec"]["nodeName"],
-                                      containers=[ContainerInfo("agent", "busybox",
-                                                                running=True)])))
-        return ref
-
-    async def delete_pod(self, pod: PodRef, *, grace_seconds: int = 0) -> None:
+    async def delete_job(self, namespace: str, name: str) -> None:
         if self.fail_deletes:
-            raise ClusterError(f"Cannot reach the Kubernetes API to delete {pod}.")
-        await super().delete_pod(pod, grace_seconds=grace_seconds)
+            raise ClusterError(f"Cannot reach the Kubernetes API to delete {namespace}/{name}.")
+        await super().delete_job(namespace, name)
+
+
+def jobs_of(*agents: Any) -> list[PodRef]:
+    return [PodRef(agent.ref.namespace, agent.job) for agent in agents]
 
 
 def swallow_bundle(pod: PodRef, container: str, command: Sequence[str]) -> list[str]:
@@ -299,19 +303,21 @@ async def test_one_agent_per_node_shared_and_deleted_with_its_last_capture() -> 
     a2 = await privileged._acquire(target_on("node-1", "b"))
     b1 = await privileged._acquire(target_on("node-2", "c"))
     assert a1 is a2 and a1 is not b1
-    assert [(m["metadata"]["namespace"], m["spec"]["nodeName"]) for m in cluster.created] == [
+    assert [(m["metadata"]["namespace"], m["spec"]["template"]["spec"]["nodeName"])
+            for m in cluster.created] == [
         ("capture", "node-1"), ("capture", "node-2")]
     assert privileged.agents == (a1.ref, b1.ref)
+    assert cluster.pods[a1.ref].labels["batch.kubernetes.io/job-name"] == a1.job
     await privileged._release(a1)
-    assert cluster.deleted == []
+    assert cluster.deleted_jobs == []
     await privileged._release(a2)
-    assert cluster.deleted == [a1.ref]
+    assert cluster.deleted_jobs == jobs_of(a1) and a1.ref not in cluster.pods
     # The node's next target gets a new agent.
     again = await privileged._acquire(target_on("node-1", "d"))
     assert again is not a1 and len(cluster.created) == 3
     # The session's end removes every agent, in use or not.
     await privileged.aclose()
-    assert set(cluster.deleted) == {a1.ref, b1.ref, again.ref}
+    assert set(cluster.deleted_jobs) == set(jobs_of(a1, b1, again))
     assert privileged.agents == ()
     assert privileged.leftovers.entries == []
 
@@ -325,7 +331,7 @@ async def test_an_agent_that_cannot_be_deleted_is_left_with_the_command_that_rem
     await privileged.aclose()
     assert privileged.leftovers.entries == [
         f"agent pod capture/{agent.ref.name} on node node-1; remove it with: "
-        f"kubectl delete pod -n capture {agent.ref.name}"]
+        f"kubectl delete job -n capture {agent.job}"]
     result = SessionResult(runs=[], skipped=[], exit_code=ExitCode.OK, output="x.pcapng",
                            started=0.0, ended=1.0, stop_reason="done",
                            left_behind=privileged.leftovers.entries)
@@ -348,12 +354,13 @@ async def test_an_agent_the_node_cannot_run_is_a_sentence_and_is_deleted() -> No
     with pytest.raises(PrivilegedError) as caught:
         await privileged._acquire(target_on("node-1", "a"))
     (created,) = cluster.created
-    name = created["metadata"]["name"]
+    job = created["metadata"]["name"]
+    name = f"{job}-x1y2z"
     assert str(caught.value) == (
         f"The agent pod capture/{name} cannot run on node node-1 (pod capture/{name} failed "
         f"before its container agent ran: Pod Node didn't have enough resource: cpu); check "
         f"the node's capacity and the image {DEFAULT_IMAGE}, or use another --mode.")
-    assert cluster.deleted == [PodRef("capture", name)]
+    assert cluster.deleted_jobs == [PodRef("capture", job)]
     assert privileged.agents == ()
 
 
@@ -363,3 +370,46 @@ async def test_an_agent_namespace_that_does_not_exist_is_a_refusal() -> None:
     assessment = await mode(cluster, agent_namespace="captrue").assess(non_root_target())
     assert assessment.reason == ("the agent namespace captrue does not exist; give "
                                  "--agent-namespace with one that does")
+
+
+@pytest.mark.anyio
+async def test_cleanup_finds_and_removes_the_agent_job_and_its_pod() -> None:
+    cluster = AgentCluster(namespaces={"capture": {}}, rewrite=swallow_bundle)
+    agent = await agent_mode(cluster)._acquire(target_on("node-1", "a"))  # then killed
+    report = await cleanup(cluster, namespace=None, session=MARK.session_id)
+    # The Job's pod goes with it (the garbage collector's work, in the fake at once).
+    assert report.lines()[0] == f"removed agent job (Active) in capture/{agent.job}"
+    assert cluster.deleted_jobs == jobs_of(agent) and cluster.jobs == {}
+    assert agent.ref not in cluster.pods
+
+
+@pytest.mark.anyio
+async def test_auto_moves_past_ephemeral_where_pod_security_refuses_its_capabilities() -> None:
+    cluster = FakeCluster(namespaces={"web": {"pod-security.kubernetes.io/enforce": "baseline"},
+                                      "capture": {}})
+    auto = registry.create("auto", cluster, ModeOptions(session=MARK, allow_privileged=True,
+                                                        agent_namespace="capture"))
+    assert isinstance(auto, AutoMode)
+    privileged = auto.modes[-1]
+    assert isinstance(privileged, PrivilegedMode)
+    privileged._bundles._made["amd64"] = object()  # type: ignore[assignment]
+    mode_of, said = await auto.choose(non_root_target())
+    assert mode_of is privileged, said.reason
+    assert ("ephemeral: namespace web enforces Pod Security level 'baseline', which refuses "
+            "the ephemeral container's NET_ADMIN and NET_RAW (non-default capabilities") \
+        in said.reason
+    # A dry run, nothing added; asked once for the namespace, not once per pod.
+    other = Target(make_pod("web-1", namespace="web", containers=[
+        non_root_target().pod.containers[0]]), "app")
+    assert (await auto.choose(other))[0] is privileged
+    assert len(cluster.dry_runs) == 1 and cluster.ephemeral_specs == []
+
+
+@pytest.mark.anyio
+async def test_ephemeral_is_assessed_usable_where_pod_security_admits_it() -> None:
+    cluster = FakeCluster(namespaces={"web": {"pod-security.kubernetes.io/enforce": "privileged"}})
+    auto = registry.create("auto", cluster, ModeOptions(session=MARK, allow_privileged=True))
+    assert isinstance(auto, AutoMode)
+    mode_of, said = await auto.choose(non_root_target())
+    assert mode_of is auto.modes[1], said.reason
+    assert len(cluster.dry_runs) == 1 and cluster.ephemeral_specs == []

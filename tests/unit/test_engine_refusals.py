@@ -5,15 +5,19 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from enginefakes import FakeCapture, FakeMode
 from fakes import FakeCluster, make_pod
 
+from multisniff.capture.auto import AutoMode
 from multisniff.capture.model import CaptureSpec, RemoteCapture, Target
+from multisniff.capture.privileged import PrivilegedMode
+from multisniff.capture.upload import UploadMode
 from multisniff.engine.output import FileOutput
-from multisniff.engine.session import Session
+from multisniff.engine.session import Session, check_exec
 from multisniff.errors import ExitCode, RefusedError
 from multisniff.profiles import Profile
 
@@ -83,3 +87,32 @@ async def test_refused_everywhere_raises_the_refusal_and_partly_is_partial(
                            FileOutput(str(tmp_path / "p.pcapng"), grace=5)).run()
     assert result.exit_code == ExitCode.PARTIAL
     assert sorted(run.state for run in result.runs) == ["done", "refused"]
+
+
+@dataclass
+class ExecOnlyIn(FakeCluster):
+    """Grants exec in one namespace only."""
+
+    exec_in: str = "capture"
+
+    async def can_i(self, verb: str, resource: str, *, namespace: str | None,
+                    subresource: str = "", group: str = "") -> bool:
+        self.access_reviews.append((verb, resource, namespace, subresource))
+        return namespace == self.exec_in
+
+
+async def test_the_exec_check_asks_the_mode_where_it_would_exec() -> None:
+    cluster = ExecOnlyIn()
+    cluster.add_pod(make_pod("web-a", namespace="shop", labels={"app": "web"}))
+    pods = list(cluster.pods.values())
+    # The privileged mode execs only into its agents, in the agent namespace.
+    await check_exec(cluster, pods, PrivilegedMode(cluster, namespace="capture"))
+    assert [review[2] for review in cluster.access_reviews] == ["capture"]
+    await check_exec(cluster, pods, AutoMode(UploadMode(cluster),
+                                             PrivilegedMode(cluster, namespace="capture")))
+    # The upload mode execs into the targets; so does privileged without --agent-namespace.
+    for refused in (UploadMode(cluster), PrivilegedMode(cluster),
+                    AutoMode(UploadMode(cluster),
+                             PrivilegedMode(cluster, namespace="capture", consented=False))):
+        with pytest.raises(RefusedError, match=r"create pods/exec in namespace shop \(RBAC\)"):
+            await check_exec(cluster, pods, refused)
