@@ -10,12 +10,13 @@ shell (sh)" (the reasons the earlier modes said no).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 from multisniff.capture.model import Assessment, CaptureMode, CaptureSpec, RemoteCapture, Target
-from multisniff.errors import MultisniffError
+from multisniff.errors import MultisniffError, RefusedError
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +37,13 @@ async def assess(mode: CaptureMode, target: Target) -> Assessment:
     try:
         assessment = await mode.assess(target)
     except MultisniffError as exc:
-        assessment = Assessment(False, _clause(str(exc)))
+        assessment = Assessment(False, _clause(str(exc)), refused=isinstance(exc, RefusedError))
     except Exception as exc:  # a mode's bug must not end every capture: it says no, and why
         log.debug("Assessing %s with mode %s failed", target.label, mode.name, exc_info=True)
         assessment = Assessment(False, f"it could not be assessed ({type(exc).__name__}: "
                                        f"{_clause(str(exc))})")
     if not assessment.mode:
-        assessment = Assessment(assessment.usable, assessment.reason, assessment.creates,
-                                mode=mode.name)
+        assessment = dataclasses.replace(assessment, mode=mode.name)
     return assessment
 
 
@@ -78,7 +78,7 @@ class AutoMode:
         if choice is None:
             choice = (None, Assessment(False, "; ".join(
                 f"{no.mode}: {_clause(no.reason)}" for no in refusals) or "no capture mode",
-                mode=self.name))
+                mode=self.name, refused=bool(refusals) and all(no.refused for no in refusals)))
         self._choices[key] = choice
         return choice
 

@@ -218,16 +218,18 @@ class EphemeralMode:
         namespace = pod.ref.namespace
         if not await self._can_i("patch", namespace, "ephemeralcontainers"):
             return Assessment(False, f"you may not add ephemeral containers to pods in "
-                                     f"namespace {namespace} (patch pods/ephemeralcontainers)")
+                                     f"namespace {namespace} (patch pods/ephemeralcontainers)",
+                              refused=True)
         if not await self._can_i("create", namespace, "exec"):
-            return Assessment(False, f"you may not exec into pods in namespace {namespace}")
+            return Assessment(False, f"you may not exec into pods in namespace {namespace}",
+                              refused=True)
         try:
             refusal = await self._pod_security_refusal(target)
         except MultisniffError as exc:
             return Assessment(False, f"a dry run of adding the ephemeral container failed "
                                      f"({str(exc).strip().rstrip('.')})")
         if refusal is not None:
-            return Assessment(False, refusal)
+            return Assessment(False, refusal, refused=True)
         return Assessment(
             True,
             f"may add an ephemeral container with {self._image} next to container {name} "

@@ -133,6 +133,9 @@ class Assessment:
     """What the mode would create or change, in words: "ephemeral container msnf-1a2b in ..."."""
     mode: str = ""
     """The mode this assessment is for: the one auto chose, when it is auto's."""
+    refused: bool = False
+    """The cluster itself said no (RBAC, Pod Security), not the pod: a capture that every mode
+    was refused for in this way ends the session as refused (exit code 4)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -345,7 +345,7 @@ class PrivilegedMode:
         namespace = self._agent_namespace(target)
         refusal = await self._refusal(namespace)
         if refusal is not None:
-            return Assessment(False, refusal)
+            return Assessment(False, refusal, refused=True)
         try:
             await self._bundles.for_pod(pod)
         except MultisniffError as exc:

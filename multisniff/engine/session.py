@@ -558,6 +558,9 @@ class Session:
             if not assessment.usable:
                 run.state = "refused"
                 run.error = assessment.reason
+                if assessment.refused:  # the cluster's no: said once if it is every pod's
+                    self.refusals.append(RefusedError(
+                        f"Cannot capture {run.label}: {assessment.reason.rstrip('.')}."))
                 log.error("Cannot capture %s: %s", run.label, assessment.reason)
                 return
             async with self.mode.open(run.target, self._spec()) as capture:

@@ -13,7 +13,7 @@ from enginefakes import FakeCapture, FakeMode
 from fakes import FakeCluster, make_pod
 
 from multisniff.capture.auto import AutoMode
-from multisniff.capture.model import CaptureSpec, RemoteCapture, Target
+from multisniff.capture.model import Assessment, CaptureSpec, RemoteCapture, Target
 from multisniff.capture.privileged import PrivilegedMode
 from multisniff.capture.upload import UploadMode
 from multisniff.engine.output import FileOutput
@@ -116,3 +116,37 @@ async def test_the_exec_check_asks_the_mode_where_it_would_exec() -> None:
                              PrivilegedMode(cluster, namespace="capture", consented=False))):
         with pytest.raises(RefusedError, match=r"create pods/exec in namespace shop \(RBAC\)"):
             await check_exec(cluster, pods, refused)
+
+
+class AssessedRefusal(FakeMode):
+    """A mode whose assessment says the cluster refuses (Pod Security), or that the pod
+    cannot take it (no shell), for every pod."""
+
+    def __init__(self, *, refused: bool) -> None:
+        super().__init__(make=lambda target: FakeCapture(name=target.pod.ref.name, total=3))
+        self.by_cluster = refused
+
+    async def assess(self, target: Target) -> Assessment:
+        if self.by_cluster:
+            return Assessment(False, "namespace shop enforces Pod Security level 'restricted', "
+                                     "which refuses it", refused=True)
+        return Assessment(False, "container app has no shell (sh)")
+
+
+async def test_an_assessment_the_cluster_refused_for_every_pod_is_one_refusal(
+        tmp_path: Path) -> None:
+    session = Session(shop("web-a", "web-b"), AssessedRefusal(refused=True), PROFILE,
+                      FileOutput(str(tmp_path / "o.pcapng"), grace=5))
+    with pytest.raises(RefusedError, match=r"^Cannot capture shop/web-a: namespace shop "
+                                           r"enforces Pod Security level 'restricted', which "
+                                           r"refuses it\.$") as caught:
+        await session.run()
+    assert caught.value.exit_code == ExitCode.REFUSED
+    assert session.result is not None and session.result.exit_code == ExitCode.REFUSED
+
+
+async def test_a_pod_that_cannot_take_any_mode_is_not_a_refusal(tmp_path: Path) -> None:
+    result = await Session(shop("web-a"), AssessedRefusal(refused=False), PROFILE,
+                           FileOutput(str(tmp_path / "o.pcapng"), grace=5)).run()
+    assert result.exit_code == ExitCode.NOTHING
+    assert [run.state for run in result.runs] == ["refused"]
