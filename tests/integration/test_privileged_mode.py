@@ -317,7 +317,7 @@ def test_the_agent_namespaces_pod_security_is_refused_in_one_sentence(
          "-l", "app=sink-a", "-n", namespace, "--mode", "privileged", "--no-follow",
          "-o", "/dev/null"], capture_output=True, text=True, timeout=120,
         env={**os.environ, "MULTISNIFF_BUNDLES": pods["bundles"]})
-    assert result.returncode == 3, result.stderr
+    assert result.returncode == 4, result.stderr  # the cluster refused: ExitCode.REFUSED
     assert "Traceback" not in result.stderr
     assert (f"namespace {namespace} enforces Pod Security level 'baseline', which refuses "
             f"the privileged agent pod; give --agent-namespace") in result.stderr
@@ -538,7 +538,7 @@ def test_without_create_jobs_in_the_agent_namespace_rbac_refuses_in_one_sentence
     finally:
         for kind, name in cluster_wide:
             cluster.kubectl("delete", kind, name, "--ignore-not-found")
-    assert result.returncode == 3, result.stderr
+    assert result.returncode == 4, result.stderr  # the cluster refused: ExitCode.REFUSED
     assert "Traceback" not in result.stderr
     assert (f"you may not create jobs in namespace {pods['agents']} (RBAC), which the agent "
             f"pod's Job needs; give --agent-namespace") in result.stderr
