@@ -39,6 +39,21 @@ log = logging.getLogger("multisniff")
 SUBCOMMANDS = ("merge", "inspect", "profiles", "bundles", "cleanup", "record", "mark")
 
 
+class _Version(argparse.Action):
+    """--version, with the pcap core in use (compiled or pure Python), looked up only when
+    asked for."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        from multisniff.pcap import core
+
+        try:
+            which = core.describe()
+        except core.CoreUnavailable as exc:
+            which = str(exc)
+        parser.exit(message=f"multisniff {__version__}, {which}\n")
+
+
 def build_parser(*, record: bool = False) -> argparse.ArgumentParser:
     """The sub-commands' parser; record's capture options (which import the API) only when
     `record` is the command, so that merge and inspect stay light."""
@@ -46,7 +61,8 @@ def build_parser(*, record: bool = False) -> argparse.ArgumentParser:
         prog="multisniff",
         description="Capture packets from many Kubernetes pods into one pcapng timeline.",
     )
-    parser.add_argument("--version", action="version", version=f"multisniff {__version__}")
+    parser.add_argument("--version", action=_Version, nargs=0,
+                        help="show the version and the active pcap core, and exit")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_offline_commands(sub)
@@ -203,7 +219,8 @@ def build_capture_parser() -> argparse.ArgumentParser:
                "captured, 1 some pods failed, 2 usage error, 3 nothing captured, 4 refused "
                "by the cluster, 130 interrupted (record: see its --help and the README).",
     )
-    parser.add_argument("--version", action="version", version=f"multisniff {__version__}")
+    parser.add_argument("--version", action=_Version, nargs=0,
+                        help="show the version and the active pcap core, and exit")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     add_capture_options(parser, record=False)
     parser.set_defaults(command="capture", run=run_capture)
