@@ -28,7 +28,7 @@ class CoreUnavailable(RuntimeError):
 def _load() -> tuple[ModuleType | None, str]:
     """The extension and, when it cannot be used, why not in words."""
     try:
-        from multisniff import _core  # type: ignore[attr-defined]
+        from multisniff import _core
     except ImportError as exc:
         return None, f"not built ({exc})"
     if getattr(_core, "ABI", None) != ABI:
