@@ -279,8 +279,9 @@ class EphemeralMode:
                 directory = f"{RUN_DIRECTORY_PREFIX}{secrets.token_hex(4)}"
                 script = watched_script(spec, directory, len(program))
                 stop = signal_by_pidfile(run_pidfile(directory), "INT")
-            async with self._cluster.exec(ref, name, ["sh", "-c", script],
-                                          stdin=True, on_stderr=stderr) as channel:
+            async with self._cluster.exec(ref, name, ["sh", "-c", script], stdin=True,
+                                          on_stderr=stderr,
+                                          linger=spec.read_linger) as channel:
                 if program is not None:
                     await channel.write(program)
                 capture = ExecCapture(self._cluster, ref, name, channel, stderr,

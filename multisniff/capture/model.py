@@ -52,6 +52,9 @@ class CaptureSpec:
     """tcpdump -c: stop after this many packets (per target)."""
     flush_delay: float = 0.05
     """Seconds the watchdog may hold tcpdump's output to pass it on in batches (0: at once)."""
+    read_linger: float | None = None
+    """Seconds the client lets a capture's small frames gather before it reads them (None: the
+    client's default): see `Cluster.exec`."""
 
 
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"

@@ -534,7 +534,7 @@ class PrivilegedMode:
                 try:
                     channel = await stack.enter_async_context(self._cluster.exec(
                         agent.ref, AGENT_CONTAINER, ["sh", "-c", script], stdin=True,
-                        on_stderr=stderr))
+                        on_stderr=stderr, linger=spec.read_linger))
                 except MultisniffError:
                     agent.broken = agent.broken or not await self._alive(agent)
                     raise

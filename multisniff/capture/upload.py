@@ -270,7 +270,8 @@ class UploadMode:
                     command = ["sh", "-c", capture_script(bundle, directory, spec,
                                                           pidfile=pidfile, upload=len(data))]
                     channel = await stack.enter_async_context(self._cluster.exec(
-                        ref, name, command, stdin=True, on_stderr=stderr))
+                        ref, name, command, stdin=True, on_stderr=stderr,
+                        linger=spec.read_linger))
                     if data:
                         await self._send(channel, data, ref, name, directory, stderr)
                 except BaseException:

@@ -239,11 +239,12 @@ class Session:
 
     def _spec(self) -> CaptureSpec:
         settings = self.settings
+        live = isinstance(self.output, LiveOutput)
         return CaptureSpec(interface=settings.interface, bpf_filter=settings.filter,
                            snaplen=settings.snaplen, lifetime=settings.remote_lifetime,
                            packet_count=settings.count,
-                           flush_delay=settings.remote_flush_delay(
-                               live=isinstance(self.output, LiveOutput)))
+                           flush_delay=settings.remote_flush_delay(live=live),
+                           read_linger=settings.client_read_linger(live=live))
 
     # --- the session --------------------------------------------------------------------------
 

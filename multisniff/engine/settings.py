@@ -68,6 +68,10 @@ class CaptureSettings:
     """Live output: packets held for reordering at most; older ones are written early."""
     flush_delay: float = 0.05
     """Seconds a packet may wait on the pod's side to go on with the next ones in one frame."""
+    read_linger: float = 1.0
+    """Seconds the client lets a pod's small frames gather before it reads them all in one go
+    (frames that reached the client are safe from a crashing container; for live output at
+    most an eighth of reorder_window)."""
     max_lifetime: float = field(default=3600.0, metadata={"positive": True})
     """Seconds a remote tcpdump may live when no --duration bounds it."""
     lifetime_margin: float = 60.0
@@ -114,6 +118,13 @@ class CaptureSettings:
         return (f"{self.remote_lifetime:g} s (--duration {self.duration:g} s plus "
                 f"startup_timeout {self.startup_timeout:g} s plus lifetime_margin "
                 f"{self.lifetime_margin:g} s)")
+
+    def client_read_linger(self, *, live: bool) -> float:
+        """Seconds a capture's reads wait for small frames to gather. Live output keeps it
+        short: packets gathered longer would reach the reorder window late."""
+        if live:
+            return min(self.read_linger, self.reorder_window / 8)
+        return self.read_linger
 
     def remote_flush_delay(self, *, live: bool) -> float:
         """Seconds the remote side may hold output. For live output at most a quarter of the

@@ -41,7 +41,7 @@ from multisniff.errors import (
     UsageError,
     api_error_class,
 )
-from multisniff.kube.execstream import ExecStream, open_exec
+from multisniff.kube.execstream import LINGER, ExecStream, open_exec
 from multisniff.kube.k8sclient import ApiException, WsApiClient, k8s, k8s_config
 from multisniff.kube.model import (
     ContainerInfo,
@@ -521,10 +521,10 @@ class KubeCluster:
         return bool((body.get("status") or {}).get("allowed", False))
 
     def exec(self, pod: PodRef, container: str, command: Sequence[str], *, stdin: bool = False,
-             on_stderr: Callable[[bytes], None] | None = None,
+             on_stderr: Callable[[bytes], None] | None = None, linger: float | None = None,
              ) -> AbstractAsyncContextManager[ExecStream]:
         return open_exec(self._ws, pod, container, command, stdin=stdin, on_stderr=on_stderr,
-                         host=self.host)
+                         host=self.host, linger=LINGER if linger is None else linger)
 
     async def add_ephemeral_container(self, pod: PodRef, spec: Mapping[str, Any], *,
                                       dry_run: bool = False) -> None:

@@ -47,7 +47,8 @@ WRITE_CHUNK = 256 * 1024
 READ_CHUNK = 256 * 1024
 """Most stdout bytes one `read()` hands on: frames already queued are joined up to this."""
 LINGER = 0.25
-"""Seconds `read()` lets frames gather after the first one (tcpdump -U sends one message per
+"""Seconds `read()` lets frames gather after the first one, by default (a capture's exec asks for
+its own: `CaptureSpec.read_linger`) (tcpdump -U sends one message per
 packet, the watchdog one per flush_delay): one chunk per pod per LINGER instead of one trip
 through every layer per frame. Frames that reached us are safe from a crash of the remote side,
 so only the remote side's batches need to be short. The queue of the WebSocket stays bounded
@@ -267,8 +268,10 @@ async def open_exec(
     stdin: bool = False,
     on_stderr: Callable[[bytes], None] | None = None,
     host: str = "",
+    linger: float = LINGER,
 ) -> AsyncIterator[ExecStream]:
     """Open an exec through `api_client` (a kubernetes-asyncio WsApiClient); leaving closes it.
+    `linger`: see LINGER.
 
     The heartbeat of the client must be off: a stream paused by backpressure answers no pings,
     and aiohttp would kill it.
@@ -289,7 +292,7 @@ async def open_exec(
         raise Unreachable(exec_request(pod), host=host, detail=str(exc)) from exc
     try:
         yield ExecStream(_AiohttpTransport(ws), protocol=chosen_protocol(ws), on_stderr=on_stderr,
-                         linger=LINGER)
+                         linger=linger)
     finally:
         with anyio.CancelScope(shield=True):
             with anyio.move_on_after(CLOSE_GRACE) as scope:

@@ -212,8 +212,12 @@ class Cluster(Protocol):
         *,
         stdin: bool = False,
         on_stderr: Callable[[bytes], None] | None = None,
+        linger: float | None = None,
     ) -> AbstractAsyncContextManager[ExecChannel]:
-        """Open an exec; leaving the context closes the stream (and with it stdin)."""
+        """Open an exec; leaving the context closes the stream (and with it stdin). `linger`:
+        seconds a read of small frames waits for more to gather (None: the client's default);
+        frames that reached the client are safe from the remote side, so a capture lets its
+        small batches gather here rather than on the pod's side."""
         ...
 
     async def add_ephemeral_container(self, pod: PodRef, spec: Mapping[str, Any], *,

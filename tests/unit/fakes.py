@@ -43,6 +43,7 @@ class ExecRecord:
     stdin: bool
     written: bytearray = field(default_factory=bytearray)
     result: ExecResult | None = None
+    linger: float | None = None
 
 
 class FakeExecChannel:
@@ -161,8 +162,9 @@ class FakeCluster:
         *,
         stdin: bool = False,
         on_stderr: Callable[[bytes], None] | None = None,
+        linger: float | None = None,
     ) -> AsyncIterator[FakeExecChannel]:
-        record = ExecRecord(pod, container, tuple(command), stdin)
+        record = ExecRecord(pod, container, tuple(command), stdin, linger=linger)
         self.execs.append(record)
         argv = list(self.rewrite(pod, container, command) if self.rewrite else command)
         process = await anyio.open_process(

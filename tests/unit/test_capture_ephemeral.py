@@ -85,7 +85,7 @@ async def test_capture_runs_in_the_ephemeral_container_and_its_sleeper_is_ended(
             EphemeralMode(cluster, image="tools:1", watchdogs=no_watchdog))
     port = 48000 + os.getpid() % 1000
     spec = CaptureSpec(interface="lo", bpf_filter=f"udp port {port}", packet_count=3,
-                       lifetime=30)
+                       lifetime=30, read_linger=0.5)
 
     async with mode.open(target, spec) as capture:
         await anyio.sleep(1)
@@ -110,6 +110,7 @@ async def test_capture_runs_in_the_ephemeral_container_and_its_sleeper_is_ended(
     (sleeper,) = cluster.sleepers
     assert sleeper.wait(timeout=5) == 0
     assert len(cluster.execs) == 1
+    assert cluster.execs[0].linger == spec.read_linger
     ((_pod, added),) = cluster.ephemeral_specs
     assert re.fullmatch(r"msnf-[0-9a-f]{6}", added["name"])
     # Not in the target container's PID namespace, whose end would end the capture.

@@ -136,13 +136,15 @@ async def test_after_the_probe_one_exec_uploads_and_captures(tmp_path: Path,
 
     assert (await mode.assess(target)).usable
     async with mode.open(target, CaptureSpec(interface="lo", bpf_filter="tcp port 9",
-                                             lifetime=30)) as capture:
+                                             lifetime=30, read_linger=0.75)) as capture:
         await anyio.sleep(1)  # tcpdump opens the device
         assert len(list(tmp_path.glob(".multisniff-*/msnf-watchdog"))) == 1
         report = await stop_and_wait(capture)
 
     assert report.exit_code == 0, report.message
     assert len(cluster.execs) == 2
+    # the capture's reads gather as the spec says; the probe is a short command that does not
+    assert [record.linger for record in cluster.execs] == [None, 0.75]
     assert mode.bytes_uploaded == len(bundle_for(host_arch()).targz)
 
 

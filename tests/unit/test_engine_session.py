@@ -468,6 +468,20 @@ async def test_remote_batches_stay_well_inside_the_live_reorder_window(out: Path
     assert [spec.flush_delay for spec in mode.specs] == [1.0 if kind == "file" else 0.5]
 
 
+@pytest.mark.parametrize("kind", ["file", "live"])
+async def test_the_client_gathers_small_frames_for_file_output_and_briefly_for_live(
+        out: Path, kind: str) -> None:
+    # Frames that reached the client are safe from a crashing target, so file output reads a
+    # pod's small frames once a second; live output only for an eighth of the reorder window.
+    profile = PROFILE.replace(reorder_window=2.0)
+    output = FileOutput(str(out), grace=5) if kind == "file" else live(MemorySink(),
+                                                                       reorder_window=2.0)
+    mode = mode_with({"web-0": 3})
+    await Session(cluster_with("web-0"), mode, profile, output).run()
+
+    assert [spec.read_linger for spec in mode.specs] == [1.0 if kind == "file" else 0.25]
+
+
 async def test_a_capture_is_announced_once_its_tcpdump_listens(
         out: Path, caplog: pytest.LogCaptureFixture) -> None:
     # The upload mode's exec opens before the bundle is unpacked and tcpdump runs: until
