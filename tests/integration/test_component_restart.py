@@ -92,11 +92,7 @@ def test_a_restarted_component_breaks_the_stream_and_the_capture_resumes(
             send(ip, "before")
             time.sleep(1.5)
             fault(component)
-            deadline = time.monotonic() + 180
-            while log.read_text().count(f"Capturing {label}") < 2:
-                assert process.poll() is None, log.read_text()
-                assert time.monotonic() < deadline, log.read_text()
-                time.sleep(0.3)
+            wait_for(log, f"Capturing {label}", process, 180, times=2)
             send(ip, "after")
             time.sleep(2)
             process.send_signal(signal.SIGINT)

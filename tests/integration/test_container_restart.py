@@ -115,11 +115,7 @@ def test_the_datagrams_before_a_container_is_killed_are_kept(
                 assert time.monotonic() < deadline, now
                 time.sleep(0.3)
             if mode == "upload":  # a new capture, once its tcpdump listens in the new container
-                deadline = time.monotonic() + 120
-                while log.read_text().count(f"Capturing {label}") < 2:
-                    assert process.poll() is None, log.read_text()
-                    assert time.monotonic() < deadline, log.read_text()
-                    time.sleep(0.2)
+                wait_for(log, f"Capturing {label}", process, 120, times=2)
             send(ip, "after")
             time.sleep(2)
             process.send_signal(signal.SIGINT)

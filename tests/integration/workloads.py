@@ -65,10 +65,12 @@ def tshark_markers(pcap: Path, port: int) -> list[tuple[str, str]]:
     return rows
 
 
-def wait_for(path: Path, text: str, process: subprocess.Popen[bytes], seconds: float) -> None:
-    """Wait until multisniff's log at `path` says `text`; fail if it ends first."""
+def wait_for(path: Path, text: str, process: subprocess.Popen[bytes], seconds: float, *,
+             times: int = 1) -> None:
+    """Wait until multisniff's log at `path` says `text` (`times` times); fail if it ends
+    first."""
     deadline = time.monotonic() + seconds
-    while text not in path.read_text():
+    while path.read_text().count(text) < times:
         assert process.poll() is None, f"multisniff ended early:\n{path.read_text()}"
         assert time.monotonic() < deadline, f"no {text!r} in:\n{path.read_text()}"
         time.sleep(0.2)
