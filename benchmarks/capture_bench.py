@@ -171,7 +171,7 @@ def flood(batch: Batch, name: str, per_pod: int) -> int:
 
     Returns the datagrams it says it sent, once it has exited successfully.
     """
-    sender = f"{batch.label}-{name}"
+    sender = f"{batch.label}-{name}-{secrets.token_hex(2)}"  # never an old, finished one
     count = per_pod * len(batch.pods)
     manifest = pod_manifest(
         sender, {"batch": batch.label, "role": "sender"}, WORKLOAD_IMAGE,
