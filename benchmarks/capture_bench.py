@@ -38,9 +38,25 @@ What it does:
    by filter, isb_osdrop = dropped by kernel), parsed here and set against the packets written
    per interface; capinfos counts the file's packets too.
 
+5. The high-rate case, `--flood` (issue 12; pods 1 and 4 by default): no background sender;
+   each side starts capturing as above, and once every pod is capturing (every "listening on" /
+   every "Capturing" log) a fresh sender pod floods the targets as fast as it can (the workload
+   image's `udp` with no pacing: -rate 1e9), --datagrams (1,500,000) per target pod, round
+   robin. When the sender has exited and 3 s more have passed (tcpdump hands over what its
+   ring still holds), the side is stopped: the baseline's tcpdumps get SIGINT from a
+   `kubectl exec POD -- sh -c 'kill -INT $(pidof tcpdump)'` run outside the side's cgroups,
+   multisniff gets SIGINT (exit 130 is then its normal end). Shown per side: datagrams the
+   sender sent (its own count) and the rate it reached (sent / time from the first to the last
+   packet captured), tcpdump's received, captured and kernel-dropped counts, packets written,
+   client CPU and microseconds per captured packet (also without the start-up's CPU, until
+   every pod was capturing; and the baseline's without mergecap), peak PSS. Judged: every
+   pod's packets written == its tcpdump's captured (zero loss in our layer), fewer kernel drops
+   than the baseline, client CPU per captured packet at most the baseline's.
+
 Exit status: 0 when everything ran (targets met or not: read the table); 1 when a side failed.
 Needs root (cgroups), KUBECONFIG and kubectl on PATH (`eval "$(tests/cluster/clusterctl env)"`),
-mergecap and capinfos. Developers: `python benchmarks/capture_bench.py --quick` (3 pods, 15 s).
+mergecap and capinfos. Developers: `python benchmarks/capture_bench.py --quick` (3 pods, 15 s);
+`--flood --quick`: 1 pod, 200,000 datagrams.
 """
 
 from __future__ import annotations
@@ -72,6 +88,12 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 START_TARGET_S = 15.0
 """Every pod capturing within this many seconds (at 30 pods, each of our modes; issue text)."""
 START_TARGET_PODS = 30
+FLOOD_RATE = 1e9
+"""The sender's -rate for a flood: its pacer never waits, so it sends as fast as it can."""
+SETTLE_S = 3.0
+"""After the flood, before stopping a side: tcpdump hands over its ring's blocks within 1 s."""
+SAFETY_S = 3600
+"""A flooded side's tcpdump (baseline) stops by itself after this long, whatever happens."""
 
 
 class BenchError(Exception):
@@ -107,16 +129,16 @@ def pod_manifest(name: str, labels: dict[str, str], image: str, args: list[str])
 
 @dataclass
 class Batch:
-    """N target pods and the sender pod that sends to them."""
+    """N target pods and the sender pod that sends to them (none for a flood batch)."""
 
     namespace: str
     label: str
     pods: list[str]
     ips: list[str]
-    sender: str
+    sender: str | None
 
 
-def create_batch(namespace: str, label: str, count: int, rate_per_pod: float) -> Batch:
+def create_batch(namespace: str, label: str, count: int, rate_per_pod: float | None) -> Batch:
     pods = [f"{label}-{index:02d}" for index in range(count)]
     items = [pod_manifest(name, {"batch": label, "role": "target"}, TOOLS_IMAGE, [])
              for name in pods]
@@ -131,6 +153,8 @@ def create_batch(namespace: str, label: str, count: int, rate_per_pod: float) ->
     uid = kubectl("exec", "-n", namespace, pods[0], "--", "id", "-u").strip()
     if uid != "0":
         raise BenchError(f"target pods run as uid {uid}, not 0: tcpdump cannot capture there")
+    if rate_per_pod is None:
+        return Batch(namespace, label, pods, ips, None)
     sender = f"{label}-sender"
     manifest = pod_manifest(
         sender, {"batch": label, "role": "sender"}, WORKLOAD_IMAGE,
@@ -140,6 +164,44 @@ def create_batch(namespace: str, label: str, count: int, rate_per_pod: float) ->
     kubectl("wait", "-n", namespace, "--for=condition=Ready", f"pod/{sender}",
             "--timeout=120s", timeout=140)
     return Batch(namespace, label, pods, ips, sender)
+
+
+def flood(batch: Batch, name: str, per_pod: int) -> int:
+    """Run a sender pod that sends per_pod datagrams to every target as fast as it can.
+
+    Returns the datagrams it says it sent, once it has exited successfully.
+    """
+    sender = f"{batch.label}-{name}-{secrets.token_hex(2)}"  # never an old, finished one
+    count = per_pod * len(batch.pods)
+    manifest = pod_manifest(
+        sender, {"batch": batch.label, "role": "sender"}, WORKLOAD_IMAGE,
+        ["udp", "-targets", ",".join(f"{ip}:{PORT}" for ip in batch.ips),
+         "-rate", f"{FLOOD_RATE:g}", "-count", str(count), "-pod", sender, "-report", "0"])
+    kubectl("apply", "-n", batch.namespace, "-f", "-", stdin=json.dumps(manifest))
+    kubectl("wait", "-n", batch.namespace, f"pod/{sender}", "--timeout=1800s",
+            "--for=jsonpath={.status.containerStatuses[0].state.terminated.exitCode}",
+            timeout=1820)
+    code = kubectl("get", "pod", "-n", batch.namespace, sender, "-o", "jsonpath="
+                   "{.status.containerStatuses[0].state.terminated.exitCode}").strip()
+    log = kubectl("logs", "-n", batch.namespace, sender)
+    if code != "0":
+        raise BenchError(f"sender {sender} exited {code}: {log[-500:].strip()}")
+    sent = re.findall(r"udp: (\d+) sent, (\d+) failed", log)
+    if not sent:
+        raise BenchError(f"sender {sender} did not say what it sent: {log[-500:].strip()}")
+    return int(sent[-1][0])
+
+
+def wait_until(ready: Any, processes: list[subprocess.Popen], what: str,
+               timeout: float = 300) -> None:
+    """Wait until ready() is true; fail when a process ends first or it takes too long."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if any(process.poll() is not None for process in processes):
+            raise BenchError(f"{what}: a process ended before every pod was capturing")
+        if time.monotonic() > deadline:
+            raise BenchError(f"{what}: not every pod was capturing after {timeout:g} s")
+        time.sleep(0.1)
 
 
 def delete_batch(batch: Batch) -> None:
@@ -218,6 +280,7 @@ class FileFacts:
 
     packets: dict[int, int] = field(default_factory=dict)
     first_ts: dict[int, float] = field(default_factory=dict)
+    last_ts: dict[int, float] = field(default_factory=dict)
     usrdeliv: dict[int, int] = field(default_factory=dict)
     ifrecv: dict[int, int] = field(default_factory=dict)
     osdrop: dict[int, int] = field(default_factory=dict)
@@ -233,14 +296,18 @@ def read_pcap(path: Path) -> FileFacts:
     endian = "<" if magic in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1") else ">"
     nano = magic in (b"\x4d\x3c\xb2\xa1", b"\xa1\xb2\x3c\x4d")
     record = struct.Struct(endian + "IIII")
-    offset, count = 24, 0
+    offset, count, last = 24, 0, 0
     while offset + 16 <= len(data):
         seconds, fraction, caplen, _ = record.unpack_from(data, offset)
         if count == 0:
             facts.first_ts[0] = seconds + fraction / (1e9 if nano else 1e6)
         count += 1
+        last = offset
         offset += 16 + caplen
     facts.packets[0] = count
+    if count:
+        seconds, fraction, _, _ = record.unpack_from(data, last)
+        facts.last_ts[0] = seconds + fraction / (1e9 if nano else 1e6)
     return facts
 
 
@@ -267,8 +334,10 @@ def read_pcapng(path: Path) -> FileFacts:
         elif block_type == 6:  # EPB
             interface, high, low = struct.unpack_from(endian + "III", body, 0)
             facts.packets[interface] = facts.packets.get(interface, 0) + 1
+            stamp = ((high << 32) | low) * resolutions[interface]
             if interface not in facts.first_ts:
-                facts.first_ts[interface] = ((high << 32) | low) * resolutions[interface]
+                facts.first_ts[interface] = stamp
+            facts.last_ts[interface] = max(stamp, facts.last_ts.get(interface, stamp))
         elif block_type == 5:  # ISB
             interface = struct.unpack_from(endian + "I", body, 0)[0]
             for code, value in options(body[12:], endian):
@@ -322,13 +391,43 @@ class Result:
     loss_ours: int = 0
     """Packets tcpdump captured that the client's files lack."""
     exit_code: int = 0
+    sent: int = 0
+    """Flood: datagrams the sender said it sent."""
+    send_rate: float | None = None
+    """Flood: sent / time from the first to the last packet captured, per second."""
+    cpu_capture_s: float | None = None
+    """Flood, baseline: CPU seconds of the kubectl processes alone, before mergecap."""
+    cpu_ready_s: float | None = None
+    """Flood: CPU seconds the side had used when every pod was capturing (start-up)."""
+    unequal_pods: int = 0
+    """Pods whose packets written differ from their tcpdump's captured (or lack its counts)."""
 
     @property
     def cpu_per_100k(self) -> float:
         return self.cpu_s / self.written * 100_000 if self.written else float("inf")
 
+    @property
+    def us_per_captured(self) -> float:
+        return self.cpu_s / self.captured * 1e6 if self.captured else float("inf")
 
-def run_baseline(batch: Batch, *, duration: int, workdir: Path, tag: str) -> Result:
+    @property
+    def us_per_captured_after_ready(self) -> float:
+        if not self.captured or self.cpu_ready_s is None:
+            return float("inf")
+        return (self.cpu_s - self.cpu_ready_s) / self.captured * 1e6
+
+
+def send_rate(sent: int, facts: list[FileFacts]) -> float | None:
+    first = min((ts for f in facts for ts in f.first_ts.values()), default=None)
+    last = max((ts for f in facts for ts in f.last_ts.values()), default=None)
+    if first is None or last is None or last <= first:
+        return None
+    return sent / (last - first)
+
+
+def run_baseline(batch: Batch, *, duration: int, workdir: Path, tag: str,
+                 flood_per_pod: int = 0) -> Result:
+    """The baseline; with flood_per_pod, capture until a flood of that many has passed."""
     result = Result("baseline", len(batch.pods))
     group = Group(f"msnf-bench-baseline-{len(batch.pods)}-{tag}")
     files = [workdir / f"baseline-{pod}.pcap" for pod in batch.pods]
@@ -340,7 +439,8 @@ def run_baseline(batch: Batch, *, duration: int, workdir: Path, tag: str) -> Res
         started_wall, started = time.time(), time.monotonic()
         for pod, path in zip(batch.pods, files, strict=True):
             argv = ["kubectl", "exec", "-n", batch.namespace, pod, "--", "timeout", "-s", "INT",
-                    str(duration), "tcpdump", "-U", "-w", "-", "-i", "any", "-n", BPF]
+                    str(SAFETY_S if flood_per_pod else duration), "tcpdump", "-U", "-w", "-",
+                    "-i", "any", "-n", BPF]
             with path.open("wb") as out:
                 process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
                                            stderr=subprocess.PIPE, preexec_fn=group.enter)
@@ -358,9 +458,20 @@ def run_baseline(batch: Batch, *, duration: int, workdir: Path, tag: str) -> Res
             thread = threading.Thread(target=follow, daemon=True)
             thread.start()
             threads.append(thread)
-        codes = [process.wait(timeout=duration + 120) for process in processes]
+        if flood_per_pod:
+            wait_until(lambda: len(listening) == len(batch.pods), processes, "baseline")
+            result.cpu_ready_s = int((group.cpu / "cpuacct.usage").read_text()) / 1e9
+            result.sent = flood(batch, "flood-baseline", flood_per_pod)
+            time.sleep(SETTLE_S)
+            for pod in batch.pods:
+                kubectl("exec", "-n", batch.namespace, pod, "--", "sh", "-c",
+                        "kill -INT $(pidof tcpdump)")
+        codes = [process.wait(timeout=(SAFETY_S if flood_per_pod else duration) + 120)
+                 for process in processes]
         for thread in threads:
             thread.join()
+        if flood_per_pod:
+            result.cpu_capture_s = int((group.cpu / "cpuacct.usage").read_text()) / 1e9
         merged = workdir / "baseline-merged.pcapng"
         mergecap = subprocess.run(["mergecap", "-F", "pcapng", "-w", str(merged),
                                    *map(str, files)], capture_output=True, text=True,
@@ -374,9 +485,10 @@ def run_baseline(batch: Batch, *, duration: int, workdir: Path, tag: str) -> Res
             detail = "; ".join(f"{pod} exit {code}: {stderr_text.get(pod, '')[-300:].strip()}"
                                for pod, code in bad[:3]) or mergecap.stderr[-500:]
             raise BenchError(f"baseline failed: {detail}")
-        firsts = []
+        firsts, every = [], []
         for pod, path in zip(batch.pods, files, strict=True):
             facts = read_pcap(path)
+            every.append(facts)
             stats = dict((what, int(count)) for count, what in re.findall(
                 r"^\s*(\d+) packets? (captured|received by filter|dropped by kernel)",
                 stderr_text.get(pod, ""), re.MULTILINE))
@@ -384,12 +496,16 @@ def run_baseline(batch: Batch, *, duration: int, workdir: Path, tag: str) -> Res
             result.received += stats.get("received by filter", 0)
             result.kernel_dropped += stats.get("dropped by kernel", 0)
             result.loss_ours += max(0, stats.get("captured", 0) - facts.packets.get(0, 0))
+            if "captured" not in stats or stats["captured"] != facts.packets.get(0, 0):
+                result.unequal_pods += 1
             if 0 in facts.first_ts:
                 firsts.append(facts.first_ts[0] - started_wall)
         result.pods_with_packets = len(firsts)
         result.first_packet_s = max(firsts) if len(firsts) == len(batch.pods) else None
         result.ready_s = max(listening.values()) if len(listening) == len(batch.pods) else None
         result.written = capinfos_count(merged)
+        if flood_per_pod:
+            result.send_rate = send_rate(result.sent, every)
         return result
     finally:
         for process in processes:
@@ -400,7 +516,9 @@ def run_baseline(batch: Batch, *, duration: int, workdir: Path, tag: str) -> Res
         group.remove()
 
 
-def run_ours(batch: Batch, mode: str, *, duration: int, workdir: Path, tag: str) -> Result:
+def run_ours(batch: Batch, mode: str, *, duration: int, workdir: Path, tag: str,
+             flood_per_pod: int = 0) -> Result:
+    """multisniff in one mode; with flood_per_pod, until a flood of that many has passed."""
     result = Result(f"multisniff {mode}", len(batch.pods))
     group = Group(f"msnf-bench-{mode}-{len(batch.pods)}-{tag}")
     output = workdir / f"ours-{mode}.pcapng"
@@ -409,8 +527,9 @@ def run_ours(batch: Batch, mode: str, *, duration: int, workdir: Path, tag: str)
     here = Path(sys.executable).parent / "multisniff"
     program = str(here if here.exists() else REPO / ".venv" / "bin" / "multisniff")
     argv = [program, "-l", f"batch={batch.label},role=target", "-n", batch.namespace,
-            "-o", str(output), "--mode", mode, "--duration", f"{duration}s", "-f", BPF,
-            "--summary-json", str(summary)]
+            "-o", str(output), "--mode", mode, "-f", BPF, "--summary-json", str(summary)]
+    if not flood_per_pod:
+        argv += ["--duration", f"{duration}s"]
     if mode == "ephemeral":
         argv += ["--ephemeral-image", TOOLS_IMAGE]
     capturing: dict[str, float] = {}
@@ -421,16 +540,29 @@ def run_ours(batch: Batch, mode: str, *, duration: int, workdir: Path, tag: str)
         started_wall, started = time.time(), time.monotonic()
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.PIPE, preexec_fn=group.enter)
-        for raw in process.stderr:
-            line = raw.decode(errors="replace")
-            lines.append(line)
-            match = re.search(r"Capturing (\S+) \(", line)
-            if match and match.group(1) not in capturing:
-                capturing[match.group(1)] = time.monotonic() - started
-        result.exit_code = process.wait(timeout=duration + 180)
+
+        def follow(process: subprocess.Popen = process) -> None:
+            for raw in process.stderr:
+                line = raw.decode(errors="replace")
+                lines.append(line)
+                match = re.search(r"Capturing (\S+) \(", line)
+                if match and match.group(1) not in capturing:
+                    capturing[match.group(1)] = time.monotonic() - started
+
+        thread = threading.Thread(target=follow, daemon=True)
+        thread.start()
+        if flood_per_pod:
+            wait_until(lambda: len(capturing) == len(batch.pods), [process], f"multisniff {mode}")
+            result.cpu_ready_s = int((group.cpu / "cpuacct.usage").read_text()) / 1e9
+            result.sent = flood(batch, f"flood-{mode}", flood_per_pod)
+            time.sleep(SETTLE_S)
+            process.send_signal(signal.SIGINT)
+        result.exit_code = process.wait(timeout=(300 if flood_per_pod else duration + 180))
+        thread.join()
         result.wall_s = time.monotonic() - started
         result.cpu_s, result.peak_pss, result.cgroup_max_usage = group.finish()
-        if result.exit_code != 0 or not output.exists():
+        stopped = 130 if flood_per_pod else 0  # SIGINT ends a capture with 130, as documented
+        if result.exit_code != stopped or not output.exists():
             raise BenchError(f"multisniff --mode {mode} exited {result.exit_code}:\n"
                              + "".join(lines[-15:]))
         facts = read_pcapng(output)
@@ -445,7 +577,12 @@ def run_ours(batch: Batch, mode: str, *, duration: int, workdir: Path, tag: str)
                                for interface, count in facts.usrdeliv.items())
         if len(facts.usrdeliv) != len(batch.pods):
             result.loss_ours = -1  # tcpdump's counts missing for some pod: cannot tell
+        result.unequal_pods = max(0, len(batch.pods) - len(facts.usrdeliv)) + sum(
+            1 for interface, count in facts.usrdeliv.items()
+            if count != facts.packets.get(interface, 0))
         result.written = capinfos_count(output)
+        if flood_per_pod:
+            result.send_rate = send_rate(result.sent, [facts])
         return result
     finally:
         if process is not None and process.poll() is None:
@@ -481,6 +618,52 @@ def print_table(results: list[Result]) -> None:
           "tcpdump captured that the client's files lack (-1: tcpdump's counts missing)")
 
 
+def print_flood_table(results: list[Result]) -> None:
+    print()
+    print(f"{'side':<20} {'pods':>4} {'sent':>10} {'rate/s':>8} {'received':>10} "
+          f"{'captured':>10} {'kdrop':>9} {'kdrop%':>6} {'written':>10} {'unequal':>7} "
+          f"{'CPU s':>7} {'us/pkt':>6} {'flood':>6} {'PSS MiB':>8}")
+    for r in results:
+        rate = "n/a" if r.send_rate is None else f"{r.send_rate:,.0f}"
+        share = r.kernel_dropped / r.received * 100 if r.received else 0.0
+        print(f"{r.side:<20} {r.pods:>4} {r.sent:>10,} {rate:>8} {r.received:>10,} "
+              f"{r.captured:>10,} {r.kernel_dropped:>9,} {share:6.2f} {r.written:>10,} "
+              f"{r.unequal_pods:>7} {r.cpu_s:7.2f} {r.us_per_captured:6.2f} "
+              f"{r.us_per_captured_after_ready:6.2f} {r.peak_pss / 2**20:8.1f}")
+        if r.cpu_capture_s is not None and r.cpu_ready_s is not None and r.captured:
+            print(f"{'  kubectl alone':<20} {'':>4} {'':>10} {'':>8} {'':>10} {'':>10} {'':>9} "
+                  f"{'':>6} {'':>10} {'':>7} {r.cpu_capture_s:7.2f} "
+                  f"{r.cpu_capture_s / r.captured * 1e6:6.2f} "
+                  f"{(r.cpu_capture_s - r.cpu_ready_s) / r.captured * 1e6:6.2f}")
+    print("rate: datagrams sent / time from the first to the last packet captured; received, "
+          "captured, kdrop: tcpdump's counts (kdrop% of received);\nunequal: pods whose packets "
+          "written differ from their tcpdump's captured; us/pkt: client CPU per captured packet "
+          "(the baseline's with mergecap;\n'kubectl alone': before mergecap); flood: the same "
+          "without the CPU used until every pod was capturing (start-up)")
+
+
+def flood_verdicts(results: list[Result]) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = []
+    by = {(r.side, r.pods): r for r in results}
+    for (side, pods), r in sorted(by.items(), key=lambda item: (item[0][1], item[0][0])):
+        if side == "baseline":
+            continue
+        found.append({"check": f"flood {side} {pods} pods: zero loss in our layer (pods with "
+                               f"written != captured)", "value": r.unequal_pods,
+                      "pass": r.unequal_pods == 0 and r.captured > 0})
+        base = by.get(("baseline", pods))
+        if base is None:
+            continue
+        found.append({"check": f"flood {side} {pods} pods: fewer kernel drops than the "
+                               f"baseline's {base.kernel_dropped:,}", "value": r.kernel_dropped,
+                      "pass": r.kernel_dropped < base.kernel_dropped
+                      or r.kernel_dropped == base.kernel_dropped == 0})
+        ratio = r.us_per_captured / base.us_per_captured if base.captured else float("inf")
+        found.append({"check": f"flood {side} {pods} pods: CPU per captured packet at most the "
+                               f"baseline's", "value": round(ratio, 3), "pass": ratio <= 1.0})
+    return found
+
+
 def verdicts(results: list[Result]) -> list[dict[str, Any]]:
     found = []
     by = {(r.side, r.pods): r for r in results}
@@ -510,7 +693,8 @@ def print_verdicts(found: list[dict[str, Any]]) -> None:
     for item in found:
         value = item["value"]
         shown = ("n/a" if value is None else
-                 f"ratio ours/baseline {value:.2f}" if "baseline" in item["check"] else
+                 f"ratio ours/baseline {value:.2f}" if item["check"].endswith("baseline's") else
+                 f"{value:,}" if isinstance(value, int) else
                  f"{value:.1f} s" if isinstance(value, float) else f"{value}")
         print(f"{'PASS' if item['pass'] else 'FAIL'}  {item['check']}: {shown}")
 
@@ -520,20 +704,42 @@ def print_verdicts(found: list[dict[str, Any]]) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pods", type=int, nargs="+", default=[10, 30],
-                        help="pod counts to measure (default: 10 30)")
+    parser.add_argument("--pods", type=int, nargs="+",
+                        help="pod counts to measure (default: 10 30; with --flood: 1 4)")
     parser.add_argument("--duration", type=int, default=60,
                         help="seconds each side captures (default: 60)")
     parser.add_argument("--rate", type=float, default=100.0,
                         help="datagrams per second per target pod (default: 100)")
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp/multisniff-capture-bench"),
                         help="where the capture files go (default: %(default)s)")
-    parser.add_argument("--quick", action="store_true", help="3 pods, 15 s: for developers")
+    parser.add_argument("--flood", action="store_true",
+                        help="the high-rate case instead: each side's targets flooded by a "
+                             "sender as fast as it can, --datagrams per target pod")
+    parser.add_argument("--datagrams", type=int, default=1_500_000,
+                        help="with --flood: datagrams per target pod (default: 1,500,000)")
+    parser.add_argument("--quick", action="store_true",
+                        help="3 pods, 15 s (with --flood: 1 pod, 200,000 datagrams): for "
+                             "developers")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH")
     args = parser.parse_args(argv)
-    if args.quick:
+    if args.quick and args.flood:
+        args.pods, args.datagrams = [1], 200_000
+    elif args.quick:
         args.pods, args.duration = [3], 15
+    elif args.pods is None:
+        args.pods = [1, 4] if args.flood else [10, 30]
+    if args.datagrams < 1 or min(args.pods) < 1:
+        parser.error("--datagrams and --pods take numbers of at least 1")
     return args
+
+
+def core_name() -> str:
+    """The pcap core multisniff runs with, as its --version says."""
+    here = Path(sys.executable).parent / "multisniff"
+    program = str(here if here.exists() else REPO / ".venv" / "bin" / "multisniff")
+    out = subprocess.run([program, "--version"], capture_output=True, text=True, check=False)
+    said = (out.stdout + out.stderr).strip()
+    return said.splitlines()[-1] if said else "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -554,8 +760,12 @@ def main(argv: list[str] | None = None) -> int:
                    stdout=subprocess.DEVNULL, check=False)
     tag = secrets.token_hex(3)
     namespace = f"msnf-bench-{tag}"
-    print(f"namespace {namespace}; pods {args.pods}; {args.duration} s per side; "
-          f"{args.rate:g} datagrams/s per target pod; filter '{BPF}'", flush=True)
+    if args.flood:
+        print(f"namespace {namespace}; pods {args.pods}; flood of {args.datagrams:,} datagrams "
+              f"per target pod; filter '{BPF}'; core {core_name()}", flush=True)
+    else:
+        print(f"namespace {namespace}; pods {args.pods}; {args.duration} s per side; "
+              f"{args.rate:g} datagrams/s per target pod; filter '{BPF}'", flush=True)
     results: list[Result] = []
     failed = False
     kubectl("create", "namespace", namespace)
@@ -566,24 +776,34 @@ def main(argv: list[str] | None = None) -> int:
             for which in plan:
                 label = f"{'a' if which == 'shared' else 'b'}{count}"
                 print(f"creating {count} target pods + 1 sender ({label}) ...", flush=True)
-                batch = create_batch(namespace, label, count, args.rate)
-                time.sleep(3)  # the sender's first datagrams reach every target
+                batch = create_batch(namespace, label, count,
+                                     None if args.flood else args.rate)
+                if not args.flood:
+                    time.sleep(3)  # the sender's first datagrams reach every target
                 sides = (["baseline", "upload"] if shared_first else ["upload", "baseline"]) \
                     if which == "shared" else ["ephemeral"]
                 for side in sides:
                     print(f"  {count} pods: {side} ...", flush=True)
                     try:
+                        flood_per_pod = args.datagrams if args.flood else 0
                         if side == "baseline":
                             result = run_baseline(batch, duration=args.duration,
-                                                  workdir=args.workdir, tag=tag)
+                                                  workdir=args.workdir, tag=tag,
+                                                  flood_per_pod=flood_per_pod)
                         else:
                             result = run_ours(batch, side, duration=args.duration,
-                                              workdir=args.workdir, tag=tag)
+                                              workdir=args.workdir, tag=tag,
+                                              flood_per_pod=flood_per_pod)
                     except BenchError as exc:
                         print(f"  FAILED: {exc}", flush=True)
                         failed = True
                         continue
                     results.append(result)
+                    if args.flood:
+                        print(f"    {result.sent:,} sent, {result.captured:,} captured, "
+                              f"{result.kernel_dropped:,} kernel drops, {result.written:,} "
+                              f"written, {result.cpu_s:.2f} CPU s", flush=True)
+                        continue
                     print(f"    first packet of every pod after {seconds(result.first_packet_s)} s"
                           f", {result.cpu_s:.2f} CPU s, {result.written:,} packets written, "
                           f"peak PSS {result.peak_pss / 2**20:.1f} MiB", flush=True)
@@ -596,13 +816,22 @@ def main(argv: list[str] | None = None) -> int:
         except (BenchError, subprocess.TimeoutExpired) as exc:
             print(f"could not delete namespace {namespace}: {exc}; "
                   f"kubectl delete namespace {namespace}", file=sys.stderr)
-    print_table(results)
-    found = verdicts(results)
+    if args.flood:
+        print_flood_table(results)
+        found = flood_verdicts(results)
+    else:
+        print_table(results)
+        found = verdicts(results)
     print_verdicts(found)
     if args.json:
-        Path(args.json).write_text(json.dumps({
-            "duration_s": args.duration, "rate_per_pod": args.rate, "filter": BPF,
-            "results": [asdict(r) | {"cpu_per_100k": r.cpu_per_100k} for r in results],
+        case = ({"flood_datagrams_per_pod": args.datagrams, "core": core_name()} if args.flood
+                else {"duration_s": args.duration, "rate_per_pod": args.rate})
+        Path(args.json).write_text(json.dumps(case | {
+            "filter": BPF,
+            "results": [asdict(r) | {"cpu_per_100k": r.cpu_per_100k,
+                                     "us_per_captured": r.us_per_captured,
+                                     "us_per_captured_after_ready":
+                                         r.us_per_captured_after_ready} for r in results],
             "verdicts": found,
         }, indent=1) + "\n")
     return 1 if failed else 0
