@@ -25,7 +25,7 @@ import shutil
 import sys
 import types
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from setuptools import setup
 from setuptools.command.build_py import build_py
@@ -92,7 +92,7 @@ class BuildCompiledCore(build_rust):
     pip and rustup; a failed cargo build: its output); this says what that means here. It runs
     twice in a build (as a step of `build` and from `build_ext`); the line is said once."""
 
-    said: set[str] = set()
+    said: ClassVar[set[str]] = set()
 
     def say(self, line: str) -> None:
         if line not in self.said:
