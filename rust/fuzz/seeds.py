@@ -4,15 +4,15 @@ The seeds are the bases of tests/integration/test_damage_fuzz.py: real tcpdump c
 the loopback interface (where this runs as root with tcpdump and the Wireshark tools; without
 them it says so and goes on) and generated ones of every block type, both byte orders and both
 timestamp resolutions. Each goes behind the 4-byte header of rust/src/fuzzing.rs in a few
-variants (byte order, units, cap, where the capture is cut). Files are named by their digest,
-as libFuzzer names what it finds, so that running this again adds nothing twice.
+variants (byte order, units, cap, where the capture is cut). Files are named by base and
+variant, so that running this again replaces its seeds (the real captures differ each time)
+rather than adding to them; what libFuzzer adds is named by digest.
 
 Usage: .venv/bin/python rust/fuzz/seeds.py DIRECTORY
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -57,14 +57,14 @@ def main() -> None:
     into = Path(sys.argv[1])
     into.mkdir(parents=True, exist_ok=True)
     written = 0
-    for data in bases().values():
-        for flags, cap, where in HEADERS:
+    for name, data in bases().items():
+        for n, (flags, cap, where) in enumerate(HEADERS):
             seed = header(flags, cap, int(len(data) * where)) + data
-            path = into / hashlib.sha1(seed).hexdigest()
-            if not path.exists():
+            path = into / f"seed-{name}-{n}"
+            if not path.exists() or path.read_bytes() != seed:
                 path.write_bytes(seed)
                 written += 1
-    print(f"seeds: {written} new seeds in {into}", file=sys.stderr)
+    print(f"seeds: {written} seeds written in {into}", file=sys.stderr)
 
 
 if __name__ == "__main__":
