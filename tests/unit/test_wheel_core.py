@@ -1,18 +1,20 @@
-"""The compiled core as packaged: without a Rust toolchain the package installs from source with
-the pure-Python core and says so in the build log; with the aarch64 target and cross linker, the
-build makes an arm64 wheel whose core loads in Debian's arm64 Python under qemu-user."""
+"""The compiled core as packaged: the sdist carries the crate; without a Rust toolchain the package
+installs from it with the pure-Python core and says so in the build log; with the aarch64 target
+and cross linker, it makes an arm64 wheel whose core loads in Debian's arm64 Python under
+qemu-user."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import subprocess
+import tarfile
 import zipfile
 from pathlib import Path
 
 import capturefiles as cf
 import pytest
-from wheelbuild import build_wheel, client_env, copy_tree, fresh_venv
+from wheelbuild import ROOT, build_sdist, build_wheel, client_env, copy_tree, fresh_venv
 
 from multisniff._version import __version__
 from multisniff.capture.bundlebuild import foreign_architectures, host_arch, prepare_sysroot
@@ -29,9 +31,25 @@ def _rust_sysroot_has(target: str) -> bool:
     return bool(sysroot) and (Path(sysroot) / "lib" / "rustlib" / target / "lib").is_dir()
 
 
+@pytest.fixture(scope="module")
+def sdist(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_sdist(copy_tree(tmp_path_factory.mktemp("tree")),
+                       tmp_path_factory.mktemp("sdist"))
+
+
+def test_the_sdist_carries_the_crate(sdist: Path) -> None:
+    crate = subprocess.run(["git", "ls-files", "rust/Cargo.toml", "rust/Cargo.lock", "rust/src"],
+                           cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    with tarfile.open(sdist) as archive:
+        names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
+    assert "rust/src/lib.rs" in crate
+    assert set(crate) <= names
+    assert not any(name.startswith(("rust/target", "rust/fuzz")) for name in names)
+
+
 @pytest.mark.skipif(shutil.which("capinfos") is None, reason="needs capinfos (wireshark-common)")
-def test_without_rust_the_package_installs_with_the_pure_python_core(tmp_path: Path) -> None:
-    tree = copy_tree(tmp_path / "tree")
+def test_without_rust_the_sdist_installs_with_the_pure_python_core(
+        sdist: Path, tmp_path: Path) -> None:
     venv = tmp_path / "venv"
     fresh_venv(venv)
     # No cargo or rustc on PATH, and rustup's homes hidden (its proxies read them).
@@ -41,7 +59,7 @@ def test_without_rust_the_package_installs_with_the_pure_python_core(tmp_path: P
     if any(shutil.which(tool, path=env["PATH"]) for tool in ("cargo", "rustc")):
         pytest.skip("this machine has Rust in /usr/bin, which no PATH here can hide")
 
-    install = subprocess.run([venv / "bin" / "pip", "install", "-v", "--no-deps", str(tree)],
+    install = subprocess.run([venv / "bin" / "pip", "install", "-v", "--no-deps", str(sdist)],
                              env=env, capture_output=True, text=True, timeout=500)
     version = subprocess.run([venv / "bin" / "multisniff", "--version"], env=env,
                              capture_output=True, text=True, timeout=60)
@@ -74,13 +92,12 @@ def test_without_rust_the_package_installs_with_the_pure_python_core(tmp_path: P
     or "arm64" not in foreign_architectures(),
     reason="needs an amd64 host with Rust's aarch64-unknown-linux-gnu target (rustup target add), "
            "gcc-aarch64-linux-gnu, qemu-user and dpkg --add-architecture arm64 (see .ci/setup)")
-def test_the_cross_built_arm64_wheel_loads_in_an_arm64_python(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    tree = copy_tree(tmp_path / "tree")
+def test_the_arm64_wheel_cross_built_from_the_sdist_loads_in_an_arm64_python(
+        sdist: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     env = {**os.environ, "MULTISNIFF_REQUIRE_CORE": "1", "MULTISNIFF_WHEEL_BUNDLES": "none",
            "CARGO_BUILD_TARGET": "aarch64-unknown-linux-gnu",
            "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER": "aarch64-linux-gnu-gcc"}
-    wheel, log = build_wheel(tree, tmp_path / "wheel", env=env,
+    wheel, log = build_wheel(sdist, tmp_path / "wheel", env=env,
                              options=("-C--build-option=--plat-name=linux_aarch64",), timeout=500)
     # Debian's arm64 Python 3 with its libraries, unpacked (never installed) into a sysroot.
     monkeypatch.setenv("MULTISNIFF_BUNDLES", str(tmp_path / "sysroots"))

@@ -26,9 +26,22 @@ def copy_tree(into: Path) -> Path:
     return into
 
 
+def build_sdist(tree: Path, out: Path, *, timeout: float = 300) -> Path:
+    """The sdist that `python -m build` makes from `tree` (no bundles: they are built with
+    the wheel)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "build", "--sdist", "--outdir", str(out), str(tree)],
+        capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "MULTISNIFF_WHEEL_BUNDLES": "none"})
+    assert result.returncode == 0, result.stderr[-5000:]
+    (built,) = out.glob("multisniff-*.tar.gz")
+    return built
+
+
 def build_wheel(tree: Path, out: Path, *, env: dict[str, str] | None = None,
                 options: tuple[str, ...] = (), timeout: float = 880) -> tuple[Path, str]:
-    """The wheel pip builds from `tree`, and the build's log lines that multisniff wrote."""
+    """The wheel pip builds from `tree` (a directory or an sdist), and the build's log lines
+    that multisniff wrote."""
     result = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-v", str(tree), "-w", str(out),
          *options],
