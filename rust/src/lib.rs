@@ -8,6 +8,8 @@
 
 use pyo3::prelude::*;
 
+pub mod fuzzing;
+
 /// Changes whenever a function's signature or results change, so that a stale build of the
 /// extension (an editable install not rebuilt) is refused rather than misused.
 pub const ABI: u32 = 1;

@@ -1,5 +1,6 @@
-"""The wheel built from this tree ships both upload bundles, and a client that installs it uses
-them as they are: no gcc, apt or dpkg on its PATH, an empty bundle cache, nothing built."""
+"""The wheel built from this tree ships both upload bundles and the compiled core, and a client
+that installs it uses them as they are: no gcc, apt, dpkg or Rust on its PATH, an empty bundle
+cache, nothing built."""
 
 from __future__ import annotations
 
@@ -7,16 +8,14 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
-import anyio
 import pytest
+from wheelbuild import build_wheel, copy_tree, fresh_venv
 
+from multisniff._version import __version__
 from multisniff.capture.bundlebuild import foreign_architectures, host_arch
-
-ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = [
     pytest.mark.slow,
@@ -30,24 +29,16 @@ pytestmark = [
 ]
 
 
+RUST = shutil.which("cargo") is not None and shutil.which("rustc") is not None
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    # A copy of the tree as git sees it: no build/ or bundles left from an earlier build.
-    tree = tmp_path_factory.mktemp("tree")
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT,
-                           capture_output=True, check=True).stdout.decode().split("\0")
-    for name in filter(None, files):
-        if (ROOT / name).is_file():
-            (tree / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, tree / name)
-    out = tmp_path_factory.mktemp("wheel")
-    result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-v", str(tree), "-w", str(out)],
-        capture_output=True, text=True, timeout=880)
-    assert result.returncode == 0, result.stderr
-    print("\n".join(line for line in (result.stdout + result.stderr).splitlines()
-                    if "multisniff:" in line))
-    (built,) = out.glob("multisniff-*.whl")
+    tree = copy_tree(tmp_path_factory.mktemp("tree"))
+    # Where Rust is, a wheel without the compiled core is a broken build, not a fallback.
+    env = {**os.environ, "MULTISNIFF_REQUIRE_CORE": "1" if RUST else "0"}
+    built, log = build_wheel(tree, tmp_path_factory.mktemp("wheel"), env=env)
+    print(log)
     return built
 
 
@@ -68,29 +59,35 @@ def test_the_wheel_ships_a_small_bundle_for_each_architecture(wheel: Path) -> No
             < 2_500_000
 
 
+@pytest.mark.skipif(not RUST, reason="the compiled core needs Rust (cargo, rustc) to build")
+def test_the_wheel_is_one_abi3_wheel_with_the_compiled_core(wheel: Path) -> None:
+    # PyO3's abi3-py310: one wheel per platform for every CPython from 3.10 on.
+    assert wheel.name == f"multisniff-{__version__}-cp310-abi3-linux_x86_64.whl"
+    cores = [n for n in zipfile.ZipFile(wheel).namelist() if n.startswith("multisniff/_core")]
+    assert cores == ["multisniff/_core.abi3.so"]
+
+
 def test_a_client_without_compiler_or_apt_uses_the_shipped_bundles(
         wheel: Path, tmp_path: Path) -> None:
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    site_packages = fresh_venv(venv)
     subprocess.run([venv / "bin" / "pip", "install", "-q", "--no-deps", "--no-index", wheel],
                    check=True, timeout=120)
-    # The dependencies come from this venv's site-packages, as a plain path (its editable
-    # multisniff is not: that needs the .pth files there, which a plain path does not run).
-    dependencies = Path(anyio.__file__).parents[1]
-    (site_packages,) = venv.glob("lib/python*/site-packages")
-    (site_packages / "dependencies.pth").write_text(f"{dependencies}\n")
     cache = tmp_path / "empty-cache"
     env = {"PATH": str(venv / "bin"), "HOME": str(tmp_path), "MULTISNIFF_BUNDLES": str(cache),
            "LANG": os.environ.get("LANG", "C.UTF-8")}
 
     listing = subprocess.run([venv / "bin" / "multisniff", "bundles", "list", "--json"],
                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    version = subprocess.run([venv / "bin" / "multisniff", "--version"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=60)
     loaded = subprocess.run(
         [venv / "bin" / "python", "-c",
          "import hashlib, json, shutil, multisniff\n"
          "from multisniff.capture.bundlecache import bundle_for, watchdog_for\n"
          "print(json.dumps({'module': multisniff.__file__,"
-         " 'tools': [t for t in ('gcc', 'aarch64-linux-gnu-gcc', 'apt-get', 'dpkg')"
+         " 'tools': [t for t in ('gcc', 'aarch64-linux-gnu-gcc', 'apt-get', 'dpkg', 'cargo',"
+         " 'rustc')"
          " if shutil.which(t)],"
          " 'digests': {a: bundle_for(a).digest for a in ('amd64', 'arm64')},"
          " 'watchdogs': {a: hashlib.sha256(watchdog_for(a)).hexdigest()"
@@ -111,3 +108,8 @@ def test_a_client_without_compiler_or_apt_uses_the_shipped_bundles(
     assert facts["digests"] == {r["arch"]: r["digest"] for r in rows}
     assert facts["watchdogs"] == facts["in_bundles"]  # the ephemeral mode's, from the bundle
     assert not cache.exists()  # nothing was built or cached
+    assert version.returncode == 0, version.stderr
+    if RUST:
+        said = version.stdout + version.stderr  # argparse's exit message goes to stderr
+        assert said.startswith(f"multisniff {__version__}, compiled core "), said
+        assert said.rstrip().endswith("(Rust)"), said
