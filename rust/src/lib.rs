@@ -8,6 +8,8 @@
 
 use pyo3::prelude::*;
 
+pub mod reader;
+
 /// Changes whenever a function's signature or results change, so that a stale build of the
 /// extension (an editable install not rebuilt) is refused rather than misused.
 pub const ABI: u32 = 1;
@@ -16,5 +18,6 @@ pub const ABI: u32 = 1;
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("ABI", ABI)?;
     m.add("VERSION", env!("CARGO_PKG_VERSION"))?;
+    reader::register(m)?;
     Ok(())
 }
