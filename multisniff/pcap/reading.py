@@ -608,9 +608,10 @@ class CaptureReader:
         assert self._compiled is not None
         kernel = self._compiled.pcapng_flat
         keys, pieces, ends = batch.keys, batch.pieces, batch.ends
+        limit = min(max(self.max_block_size, 0), 1 << 32)  # as a u64; lengths are 32 bits
         while True:
-            pos, block_end = kernel(buf, pos, self._section, self.max_block_size,
-                                    ends[-1] if ends else 0, keys, pieces, ends)
+            pos, block_end = kernel(buf, pos, self._section, limit, ends[-1] if ends else 0,
+                                    keys, pieces, ends)
             if not block_end:
                 return pos
             if keys:
