@@ -18,12 +18,20 @@ const BYTE_ORDER_MAGIC_BE: u32 = 0x4D3C2B1A;
 
 fn u16_at(buf: &[u8], at: usize, little: bool) -> Option<u16> {
     let bytes: [u8; 2] = buf.get(at..at.checked_add(2)?)?.try_into().ok()?;
-    Some(if little { u16::from_le_bytes(bytes) } else { u16::from_be_bytes(bytes) })
+    Some(if little {
+        u16::from_le_bytes(bytes)
+    } else {
+        u16::from_be_bytes(bytes)
+    })
 }
 
 fn u32_at(buf: &[u8], at: usize, little: bool) -> Option<u32> {
     let bytes: [u8; 4] = buf.get(at..at.checked_add(4)?)?.try_into().ok()?;
-    Some(if little { u32::from_le_bytes(bytes) } else { u32::from_be_bytes(bytes) })
+    Some(if little {
+        u32::from_le_bytes(bytes)
+    } else {
+        u32::from_be_bytes(bytes)
+    })
 }
 
 /// What the classic-pcap loop needs of the file header and the reader.
@@ -66,9 +74,24 @@ fn pcap_record<'a>(buf: &'a [u8], pos: usize, p: &PcapParams) -> Option<(Record<
         .checked_mul(u128::from(p.units))?
         .checked_add(u128::from(frac))?;
     let ts = u64::try_from(ts).ok()?;
-    let key = u128::from(ts).checked_mul(u128::from(p.key_mult))? / u128::from(p.key_div);
+    let scaled = u128::from(ts).checked_mul(u128::from(p.key_mult))?;
+    let key = if p.key_div == 1 {
+        scaled
+    } else {
+        scaled / u128::from(p.key_div)
+    };
     let total = u32::try_from((u64::from(incl) + 35) & !3).ok()?;
-    Some((Record { ts, key, incl, orig, data, total }, next))
+    Some((
+        Record {
+            ts,
+            key,
+            incl,
+            orig,
+            data,
+            total,
+        },
+        next,
+    ))
 }
 
 /// Where the classic-pcap loop stops from `pos`: the position of the first record it does not
@@ -101,7 +124,9 @@ pub fn pcap_write(
 ) -> usize {
     let mut at = 0usize;
     while pos < stop {
-        let Some((r, next)) = pcap_record(buf, pos, p) else { break };
+        let Some((r, next)) = pcap_record(buf, pos, p) else {
+            break;
+        };
         let Some(block) = at
             .checked_add(r.total as usize)
             .and_then(|end| out.get_mut(at..end))
@@ -183,10 +208,12 @@ fn pcapng_epb(
         return None;
     }
     let ts = i128::from(u64::from(high) << 32 | u64::from(low));
-    let key = ts
-        .checked_add(iface.offset)?
-        .checked_mul(iface.key_mult)?
-        .div_euclid(iface.key_div);
+    let scaled = ts.checked_add(iface.offset)?.checked_mul(iface.key_mult)?;
+    let key = if iface.key_div == 1 {
+        scaled
+    } else {
+        scaled.div_euclid(iface.key_div)
+    };
     let options_at = pos.checked_add(28)?.checked_add((caplen + 3) & !3)?;
     let options_end = pos.checked_add(length)?.checked_sub(4)?;
     if options_at != options_end && !options_clean(buf, options_at, options_end) {
@@ -200,7 +227,9 @@ fn pcapng_epb(
 /// (`CaptureReader._options_clean` with `blocks.option_is_valid`).
 pub fn options_clean(buf: &[u8], mut at: usize, end: usize) -> bool {
     loop {
-        let Some(header_end) = at.checked_add(4) else { return false };
+        let Some(header_end) = at.checked_add(4) else {
+            return false;
+        };
         if header_end > end {
             return at == end;
         }
@@ -214,11 +243,15 @@ pub fn options_clean(buf: &[u8], mut at: usize, end: usize) -> bool {
         let Some(value_end) = header_end.checked_add(size as usize).filter(|&e| e <= end) else {
             return false;
         };
-        let Some(value) = buf.get(header_end..value_end) else { return false };
+        let Some(value) = buf.get(header_end..value_end) else {
+            return false;
+        };
         if !epb_option_is_valid(code, value) {
             return false;
         }
-        let Some(next) = value_end.checked_add((4 - (size as usize & 3)) & 3) else { return false };
+        let Some(next) = value_end.checked_add((4 - (size as usize & 3)) & 3) else {
+            return false;
+        };
         at = next;
     }
 }
@@ -250,7 +283,10 @@ pub fn pcapng_scan(
     let mut size = 0usize;
     let whole = Stop::Python { end: buf.len() };
     loop {
-        let header = (u32_at(buf, pos, true), pos.checked_add(4).and_then(|at| u32_at(buf, at, true)));
+        let header = (
+            u32_at(buf, pos, true),
+            pos.checked_add(4).and_then(|at| u32_at(buf, at, true)),
+        );
         let (Some(block_type), Some(length)) = header else {
             return (pos, Stop::Incomplete, count, size);
         };
@@ -314,11 +350,19 @@ pub fn pcapng_write(
 ) -> usize {
     let mut at = 0usize;
     while pos < stop {
-        let Some(length) = pos.checked_add(4).and_then(|at| u32_at(buf, at, true)) else { break };
+        let Some(length) = pos.checked_add(4).and_then(|at| u32_at(buf, at, true)) else {
+            break;
+        };
         let length = length as usize;
-        let Some(key) = pcapng_epb(buf, pos, length, section) else { break };
-        let Some(local) = pos.checked_add(8).and_then(|at| u32_at(buf, at, true)) else { break };
-        let Some(Some(iface)) = section.get(local as usize) else { break };
+        let Some(key) = pcapng_epb(buf, pos, length, section) else {
+            break;
+        };
+        let Some(local) = pos.checked_add(8).and_then(|at| u32_at(buf, at, true)) else {
+            break;
+        };
+        let Some(Some(iface)) = section.get(local as usize) else {
+            break;
+        };
         let (Some(src), Some(dst)) = (
             pos.checked_add(length).and_then(|end| buf.get(pos..end)),
             at.checked_add(length).and_then(|end| out.get_mut(at..end)),
@@ -395,11 +439,20 @@ fn pcap_flat<'py>(
     pieces: &Bound<'py, PyList>,
     ends: &Bound<'py, PyList>,
 ) -> PyResult<usize> {
-    let params = PcapParams { little, units, key_mult, key_div, oid, cap };
+    let params = PcapParams {
+        little,
+        units,
+        key_mult,
+        key_div,
+        oid,
+        cap,
+    };
     let (stop, count, size) = pcap_scan(buf, pos, &params);
     if count > 0 {
         append_piece(py, size, start, keys, pieces, ends, |out, packet| {
-            pcap_write(buf, pos, stop, &params, out, |key, end| packet(key as i128, end))
+            pcap_write(buf, pos, stop, &params, out, |key, end| {
+                packet(key as i128, end)
+            })
         })?;
     }
     Ok(stop)
@@ -462,14 +515,25 @@ mod tests {
     fn record(sec: u32, frac: u32, data: &[u8], orig: u32, little: bool) -> Vec<u8> {
         let mut out = Vec::new();
         for v in [sec, frac, data.len() as u32, orig] {
-            out.extend(if little { v.to_le_bytes() } else { v.to_be_bytes() });
+            out.extend(if little {
+                v.to_le_bytes()
+            } else {
+                v.to_be_bytes()
+            });
         }
         out.extend(data);
         out
     }
 
     fn params(little: bool) -> PcapParams {
-        PcapParams { little, units: 1_000_000, key_mult: 1000, key_div: 1, oid: 7, cap: 262_144 }
+        PcapParams {
+            little,
+            units: 1_000_000,
+            key_mult: 1000,
+            key_div: 1,
+            oid: 7,
+            cap: 262_144,
+        }
     }
 
     fn run_pcap(buf: &[u8], p: &PcapParams) -> (usize, Vec<u8>, Vec<(u128, usize)>) {
@@ -524,7 +588,10 @@ mod tests {
         assert_eq!(pcap_write(&buf, 0, buf.len(), &p, &mut out, |_, _| {}), 0);
         let mut out = vec![0u8; 100];
         assert_eq!(pcap_write(&buf, 3, usize::MAX, &p, &mut out, |_, _| {}), 0);
-        assert_eq!(pcap_write(&buf, usize::MAX - 2, usize::MAX, &p, &mut out, |_, _| {}), 0);
+        assert_eq!(
+            pcap_write(&buf, usize::MAX - 2, usize::MAX, &p, &mut out, |_, _| {}),
+            0
+        );
     }
 
     fn block(block_type: u32, body: &[u8]) -> Vec<u8> {
@@ -539,7 +606,13 @@ mod tests {
 
     fn epb(local: u32, ts: u64, data: &[u8], options: &[u8]) -> Vec<u8> {
         let mut body = Vec::new();
-        for v in [local, (ts >> 32) as u32, ts as u32, data.len() as u32, data.len() as u32] {
+        for v in [
+            local,
+            (ts >> 32) as u32,
+            ts as u32,
+            data.len() as u32,
+            data.len() as u32,
+        ] {
             body.extend(v.to_le_bytes());
         }
         body.extend(data);
@@ -550,7 +623,13 @@ mod tests {
 
     fn section() -> Vec<Option<Interface>> {
         vec![
-            Some(Interface { oid: 3, offset: -10, key_mult: 1000, key_div: 1, most: 100 }),
+            Some(Interface {
+                oid: 3,
+                offset: -10,
+                key_mult: 1000,
+                key_div: 1,
+                most: 100,
+            }),
             None,
         ]
     }
@@ -560,10 +639,15 @@ mod tests {
         let mut buf = epb(0, 5, b"xyz", &[2, 0, 4, 0, 1, 0, 0, 0, 0, 0, 0, 0]);
         buf.extend(epb(0, 20, b"", &[]));
         let (stop, why, count, size) = pcapng_scan(&buf, 0, &section(), 1 << 24);
-        assert_eq!((stop, why, count, size), (buf.len(), Stop::Incomplete, 2, buf.len()));
+        assert_eq!(
+            (stop, why, count, size),
+            (buf.len(), Stop::Incomplete, 2, buf.len())
+        );
         let mut out = vec![0u8; size];
         let mut found = Vec::new();
-        pcapng_write(&buf, 0, stop, &section(), &mut out, |k, e| found.push((k, e)));
+        pcapng_write(&buf, 0, stop, &section(), &mut out, |k, e| {
+            found.push((k, e))
+        });
         assert_eq!(found, vec![(-5000, 48), (10_000, buf.len())]);
         let mut expected = buf.clone();
         expected[8..12].copy_from_slice(&3u32.to_le_bytes());
@@ -592,8 +676,16 @@ mod tests {
         assert_eq!(python(&bad_trailer), Stop::Python { end: n });
         let mut bad_length = epb(0, 0, b"a", &[]);
         bad_length[4] = 13;
-        assert_eq!(python(&bad_length), Stop::Python { end: bad_length.len() });
-        let mut shb = block(SHB, &[0x4D, 0x3C, 0x2B, 0x1A, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(
+            python(&bad_length),
+            Stop::Python {
+                end: bad_length.len()
+            }
+        );
+        let mut shb = block(
+            SHB,
+            &[0x4D, 0x3C, 0x2B, 0x1A, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        );
         assert_eq!(python(&shb), Stop::Python { end: 28 });
         shb.truncate(20);
         assert_eq!(python(&shb), Stop::Incomplete);
@@ -610,14 +702,22 @@ mod tests {
             most: 100,
         })];
         let buf = epb(0, u64::MAX, b"", &[]);
-        assert_eq!(pcapng_scan(&buf, 0, &s, 1 << 24).1, Stop::Python { end: buf.len() });
+        assert_eq!(
+            pcapng_scan(&buf, 0, &s, 1 << 24).1,
+            Stop::Python { end: buf.len() }
+        );
     }
 
     /// Every prefix and many corruptions of a valid stream: no panic, and whatever is written
     /// fits what was scanned.
     #[test]
     fn hostile_inputs_never_panic() {
-        let mut stream = epb(0, 5, b"xyz", &[7, 0, 9, 0, 1, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0]);
+        let mut stream = epb(
+            0,
+            5,
+            b"xyz",
+            &[7, 0, 9, 0, 1, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0],
+        );
         stream.extend(epb(0, 6, b"abcdefgh", &[0, 0, 0, 0]));
         stream.extend(record(1, 2, b"abc", 3, true));
         let s = section();
