@@ -176,6 +176,15 @@ pub struct Interface {
     pub most: i64,
 }
 
+/// The interfaces of the current section by their number in it: `section(local)`.
+pub trait Section: FnMut(u32) -> Option<Interface> {}
+impl<F: FnMut(u32) -> Option<Interface>> Section for F {}
+
+/// A `Section` over a slice.
+pub fn section_of(interfaces: &[Option<Interface>]) -> impl Section + '_ {
+    |local| interfaces.get(local as usize).copied().flatten()
+}
+
 /// Why the pcapng loop stopped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stop {
@@ -186,13 +195,13 @@ pub enum Stop {
     Python { end: usize },
 }
 
-/// An EPB the loop accepts: its key and its end.
+/// An EPB the loop accepts: its key and the interface id to write.
 fn pcapng_epb(
     buf: &[u8],
     pos: usize,
     length: usize,
-    section: &[Option<Interface>],
-) -> Option<i128> {
+    section: &mut impl Section,
+) -> Option<(i128, u32)> {
     if length < 32 {
         return None;
     }
@@ -200,7 +209,7 @@ fn pcapng_epb(
     let high = u32_at(buf, pos.checked_add(12)?, true)?;
     let low = u32_at(buf, pos.checked_add(16)?, true)?;
     let caplen = u32_at(buf, pos.checked_add(20)?, true)? as usize;
-    let iface = (*section.get(local as usize)?)?;
+    let iface = section(local)?;
     if caplen > length - 32 || i64::try_from(caplen).ok()? > iface.most {
         return None;
     }
@@ -219,7 +228,7 @@ fn pcapng_epb(
     if options_at != options_end && !options_clean(buf, options_at, options_end) {
         return None;
     }
-    Some(key)
+    Some((key, iface.oid))
 }
 
 /// Whether the little-endian options area buf[at..end] of an EPB can be copied as it is:
@@ -276,7 +285,7 @@ pub fn epb_option_is_valid(code: u16, value: &[u8]) -> bool {
 pub fn pcapng_scan(
     buf: &[u8],
     mut pos: usize,
-    section: &[Option<Interface>],
+    section: &mut impl Section,
     max_block: u64,
 ) -> (usize, Stop, usize, usize) {
     let mut count = 0usize;
@@ -344,7 +353,7 @@ pub fn pcapng_write(
     buf: &[u8],
     mut pos: usize,
     stop: usize,
-    section: &[Option<Interface>],
+    section: &mut impl Section,
     out: &mut [u8],
     mut packet: impl FnMut(i128, usize),
 ) -> usize {
@@ -354,13 +363,7 @@ pub fn pcapng_write(
             break;
         };
         let length = length as usize;
-        let Some(key) = pcapng_epb(buf, pos, length, section) else {
-            break;
-        };
-        let Some(local) = pos.checked_add(8).and_then(|at| u32_at(buf, at, true)) else {
-            break;
-        };
-        let Some(Some(iface)) = section.get(local as usize) else {
+        let Some((key, oid)) = pcapng_epb(buf, pos, length, section) else {
             break;
         };
         let (Some(src), Some(dst)) = (
@@ -371,7 +374,7 @@ pub fn pcapng_write(
         };
         dst.copy_from_slice(src);
         if let Some(id) = dst.get_mut(8..12) {
-            id.copy_from_slice(&iface.oid.to_le_bytes());
+            id.copy_from_slice(&oid.to_le_bytes());
         }
         at += length;
         packet(key, at);
@@ -489,11 +492,29 @@ fn pcapng_flat<'py>(
     pieces: &Bound<'py, PyList>,
     ends: &Bound<'py, PyList>,
 ) -> PyResult<(usize, usize)> {
-    let section: Vec<Option<Interface>> = section.iter().map(|entry| interface(&entry)).collect();
-    let (stop, why, count, size) = pcapng_scan(buf, pos, &section, max_block);
+    // Interfaces are converted when a packet uses them, not all on every call: Python calls
+    // once for every block it handles, and a section may have thousands of interfaces.
+    let declared = section.len();
+    let mut known: Vec<Option<Option<Interface>>> = Vec::new();
+    let mut lookup = |local: u32| -> Option<Interface> {
+        let index = local as usize;
+        if index >= declared {
+            return None;
+        }
+        if known.len() <= index {
+            known.resize(index + 1, None);
+        }
+        *known[index].get_or_insert_with(|| {
+            section
+                .get_item(index)
+                .ok()
+                .and_then(|entry| interface(&entry))
+        })
+    };
+    let (stop, why, count, size) = pcapng_scan(buf, pos, &mut lookup, max_block);
     if count > 0 {
         append_piece(py, size, start, keys, pieces, ends, |out, packet| {
-            pcapng_write(buf, pos, stop, &section, out, packet)
+            pcapng_write(buf, pos, stop, &mut lookup, out, packet)
         })?;
     }
     Ok(match why {
@@ -638,16 +659,21 @@ mod tests {
     fn pcapng_epbs_are_copied_with_their_interface_id_replaced() {
         let mut buf = epb(0, 5, b"xyz", &[2, 0, 4, 0, 1, 0, 0, 0, 0, 0, 0, 0]);
         buf.extend(epb(0, 20, b"", &[]));
-        let (stop, why, count, size) = pcapng_scan(&buf, 0, &section(), 1 << 24);
+        let (stop, why, count, size) = pcapng_scan(&buf, 0, &mut section_of(&section()), 1 << 24);
         assert_eq!(
             (stop, why, count, size),
             (buf.len(), Stop::Incomplete, 2, buf.len())
         );
         let mut out = vec![0u8; size];
         let mut found = Vec::new();
-        pcapng_write(&buf, 0, stop, &section(), &mut out, |k, e| {
-            found.push((k, e))
-        });
+        pcapng_write(
+            &buf,
+            0,
+            stop,
+            &mut section_of(&section()),
+            &mut out,
+            |k, e| found.push((k, e)),
+        );
         assert_eq!(found, vec![(-5000, 48), (10_000, buf.len())]);
         let mut expected = buf.clone();
         expected[8..12].copy_from_slice(&3u32.to_le_bytes());
@@ -658,7 +684,7 @@ mod tests {
     #[test]
     fn pcapng_hands_python_every_block_it_does_not_take() {
         let s = section();
-        let python = |buf: &[u8]| pcapng_scan(buf, 0, &s, 1 << 24).1;
+        let python = |buf: &[u8]| pcapng_scan(buf, 0, &mut section_of(&s), 1 << 24).1;
         // unknown interface, one Python cannot convert, a bad option, a caplen too long
         for buf in [
             epb(2, 0, b"a", &[]),
@@ -703,7 +729,7 @@ mod tests {
         })];
         let buf = epb(0, u64::MAX, b"", &[]);
         assert_eq!(
-            pcapng_scan(&buf, 0, &s, 1 << 24).1,
+            pcapng_scan(&buf, 0, &mut section_of(&s), 1 << 24).1,
             Stop::Python { end: buf.len() }
         );
     }
@@ -734,9 +760,12 @@ mod tests {
             let cut = (seed as usize >> 3) % (buf.len() + 1);
             let buf = &buf[..cut];
             for pos in [0usize, 1, 4, cut, cut + 1, usize::MAX] {
-                let (stop, _, _, size) = pcapng_scan(buf, pos, &s, 1 << 24);
+                let (stop, _, _, size) = pcapng_scan(buf, pos, &mut section_of(&s), 1 << 24);
                 let mut out = vec![0u8; size];
-                assert_eq!(pcapng_write(buf, pos, stop, &s, &mut out, |_, _| {}), size);
+                assert_eq!(
+                    pcapng_write(buf, pos, stop, &mut section_of(&s), &mut out, |_, _| {}),
+                    size
+                );
                 for little in [true, false] {
                     let p = params(little);
                     let (stop, _, size) = pcap_scan(buf, pos, &p);

@@ -206,3 +206,12 @@ def test_python_blocks_between_compiled_runs_keep_their_place() -> None:
     starts = [0, *batch.ends[:-1]]
     payloads = [joined[a + 28 : a + 28 + joined[a + 20]] for a in starts]
     assert payloads == [b"a", b"spb", b"b", b"pb", b"c", b"d"]
+
+
+def test_packets_of_many_interfaces_between_other_blocks() -> None:
+    """Every packet on another of 300 interfaces, a block for Python after each."""
+    capture = (cf.shb() + b"".join(cf.idb(tsresol=n % 10) for n in range(300))
+               + b"".join(cf.epb(n * 7 % 300, n, b"p" * (n % 5)) + cf.isb(n * 7 % 300, n)
+                          for n in range(600)))
+    assert_same(capture, [])
+    assert_same(capture, list(range(4096, len(capture), 4096)))
