@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from types import ModuleType
 
-ABI = 1
+ABI = 2
 """The extension's interface version this package was written against (`_core.ABI`)."""
 
 COMPILED = "compiled"
@@ -29,8 +29,8 @@ class CoreUnavailable(RuntimeError):
 def _load() -> tuple[ModuleType | None, str]:
     """The extension and, when it cannot be used, why not in words."""
     try:
-        # by name: `from multisniff import _core` would run the package's __init__, which
-        # reaches the layers above pcap (and import-linter would say so)
+        # by name: import-linter would read `from multisniff import _core` as an import of
+        # the package `multisniff` (and so of every layer), the extension having no source
         _core = importlib.import_module("multisniff._core")
     except ImportError as exc:
         return None, f"not built ({exc})"

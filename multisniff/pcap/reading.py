@@ -34,8 +34,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import accumulate, chain, repeat
 from operator import itemgetter
+from types import ModuleType
 
 from multisniff.pcap import blocks as b
+from multisniff.pcap import core
 from multisniff.pcap.blocks import (
     PAD,
     InterfaceInfo,
@@ -192,6 +194,10 @@ class CaptureReader:
     A packet is at most as long as Wireshark reads for its link type (`blocks.max_packet_size`,
     and no longer than fits a block of `max_block_size`); `max_packet_size` sets one maximum
     for every link type instead.
+
+    With the compiled core active when the reader is made (`core.compiled()`), `feed_flat`
+    leaves the classic-pcap records and the common pcapng blocks to its loops, which give the
+    same bytes; whatever they do not handle, this code handles as it always does.
     """
 
     def __init__(
@@ -240,6 +246,9 @@ class CaptureReader:
         multiplier, key divisor, longest packet accepted)."""
         self._first_of_section = 0  # index in `interfaces` of the section's first interface
         self._last_key = 0
+        self._compiled: ModuleType | None = core.compiled()
+        self._pcap_kernel: tuple[bool, int, int, int, int, int] | None = None
+        """The compiled classic-pcap loop's parameters, None where a number does not fit it."""
 
     # --- public API ---------------------------------------------------------------------------
 
@@ -248,14 +257,7 @@ class CaptureReader:
         the end offset of each EPB in it (`Batch.ends`): cheaper to keep and to slice."""
         batch = self._feed(data, Batch(flat=True))
         if batch.packets:  # from a path that only makes tuples: flatten them here
-            # every packet's first piece starts with its EPB's type and total length
-            heads = map(_LE_U32.unpack_from, map(itemgetter(0), batch.packets), repeat(4))
-            sizes = map(itemgetter(0), heads)
-            start = batch.ends[-1] if batch.ends else 0
-            batch.ends.extend(accumulate(sizes, initial=start))
-            del batch.ends[-len(batch.packets) - 1]
-            batch.pieces.extend(chain.from_iterable(batch.packets))
-            batch.packets = []
+            _flatten(batch)
         return batch
 
     def feed(self, data: bytes) -> Batch:
@@ -331,8 +333,14 @@ class CaptureReader:
         while True:
             state = self._state
             if state == _PCAPNG:
+                if (self._compiled is not None and batch.flat and self._order == "<"
+                        and type(buf) is bytes):
+                    return self._parse_pcapng_compiled(buf, pos, base, batch)
                 return self._parse_pcapng(buf, pos, base, batch)
             if state == _PCAP:
+                if (self._compiled is not None and batch.flat and self._pcap_kernel is not None
+                        and type(buf) is bytes):
+                    return self._parse_pcap_compiled(buf, pos, base, batch)
                 if self._pcap_order == "<" and self._key_mult == self._key_div == 1:
                     if batch.flat and not batch.packets:
                         return self._parse_pcap_flat(buf, pos, base, batch)
@@ -465,6 +473,10 @@ class CaptureReader:
         self._pcap_cap = self._max_caplen(info.linktype)
         self._pcap_linktype = info.linktype
         self._state = _PCAP
+        if (0 <= self._pcap_oid < 1 << 32 and 0 <= self._key_mult < 1 << 64
+                and 0 < self._key_div < 1 << 64):
+            self._pcap_kernel = (order == "<", self._pcap_units, self._key_mult, self._key_div,
+                                 self._pcap_oid, min(max(self._pcap_cap, -1), (1 << 63) - 1))
         return pos + 24
 
     # --- classic pcap -------------------------------------------------------------------------
@@ -563,6 +575,23 @@ class CaptureReader:
             self._check_record(buf, pos, base)
         return pos
 
+    def _parse_pcap_compiled(self, buf: bytes, pos: int, base: int, batch: Batch) -> int:
+        """The records of a flat batch, by the compiled loop; what it stops at, as before."""
+        assert self._compiled is not None and self._pcap_kernel is not None
+        ends = batch.ends
+        pos = self._compiled.pcap_flat(buf, pos, *self._pcap_kernel, ends[-1] if ends else 0,
+                                       batch.keys, batch.pieces, ends)
+        if pos + 16 > len(buf):
+            return pos
+        self._check_record(buf, pos, base)
+        if pos + 16 + _PCAP_RECORD[self._pcap_order].unpack_from(buf, pos)[2] > len(buf):
+            return pos
+        # a record the compiled loop cannot encode (a number out of its range): as before
+        pos = self._parse_pcap_general(buf, pos, base, batch)
+        if batch.packets:
+            _flatten(batch)
+        return pos
+
     def _check_record(self, buf: bytes, pos: int, base: int) -> None:
         incl = _PCAP_RECORD[self._pcap_order].unpack_from(buf, pos)[2]
         if incl > self._pcap_cap:
@@ -573,8 +602,37 @@ class CaptureReader:
 
     # --- pcapng -------------------------------------------------------------------------------
 
-    def _parse_pcapng(self, buf: bytes, pos: int, base: int, batch: Batch) -> int:
-        end = len(buf)
+    def _parse_pcapng_compiled(self, buf: bytes, pos: int, base: int, batch: Batch) -> int:
+        """The blocks of a flat batch: EPBs by the compiled loop, every other block (and an
+        EPB it does not take) by `_parse_pcapng`, one at a time, in order."""
+        assert self._compiled is not None
+        kernel = self._compiled.pcapng_flat
+        keys, pieces, ends = batch.keys, batch.pieces, batch.ends
+        limit = min(max(self.max_block_size, 0), 1 << 32)  # as a u64; lengths are 32 bits
+        while True:
+            pos, block_end = kernel(buf, pos, self._section, limit, ends[-1] if ends else 0,
+                                    keys, pieces, ends)
+            if not block_end:
+                return pos
+            if keys:
+                self._last_key = keys[-1]
+            new = self._parse_pcapng(buf, pos, base, batch, block_end)
+            if batch.packets:
+                _flatten(batch)
+            if new == pos:
+                return pos
+            pos = new
+            if self._order != "<":  # a big-endian section: the compiled loop takes none of it
+                pos = self._parse_pcapng(buf, pos, base, batch)
+                if batch.packets:
+                    _flatten(batch)
+                return pos
+
+    def _parse_pcapng(self, buf: bytes, pos: int, base: int, batch: Batch,
+                      end: int = -1) -> int:
+        """Parse the blocks of buf from pos up to `end` (default: the end of buf)."""
+        if end < 0:
+            end = len(buf)
         order = self._order
         header = _BLOCK_HEADER[order].unpack_from
         trailer = _U32[order].unpack_from
@@ -988,6 +1046,18 @@ class CaptureReader:
         options = self._to_le(self._options(body, at, b.NRB, offset,
                                             "a name resolution block"), b.NRB)
         batch.names.append(NameBlock(records=records, options=tuple(options)))
+
+
+def _flatten(batch: Batch) -> None:
+    """Move the packets of a flat batch that a tuple-making path produced to its pieces."""
+    # every packet's first piece starts with its EPB's type and total length
+    heads = map(_LE_U32.unpack_from, map(itemgetter(0), batch.packets), repeat(4))
+    sizes = map(itemgetter(0), heads)
+    start = batch.ends[-1] if batch.ends else 0
+    batch.ends.extend(accumulate(sizes, initial=start))
+    del batch.ends[-len(batch.packets) - 1]
+    batch.pieces.extend(chain.from_iterable(batch.packets))
+    batch.packets = []
 
 
 def _count(n: int, noun: str) -> str:

@@ -6,10 +6,15 @@
 //! panics, reads out of bounds or allocates what the input merely claims. A panic here is a bug;
 //! the fuzzers report it with the input that caused it.
 //!
+//! The reader's loops are checked for more than not panicking: what `pcap_scan` and
+//! `pcapng_scan` count, `pcap_write` and `pcapng_write` must write, packet for packet.
+//!
 //! An input is a 4-byte header, then the capture (`rust/fuzz/seeds.py` makes seeds so): the
 //! header chooses what a caller would pass besides the bytes (byte order, timestamp units, the
 //! captured-length cap) and where the capture is cut in two, as a chunked feed cuts it. Hostile
 //! parameters are part of the input: the functions must hold for any the Python side passes.
+
+use crate::reader;
 
 /// What a fuzz input asks of the parsers besides the capture bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,9 +74,79 @@ pub fn fuzz_one(data: &[u8]) {
     }
 }
 
+/// The largest pcapng block the Python reader accepts by default (MAX_BLOCK_SIZE).
+const MAX_BLOCK: u64 = 16 * 1024 * 1024;
+
 fn parse(case: &Case<'_>, piece: &[u8]) {
-    // The parsers of this branch: none yet (see the function's documentation).
-    let _ = (case, piece);
+    // From the start, after a pcap file header and from the middle: where a chunked feed
+    // resumes is arbitrary.
+    for start in [0, 24.min(piece.len()), piece.len() / 2] {
+        classic_pcap(case, piece, start);
+        pcapng(case, piece, start);
+    }
+}
+
+/// The classic-pcap loop: what the scan counts, the write must write, byte for byte.
+fn classic_pcap(case: &Case<'_>, piece: &[u8], start: usize) {
+    for (key_mult, key_div) in [(1, 1), (1000, 1), (1_000_000_000, case.units)] {
+        let params = reader::PcapParams {
+            little: case.little,
+            units: case.units,
+            key_mult,
+            key_div,
+            oid: 3,
+            cap: case.cap,
+        };
+        let (stop, count, size) = reader::pcap_scan(piece, start, &params);
+        assert!(stop >= start && stop <= piece.len());
+        let mut out = vec![0u8; size];
+        let mut packets = 0usize;
+        let mut last_end = 0usize;
+        let written = reader::pcap_write(piece, start, stop, &params, &mut out, |_, end| {
+            assert!(end > last_end);
+            last_end = end;
+            packets += 1;
+        });
+        assert_eq!((written, packets), (size, count));
+    }
+}
+
+/// The pcapng loop over a section of a few interfaces (one of which Python would handle).
+fn pcapng(case: &Case<'_>, piece: &[u8], start: usize) {
+    let interfaces = [
+        Some(reader::Interface {
+            oid: 0,
+            offset: 0,
+            key_mult: 1,
+            key_div: 1,
+            most: case.cap,
+        }),
+        Some(reader::Interface {
+            oid: u32::MAX,
+            offset: -(1 << 40),
+            key_mult: 1000,
+            key_div: i128::from(case.units),
+            most: 262_144,
+        }),
+        None,
+    ];
+    let (stop, why, count, size) =
+        reader::pcapng_scan(piece, start, &mut reader::section_of(&interfaces), MAX_BLOCK);
+    assert!(stop >= start && stop <= piece.len());
+    if let reader::Stop::Python { end } = why {
+        assert!(end > stop && end <= piece.len() || end == piece.len());
+    }
+    let mut out = vec![0u8; size];
+    let mut packets = 0usize;
+    let written = reader::pcapng_write(
+        piece,
+        start,
+        stop,
+        &mut reader::section_of(&interfaces),
+        &mut out,
+        |_, _| packets += 1,
+    );
+    assert_eq!((written, packets), (size, count));
 }
 
 #[cfg(test)]
