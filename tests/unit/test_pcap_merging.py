@@ -6,11 +6,14 @@ import struct
 from collections.abc import Callable
 
 import capturefiles as cf
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_pcap_reading import packets_of, read_all
 
 from multisniff.pcap.merging import TimelineMerger
+
+pytestmark = pytest.mark.usefixtures("pcap_core")
 
 
 def source_file(source: int, timestamps: list[int]) -> bytes:
