@@ -2,7 +2,7 @@
 # runs the whole suite (unit, integration on the local cluster, format checks by tshark).
 PY := .venv/bin/python
 
-.PHONY: setup demo test unit lint fuzz fuzz-core wheels bench-merge
+.PHONY: setup demo test unit lint fuzz fuzz-core fuzz-diff wheels bench-merge
 
 setup:
 	.ci/setup
@@ -56,6 +56,18 @@ wheels:
 		echo "$$wheel:"; \
 		unzip -p "$$wheel" multisniff/_core.abi3.so > dist/.core.so && file -b dist/.core.so; \
 	done; rm -f dist/.core.so
+
+# The compiled core against the pure-Python one on random and damaged inputs
+# (tests/unit/test_core_differential.py); the suite runs 150 reader cases and 50 of each merger
+# mode. DIFF_CASES=N and DIFF_SEED=S change the number and the seed; differing cases are kept in
+# DIFF_FAILURES with their inputs and chunking.
+DIFF_CASES ?= 20000
+DIFF_SEED ?= 12
+DIFF_FAILURES ?= /tmp/multisniff-diff-failures
+fuzz-diff:
+	MULTISNIFF_CORE=compiled MULTISNIFF_DIFF_CASES=$(DIFF_CASES) MULTISNIFF_DIFF_SEED=$(DIFF_SEED) \
+		MULTISNIFF_DIFF_FAILURES=$(DIFF_FAILURES) \
+		$(PY) -m pytest tests/unit/test_core_differential.py --timeout=0 -q -rx --show-capture=no
 
 bench-merge: setup
 	$(PY) benchmarks/merge_bench.py

@@ -7,10 +7,14 @@ binaries and images come from ``clusterctl build``, run beforehand, because a bu
 longer than any test timeout.
 
 ``pytest -m 'not cluster'`` never touches this fixture and runs the fast unit suite alone.
+
+`pcap_core` runs a test once with each pcap core (pure Python and compiled), for
+the suites that check the per-packet work (`pytestmark = pytest.mark.usefixtures("pcap_core")`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -169,3 +173,25 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     lifecycle = [i for i in items if i.path.name == "test_lifecycle.py"]
     if lifecycle:
         items[:] = lifecycle + [i for i in items if i.path.name != "test_lifecycle.py"]
+
+
+@pytest.fixture(params=["python", "compiled"])
+def pcap_core(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Run the test once with each pcap core (multisniff.pcap.core): readers and mergers made
+    in the test use it, and so do `multisniff` commands the test starts (MULTISNIFF_CORE is set
+    for them). Where the extension is not built, the compiled run is skipped; under
+    MULTISNIFF_CORE=compiled (CI) it fails instead, since a broken build must not pass as a
+    skip."""
+    from multisniff.pcap import core
+
+    name = request.param
+    required = os.environ.get("MULTISNIFF_CORE", "").strip().lower() == core.COMPILED
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(core.use(name))
+        except core.CoreUnavailable as exc:
+            if required:
+                pytest.fail(f"MULTISNIFF_CORE=compiled, but {exc}.", pytrace=False)
+            pytest.skip(f"{exc} (under MULTISNIFF_CORE=compiled this fails)")
+        monkeypatch.setenv("MULTISNIFF_CORE", name)
+        yield name

@@ -27,6 +27,7 @@ import capturefiles as cf
 
 TOOLS = ("tcpdump", "tshark", "capinfos", "mergecap")
 pytestmark = [
+    pytest.mark.usefixtures("pcap_core"),
     pytest.mark.skipif(os.geteuid() != 0, reason="capturing on lo with tcpdump needs root"),
     pytest.mark.skipif(any(shutil.which(tool) is None for tool in TOOLS),
                        reason=f"needs {', '.join(TOOLS)} on PATH"),

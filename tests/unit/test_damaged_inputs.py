@@ -20,6 +20,8 @@ from multisniff.cli import main
 from multisniff.errors import ExitCode
 from multisniff.pcap.reading import CaptureReader, CorruptCaptureError
 
+pytestmark = pytest.mark.usefixtures("pcap_core")
+
 
 def merged(tmp_path: Path, data: bytes) -> tuple[int, bytes]:
     source = tmp_path / "in.pcapng"

@@ -17,6 +17,8 @@ from test_pcap_reading import read_all
 from multisniff.cli import main
 from multisniff.errors import ExitCode
 
+pytestmark = pytest.mark.usefixtures("pcap_core")
+
 
 @pytest.fixture
 def two_inputs(tmp_path: Path) -> tuple[Path, Path]:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import signal
 import struct
 from collections.abc import Callable
 
 import capturefiles as cf
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_pcap_reading import packets_of, read_all
 
 from multisniff.pcap.merging import TimelineMerger
+
+pytestmark = pytest.mark.usefixtures("pcap_core")
 
 
 def source_file(source: int, timestamps: list[int]) -> bytes:
@@ -194,6 +198,38 @@ def test_live_mode_memory_is_bounded_by_max_pending() -> None:
     assert merger.forced > 0
     merger.finish()
     assert merger.packets_written == 1000
+
+
+class Hang(Exception):
+    pass
+
+
+@pytest.mark.xfail(strict=True, raises=Hang, reason=(
+    "TimelineMerger._bounded loops forever when the source holding the most packets holds "
+    "them below the horizon while another holds more than max_pending above it (found by "
+    "test_core_differential); merging.py needs the fix"))
+def test_live_mode_bound_holds_when_the_fullest_source_is_below_the_horizon() -> None:
+    merger = TimelineMerger(reorder_window=10**15, max_pending=1)
+    a = merger.add_source("a")
+    b = merger.add_source("b")
+    merger.feed(a, source_file(0, [10**6 + n for n in range(10)]))
+    merger.feed(b, source_file(1, [10**6 + 100 + n for n in range(3)]))
+
+    def hang(signum: int, frame: object) -> None:
+        raise Hang("pull() did not return within 10 s")
+
+    previous = signal.signal(signal.SIGALRM, hang)
+    signal.setitimer(signal.ITIMER_REAL, 10)
+    try:
+        out = merger.pull()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    order = order_of(out)
+    assert order[:10] == [(0, n) for n in range(10)]
+    assert order[10:] == [(1, n) for n in range(len(order) - 10)]
+    assert sum(source.pending for source in merger.sources) <= 1
+    assert merger.forced > 0
 
 
 @settings(max_examples=50, deadline=None)

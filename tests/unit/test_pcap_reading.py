@@ -17,6 +17,8 @@ from multisniff.pcap.reading import (
     TruncatedCaptureError,
 )
 
+pytestmark = pytest.mark.usefixtures("pcap_core")
+
 Decoded = tuple[int, int, bytes, int, bytes]
 
 

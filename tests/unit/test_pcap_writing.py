@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 
+import pytest
 from test_pcap_reading import decode, packets_of, read_all
 
 from multisniff import __version__
@@ -16,6 +17,8 @@ from multisniff.pcap.writing import (
     encode_nrb,
     encode_options,
 )
+
+pytestmark = pytest.mark.usefixtures("pcap_core")
 
 
 def shb_options(shb: bytes) -> dict[int, bytes]:
