@@ -340,16 +340,16 @@ class TimelineMerger:
     def _bounded(self, horizon: int) -> int:
         """Live mode: raise the horizon until at most max_pending packets stay held."""
         while True:
-            held = sum(
-                len(source.keys) - bisect_right(source.keys, horizon, source.head)
-                for source in self.sources
-            )
-            if held <= self.max_pending:
+            cuts = [bisect_right(source.keys, horizon, source.head) for source in self.sources]
+            held = [len(source.keys) - cut for source, cut in zip(self.sources, cuts, strict=True)]
+            if sum(held) <= self.max_pending:
                 return horizon
-            fullest = max(self.sources, key=lambda source: source.pending)
-            middle = fullest.head + fullest.pending // 2
+            # The source holding the most packets past the horizon lets the older half of those
+            # go. (Its middle key is past the horizon, so every round releases some: the
+            # source with the most pending packets may hold none past it.)
+            most = max(range(len(held)), key=held.__getitem__)
             self.forced += 1
-            horizon = max(horizon, fullest.keys[middle])
+            horizon = self.sources[most].keys[cuts[most] + held[most] // 2]
 
     def _emit_run(self, source: Source, cut: int) -> None:
         self.writer.add_blocks(self._run(source, source.head, cut))
