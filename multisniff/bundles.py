@@ -48,11 +48,14 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         description="Build bundles into the cache. By default from the installed tcpdump (and, "
                     "for another architecture, its Debian packages); with --from-source, "
                     "libpcap and tcpdump are compiled from Debian's source packages without "
-                    "D-Bus, systemd and libcrypto, as the package build does (smaller).")
+                    "D-Bus, systemd and libcrypto and with multisniff's --buffer-timeout patch "
+                    "to tcpdump, as the package build does (smaller, and the upload mode "
+                    "needs no immediate mode, which drops packets under a flood).")
     making.add_argument("--arch", action="append", choices=ARCHITECTURES,
                         help="an architecture to build (repeatable; default: all)")
     making.add_argument("--from-source", action="store_true",
-                        help="compile libpcap and tcpdump from Debian's source packages")
+                        help="compile libpcap and tcpdump from Debian's source packages, "
+                             "with multisniff's patch to tcpdump")
     making.set_defaults(run=run_build)
     export = actions.add_parser("export", help="write the bundles in use to DIR")
     export.add_argument("directory", metavar="DIR")

@@ -5,8 +5,10 @@ Two recipes, both for amd64 and arm64 from an amd64 or arm64 Debian machine:
 * **from Debian's source packages** (what the package build ships in the wheel): libpcap and
   tcpdump are fetched with ``apt-get source`` and compiled here, libpcap without D-Bus, systemd,
   RDMA, Bluetooth, netlink and USB and linked into tcpdump statically, tcpdump without libcrypto,
-  libsmi and libcap-ng. The bundle is then tcpdump, libc and the loader. Needs the compiler,
-  ``flex``, ``bison``, ``make`` and ``dpkg-source`` (dpkg-dev). The source index is kept in a
+  libsmi and libcap-ng, and with multisniff's own patch to tcpdump, ``--buffer-timeout``
+  (`BUFFER_TIMEOUT_PATCH`; the manifest lists it under ``built_from.tcpdump_patches``). The
+  bundle is then tcpdump, libc and the loader. Needs the compiler, ``flex``, ``bison``,
+  ``make``, ``patch`` and ``dpkg-source`` (dpkg-dev). The source index is kept in a
   private apt state below the cache, made from the Debian entries of the machine's own apt
   sources, so the machine's apt configuration is not changed.
 * **from Debian's binary packages** (the fallback on a client): the host's installed tcpdump, or
@@ -45,10 +47,15 @@ SOURCE_PACKAGES = ("libpcap", "tcpdump")
 LIBPCAP_CONFIGURE = ("--disable-shared", "--with-pcap=linux", "--disable-dbus", "--disable-rdma",
                      "--disable-bluetooth", "--without-libnl", "--disable-usb", "--disable-netmap")
 TCPDUMP_CONFIGURE = ("--without-crypto", "--without-smi", "--without-cap-ng")
+BUFFER_TIMEOUT_PATCH = "buffer-timeout"
+"""multisniff's patch that gives tcpdump ``--buffer-timeout=MS`` (libpcap's packet buffer
+timeout, fixed at 1 s in tcpdump): the file ``tcpdump-buffer-timeout.diff`` next to this one."""
+TCPDUMP_PATCHES = {BUFFER_TIMEOUT_PATCH: Path(__file__).resolve().with_name(
+    f"tcpdump-{BUFFER_TIMEOUT_PATCH}.diff")}
 _ONE_LINE_DEB = re.compile(
     r"deb\s+(?:\[(?P<options>[^\]]*)\]\s*)?(?P<uri>\S+)\s+(?P<suite>\S+)\s*(?P<components>.*)")
-_SOURCE_TOOLS = {"make": "make", "flex": "flex", "bison": "bison", "apt-get": "apt",
-                 "dpkg-source": "dpkg-dev"}
+_SOURCE_TOOLS = {"make": "make", "flex": "flex", "bison": "bison", "patch": "patch",
+                 "apt-get": "apt", "dpkg-source": "dpkg-dev"}
 
 
 class BundleUnavailable(MultisniffError):
@@ -204,6 +211,15 @@ def _notes(built_from: dict[str, object]) -> dict[str, object]:
     return {"built_from": built_from, "watchdog_source_sha256": watchdog_source_digest()}
 
 
+def tcpdump_patches(bundle: Bundle) -> set[str]:
+    """The names of multisniff's patches (`TCPDUMP_PATCHES`) that a bundle's tcpdump was built
+    with, as its manifest says: none for one built from Debian's binary packages or by a
+    multisniff that had none."""
+    built_from = bundle.manifest.get("built_from")
+    patches = built_from.get("tcpdump_patches") if isinstance(built_from, dict) else None
+    return {str(name) for name in patches} if isinstance(patches, dict) else set()
+
+
 # --- from Debian's source packages ------------------------------------------------------------
 
 
@@ -320,7 +336,7 @@ def build_tcpdump_from_source(arch: str) -> tuple[Path, dict[str, object]]:
     recipe (source versions, configure options, compiler) changes. Returns its path and what
     it was built from."""
     compiler = _need_compiler(arch, "tcpdump")
-    for tool in ("make", "flex", "bison"):
+    for tool in ("make", "flex", "bison", "patch"):
         if shutil.which(tool) is None:
             raise BundleUnavailable(
                 f"Building tcpdump from source needs {tool} (Debian: apt-get install "
@@ -334,6 +350,8 @@ def build_tcpdump_from_source(arch: str) -> tuple[Path, dict[str, object]]:
         **{name: _debian_version(tree) for name, tree in trees.items()},
         "libpcap_configure": list(LIBPCAP_CONFIGURE),
         "tcpdump_configure": list(TCPDUMP_CONFIGURE),
+        "tcpdump_patches": {name: hashlib.sha256(path.read_bytes()).hexdigest()
+                            for name, path in sorted(TCPDUMP_PATCHES.items())},
         "compiler": compiler,
     }
     out = builds / arch / "tcpdump"
@@ -348,6 +366,9 @@ def build_tcpdump_from_source(arch: str) -> tuple[Path, dict[str, object]]:
         copies = {name: work / tree.name for name, tree in trees.items()}
         for name, tree in trees.items():
             shutil.copytree(tree, copies[name], symlinks=True)
+        for patch in TCPDUMP_PATCHES.values():
+            _step(["patch", "-p1", "--forward", "--batch", "--quiet", "-i", str(patch)],
+                  cwd=copies["tcpdump"], what=f"Applying {patch.name} to tcpdump")
         # Paths of this temporary directory must not end up in the program: the same
         # sources give the same bytes, and so the same bundle digest.
         flags = {"CC": compiler, "CFLAGS": f"-O2 -ffile-prefix-map={work}=.", "LDFLAGS": "-s"}

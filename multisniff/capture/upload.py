@@ -9,12 +9,12 @@ the rest: a shell receives the bundle on stdin when it is sent (``head -c SIZE |
 runs::
 
     DIR/msnf-watchdog --lifetime L --batch B --remove DIR --pidfile DIR/run-X.pid -- \\
-        DIR/lib/ld-linux-... --library-path DIR/lib DIR/tcpdump -Z root -U --immediate-mode \
-        -w - -i IFACE ...
+        DIR/lib/ld-linux-... --library-path DIR/lib DIR/tcpdump -Z root -U \
+        --time-stamp-precision=nano --buffer-timeout=25 -B 8192 -w - -i IFACE ...
 
 with stdin open: closing it (or the stream ending, or the client dying) makes the watchdog stop
-tcpdump and delete DIR. tcpdump takes each packet from the kernel as it comes
-(--immediate-mode) and writes it at once (-U) into the watchdog, which passes them on in
+tcpdump and delete DIR. tcpdump gets packets from the kernel soon after they came (see
+`handover_arguments`) and writes them at once (-U) into the watchdog, which passes them on in
 batches (see watchdog.c): both run in the target container and die with it, so what they
 hold when it is killed is lost. The shell outlives ``head``, ``tar`` and the watchdog, the
 readers of its stdin, because containerd can cut short the stdin of an exec process that reads
@@ -35,6 +35,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 import anyio
 
 from multisniff.capture.bundle import MANIFEST_NAME, Bundle
+from multisniff.capture.bundlebuild import BUFFER_TIMEOUT_PATCH, tcpdump_patches
 from multisniff.capture.bundlecache import WATCHDOG_NAME, PerArchitecture, bundle_for
 from multisniff.capture.execcapture import (
     ExecCapture,
@@ -55,7 +56,9 @@ from multisniff.kube.model import Cluster, ExecChannel, PodRef
 log = logging.getLogger(__name__)
 
 _CAP_NET_RAW = 1 << 13
-IMMEDIATE_BUFFER_KIB = 8192
+CAPTURE_BUFFER_KIB = 8192
+MIN_BUFFER_TIMEOUT_MS = 10
+MAX_BUFFER_TIMEOUT_MS = 1000
 _UPLOAD_CHUNK = 64 * 1024
 _NEEDED_COMMANDS = ("tar", "head", "mkdir", "mv", "rm")
 _PROBE = (
@@ -81,22 +84,42 @@ class UploadError(MultisniffError):
     """The bundle could not be put into a target, or tcpdump not started there."""
 
 
-def capture_arguments(spec: CaptureSpec, *, immediate: bool = False) -> list[str]:
+def capture_arguments(spec: CaptureSpec, *, handover: Sequence[str] = ()) -> list[str]:
     """tcpdump's arguments after ``-Z root`` for a capture spec: pcap to stdout, unbuffered,
-    with nanosecond timestamps (the merge's own unit: no conversion per packet). ``immediate``:
-    each packet leaves the kernel's capture buffer as it comes, instead of when a block of it
-    fills or a second has passed, for a tcpdump that dies with the container it captures. In
-    that mode libpcap's ring has one slot of the snapshot length per packet (for ``any``): the
-    default 2 MiB hold 8 packets of 256 KiB, which a tcpdump short of CPU for 80 ms at 100
-    packets a second overflows, so the buffer is IMMEDIATE_BUFFER instead."""
-    args = ["-U", *(["--immediate-mode", "-B", str(IMMEDIATE_BUFFER_KIB)] if immediate else []),
-            "--time-stamp-precision=nano", "-w", "-", "-i", spec.interface,
+    with nanosecond timestamps (the merge's own unit: no conversion per packet), then the
+    ``handover`` options (`handover_arguments`): the arguments before them are those `cleanup`
+    knows a multisniff tcpdump by."""
+    args = ["-U", "--time-stamp-precision=nano", *handover, "-w", "-", "-i", spec.interface,
             "-s", str(spec.snaplen)]
     if spec.packet_count is not None:
         args += ["-c", str(spec.packet_count)]
     if spec.bpf_filter:
         args.append(spec.bpf_filter)
     return args
+
+
+def buffer_timeout_ms(flush_delay: float) -> int:
+    """The packet buffer timeout for a tcpdump whose watchdog holds output ``flush_delay``
+    seconds: half of that, so that a packet waits at most one and a half flush delays on the
+    pod's side, within MIN_BUFFER_TIMEOUT_MS (each timeout that ends a block with packets in it
+    wakes tcpdump) and MAX_BUFFER_TIMEOUT_MS (tcpdump's own)."""
+    return max(MIN_BUFFER_TIMEOUT_MS, min(MAX_BUFFER_TIMEOUT_MS, round(flush_delay * 500)))
+
+
+def handover_arguments(spec: CaptureSpec, *, buffer_timeout: bool) -> list[str]:
+    """Options for a tcpdump that dies with the container it captures: what the kernel holds
+    for it then is lost, and by default it holds packets until a block of its ring fills or a
+    second has passed. With ``buffer_timeout`` (a tcpdump with multisniff's patch, see
+    `bundlebuild.BUFFER_TIMEOUT_PATCH`) the blocks are handed over after `buffer_timeout_ms`
+    instead; they stay packed, so a flood fills them densely. Otherwise, or when the watchdog
+    holds nothing (``flush_delay`` 0), immediate mode, in which libpcap's ring (TPACKET_V2)
+    has one frame of the snapshot length per packet: with ``any``, the default 2 MiB hold 8
+    packets of 256 KiB. In both, the ring is CAPTURE_BUFFER_KIB: 32 such frames, or 32 blocks
+    of 256 KiB that each take a buffer timeout's packets at light load."""
+    if buffer_timeout and spec.flush_delay > 0:
+        timeout = f"--buffer-timeout={buffer_timeout_ms(spec.flush_delay)}"
+        return [timeout, "-B", str(CAPTURE_BUFFER_KIB)]
+    return ["--immediate-mode", "-B", str(CAPTURE_BUFFER_KIB)]
 
 
 def watchdog_arguments(spec: CaptureSpec, *, remove: str | None = None,
@@ -135,9 +158,11 @@ def capture_script(bundle: Bundle, directory: str, spec: CaptureSpec, *, pidfile
 def capture_command(bundle: Bundle, directory: str, spec: CaptureSpec, *,
                     pidfile: str | None = None) -> list[str]:
     """The argv of the watched tcpdump run from the bundle unpacked at ``directory``."""
+    handover = handover_arguments(
+        spec, buffer_timeout=BUFFER_TIMEOUT_PATCH in tcpdump_patches(bundle))
     return [posixpath.join(directory, WATCHDOG_NAME),
             *watchdog_arguments(spec, remove=directory, pidfile=pidfile), "--",
-            *bundle.command("tcpdump", capture_arguments(spec, immediate=True),
+            *bundle.command("tcpdump", capture_arguments(spec, handover=handover),
                             root=directory)]
 
 

@@ -13,10 +13,11 @@ import anyio
 import pytest
 from fakes import FakeCluster, make_pod
 
+from multisniff.capture.bundlebuild import BUFFER_TIMEOUT_PATCH, tcpdump_patches
 from multisniff.capture.bundlecache import bundle_for, host_arch
 from multisniff.capture.execcapture import ExecCapture
 from multisniff.capture.model import CaptureReport, CaptureSpec, Target
-from multisniff.capture.upload import UploadMode, capture_command
+from multisniff.capture.upload import UploadMode, capture_command, handover_arguments
 
 pytestmark = pytest.mark.skipif(
     shutil.which("tcpdump") is None or shutil.which("gcc") is None or os.geteuid() != 0,
@@ -168,14 +169,14 @@ async def test_stop_without_half_close_signals_the_watchdog(tmp_path: Path,
 def test_the_capture_command_runs_tcpdump_under_the_watchdog(bundle_cache: Path) -> None:
     bundle = bundle_for(host_arch())
     d = "/tmp/.multisniff-0123456789ab"
-    argv = capture_command(bundle, d, CaptureSpec(interface="eth0", bpf_filter="udp",
-                                                  lifetime=60, packet_count=3))
+    spec = CaptureSpec(interface="eth0", bpf_filter="udp", lifetime=60, packet_count=3)
+    argv = capture_command(bundle, d, spec)
+    handover = handover_arguments(
+        spec, buffer_timeout=BUFFER_TIMEOUT_PATCH in tcpdump_patches(bundle))
 
     assert argv[:7] == [f"{d}/msnf-watchdog", "--lifetime", "60", "--batch", "0.05",
                         "--remove", d]
     assert argv[7] == "--"
     assert argv[8:11] == [f"{d}/{bundle.loader}", "--library-path", f"{d}/lib"]
-    assert argv[11:] == [f"{d}/tcpdump", "-Z", "root", "-U", "--immediate-mode", "-B", "8192",
-                         "--time-stamp-precision=nano", "-w",
-                        "-", "-i", "eth0",
-                        "-s", "262144", "-c", "3", "udp"]
+    assert argv[11:] == [f"{d}/tcpdump", "-Z", "root", "-U", "--time-stamp-precision=nano",
+                         *handover, "-w", "-", "-i", "eth0", "-s", "262144", "-c", "3", "udp"]

@@ -4,10 +4,15 @@ cache, nothing built."""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import shutil
+import socket
 import subprocess
+import tarfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -15,7 +20,12 @@ import pytest
 from wheelbuild import build_wheel, copy_tree, fresh_venv
 
 from multisniff._version import __version__
-from multisniff.capture.bundlebuild import foreign_architectures, host_arch
+from multisniff.capture.bundlebuild import (
+    BUFFER_TIMEOUT_PATCH,
+    TCPDUMP_PATCHES,
+    foreign_architectures,
+    host_arch,
+)
 
 pytestmark = [
     pytest.mark.slow,
@@ -53,10 +63,49 @@ def test_the_wheel_ships_a_small_bundle_for_each_architecture(wheel: Path) -> No
         # libc and the loader are all of it (from Debian's packages: 18 libraries, 5.4 MB).
         index = json.loads(archive.read(f"multisniff/capture/bundles/{arch}/bundle.index.json"))
         assert index["manifest"]["built_from"]["recipe"] == "debian-source"
+        # with multisniff's patch, named with the digest of the diff it was built from
+        assert index["manifest"]["built_from"]["tcpdump_patches"] == {
+            BUFFER_TIMEOUT_PATCH:
+                hashlib.sha256(TCPDUMP_PATCHES[BUFFER_TIMEOUT_PATCH].read_bytes()).hexdigest()}
         libraries = sorted(n for n in index["manifest"]["files"] if n.startswith("lib/"))
         assert [n for n in libraries if "ld-linux" not in n] == ["lib/libc.so.6"]
         assert archive.getinfo(f"multisniff/capture/bundles/{arch}/bundle.tar.gz").file_size \
             < 2_500_000
+
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="captures on lo")
+def test_the_shipped_tcpdump_takes_a_buffer_timeout(wheel: Path, tmp_path: Path) -> None:
+    archive = zipfile.ZipFile(wheel).read("multisniff/capture/bundles/amd64/bundle.tar.gz")
+    with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
+        tar.extractall(tmp_path, filter="data")
+    tcpdump = [str(tmp_path / "lib" / "ld-linux-x86-64.so.2"), "--library-path",
+               str(tmp_path / "lib"), str(tmp_path / "tcpdump"), "-Z", "root"]
+
+    refused = subprocess.run([*tcpdump, "--buffer-timeout=0", "-w", "/dev/null"],
+                             capture_output=True, text=True, timeout=30)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        with subprocess.Popen(
+                [*tcpdump, "-U", "--buffer-timeout=20", "-i", "lo", "-c", "3", "-w",
+                 str(tmp_path / "out.pcap"), f"udp port {port}"],
+                stderr=subprocess.PIPE, text=True) as capture:
+            assert capture.stderr is not None
+            assert "listening on" in capture.stderr.readline()
+            for _ in range(30):  # until tcpdump has 3 (a block handed over after 20 ms)
+                s.sendto(b"MSNF buffer timeout", ("127.0.0.1", port))
+                if capture.poll() is not None:
+                    break
+                time.sleep(0.1)
+            capture.terminate()
+            assert capture.wait(timeout=30) == 0
+
+    assert refused.returncode != 0
+    assert "invalid buffer timeout 0 (milliseconds" in refused.stderr
+    count = subprocess.run(["capinfos", "-c", "-M", str(tmp_path / "out.pcap")],
+                           capture_output=True, text=True, check=True).stdout
+    assert "Number of packets:   3" in count, count
 
 
 @pytest.mark.skipif(not RUST, reason="the compiled core needs Rust (cargo, rustc) to build")
