@@ -1,6 +1,7 @@
 """Writes the seed corpus of the compiled core's fuzzer (rust/fuzz) into a directory.
 
-The seeds are the bases of tests/integration/test_damage_fuzz.py: real tcpdump captures taken on
+The seeds are the bases of tests/integration/test_damage_fuzz.py (tests/unit/damagedfiles.py
+makes the generated ones): real tcpdump captures taken on
 the loopback interface (where this runs as root with tcpdump and the Wireshark tools; without
 them it says so and goes on) and generated ones of every block type, both byte orders and both
 timestamp resolutions. Each goes behind the 4-byte header of rust/src/fuzzing.rs in a few
@@ -23,6 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "tests" / "integration"), str(ROOT / "tests" / "unit")]
 
+import damagedfiles  # noqa: E402
 import test_damage_fuzz  # noqa: E402
 
 # (flags: bit 0 big-endian, bit 1 nanoseconds; cap: 0, 64, 262144 or unlimited; where to cut:
@@ -35,7 +37,7 @@ def header(flags: int, cap: int, split: int) -> bytes:
 
 
 def bases() -> dict[str, bytes]:
-    found = dict(test_damage_fuzz._generated())
+    found = damagedfiles.generated()
     tools = ("tcpdump", "editcap", "mergecap")
     if os.geteuid() != 0 or any(shutil.which(tool) is None for tool in tools):
         print(f"seeds: no real captures (they need root and {', '.join(tools)}); "
