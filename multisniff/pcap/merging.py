@@ -31,7 +31,9 @@ from collections.abc import Iterable
 from heapq import heapify, heappop, heapreplace
 from itertools import accumulate, chain, islice, repeat
 from operator import add, sub
+from typing import Any
 
+from multisniff.pcap import core
 from multisniff.pcap.blocks import InterfaceInfo, InterfaceStatistics
 from multisniff.pcap.reading import Batch, CaptureError, CaptureReader, Packet
 from multisniff.pcap.writing import Block, PcapngWriter, encode_isb, encode_nrb
@@ -65,9 +67,14 @@ class Source:
     blobs: list[tuple[int, bytes]] = dataclasses.field(default_factory=list, repr=False)
     """Exact mode: (stream offset, bytes) of each part of the stream of EPBs still needed."""
     stream_end: int = 0
+    queue: Any = dataclasses.field(default=None, repr=False)
+    """Exact mode with the compiled core, instead of `keys`, `ends`, `head` and `first_start`:
+    the `_core.KeyQueue` that holds them."""
 
     @property
     def pending(self) -> int:
+        if self.queue is not None:
+            return int(self.queue.pending)
         return len(self.keys) - self.head
 
 
@@ -98,6 +105,8 @@ class TimelineMerger:
         self._newest: int | None = None  # live: newest key seen or clock time given
         self.forced = 0
         self.packets_written = 0
+        self._compiled = None if self.live else core.compiled()
+        """Exact mode: the compiled core that keeps the sources' keys and merges them."""
 
     # --- sources ------------------------------------------------------------------------------
 
@@ -111,6 +120,8 @@ class TimelineMerger:
         )
         source = Source(label=label, index=len(self.sources), multi_interface=multi_interface,
                         reader=reader)
+        if self._compiled is not None:
+            source.queue = self._compiled.KeyQueue()
         holder.append(source)
         self.sources.append(source)
         return source
@@ -225,6 +236,8 @@ class TimelineMerger:
         if not keys:
             return
         source.received += len(keys)
+        if source.queue is not None and self._take_compiled(source, batch):
+            return
         head = source.head
         if head and head * 2 > len(source.keys):
             del source.keys[:head]
@@ -253,6 +266,33 @@ class TimelineMerger:
         source.blobs.append((start, blob))
         source.stream_end = start + len(blob)
         source.last_key = keys[-1]
+
+    def _take_compiled(self, source: Source, batch: Batch) -> bool:
+        """`_take_batch` for exact mode with the compiled core; False when a key does not fit
+        in 64 bits and the merger went back to the pure-Python representation."""
+        blob = b"".join(batch.pieces)
+        try:
+            source.queue.append(batch.keys, batch.ends, len(blob))
+        except OverflowError:
+            self._demote()
+            return False
+        source.blobs.append((source.stream_end, blob))
+        source.stream_end += len(blob)
+        source.last_key = source.queue.last_key
+        first_start = source.queue.first_start
+        blobs = source.blobs
+        while blobs and blobs[0][0] + len(blobs[0][1]) <= first_start:
+            del blobs[0]
+        return True
+
+    def _demote(self) -> None:
+        """Go on with the pure-Python merge: keys beyond 64 bits (odd timestamp resolutions or
+        offsets) are rare enough to be merged slowly."""
+        for source in self.sources:
+            if source.queue is not None:
+                source.keys, source.ends, source.head, source.first_start = source.queue.export()
+                source.queue = None
+        self._compiled = None
 
     def _take_live(self, source: Source, keys: list[int], packets: list[Packet]) -> None:
         if keys != sorted(keys):
@@ -314,6 +354,9 @@ class TimelineMerger:
             return
         if self.live:
             horizon = self._bounded(horizon)
+        elif self._compiled is not None:
+            self._release_compiled(horizon, last_index)
+            return
         cuts: list[tuple[Source, int]] = []
         for source in self.sources:
             if source.head >= len(source.keys):
@@ -336,6 +379,25 @@ class TimelineMerger:
             self._emit_run(source, cut)
         else:
             self._emit_runs(cuts)
+
+    def _release_compiled(self, horizon: int, last_index: int) -> None:
+        """`_release` in exact mode with the compiled core: one call merges every source's
+        packets up to the horizon."""
+        assert self._compiled is not None
+        parts = []
+        count = 0
+        for source in self.sources:
+            queue = source.queue
+            if horizon is _INFINITY:
+                cut = queue.pending
+            else:
+                cut = queue.releasable(horizon, source.index <= last_index)
+            if cut:
+                parts.append((queue, cut, source.blobs))
+                count += cut
+        if parts:
+            self.writer.add_blocks(self._compiled.merge_exact(parts, _SHARE_MIN))
+            self.packets_written += count
 
     def _bounded(self, horizon: int) -> int:
         """Live mode: raise the horizon until at most max_pending packets stay held."""
@@ -452,6 +514,10 @@ class TimelineMerger:
 _PROBE_RUNS = 8
 _MIN_RUN = 16
 """`_emit_runs` gives up after _PROBE_RUNS runs that average fewer than _MIN_RUN packets."""
+
+_SHARE_MIN = 16 * 1024
+"""The compiled merge hands out a run of one source's packets at least this long as a view of the
+bytes it is in; shorter ones are copied into one bytes object with their neighbours."""
 
 
 class _Infinity(int):

@@ -6,6 +6,8 @@
 //! before any slice or allocation, and no function may panic on any input (a panic would
 //! surface as a Python exception and is a bug that the differential tests look for).
 
+mod merge;
+
 use pyo3::prelude::*;
 
 /// Changes whenever a function's signature or results change, so that a stale build of the
@@ -16,5 +18,6 @@ pub const ABI: u32 = 1;
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("ABI", ABI)?;
     m.add("VERSION", env!("CARGO_PKG_VERSION"))?;
+    merge::register(m)?;
     Ok(())
 }
