@@ -1,0 +1,206 @@
+"""The compiled merger against the pure-Python one: the same scripts of feeds, pulls, clock ticks
+and ends must give the same bytes at every pull and the same counters, whatever the inputs look
+like (interleaved, bursty, equal keys across sources, timestamps going backwards, many or empty
+sources, keys beyond 64 bits) and however they are chunked."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from unittest import mock
+
+import capturefiles as cf
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from multisniff.pcap import core, merging
+from multisniff.pcap.merging import TimelineMerger
+
+pytestmark = pytest.mark.skipif(not core.available(), reason="the compiled core is not built")
+
+HUGE_SECONDS = 2_000_000_000
+"""At key_resolution 10**10 a microsecond timestamp this late makes a key beyond 64 bits."""
+
+
+@dataclass
+class Outcome:
+    pulls: list[bytes] = field(default_factory=list)
+    counters: list[tuple[int, ...]] = field(default_factory=list)
+
+
+def capture(source: int, stamps: list[tuple[int, int]], pcapng: bool) -> bytes:
+    """A capture whose packet n carries (source, n) and `size` bytes more."""
+    packets = [(sec, usec, struct.pack(">HI", source, n) + bytes(size))
+               for n, ((sec, usec), size) in enumerate(stamps_with_sizes(stamps))]
+    if not pcapng:
+        return cf.pcap_file([(sec, usec, data, len(data)) for sec, usec, data in packets])
+    return cf.shb() + cf.idb() + b"".join(
+        cf.epb(0, sec * 10**6 + usec, data) for sec, usec, data in packets)
+
+
+def stamps_with_sizes(stamps: list[tuple[int, int]]) -> list[tuple[tuple[int, int], int]]:
+    return [((tick // 1000, tick % 1000 * 1000), size) for tick, size in stamps]
+
+
+def counters(merger: TimelineMerger) -> tuple[int, ...]:
+    return (merger.packets_written, merger.late_packets, merger.forced,
+            *(source.received for source in merger.sources),
+            *(source.pending for source in merger.sources),
+            *(int(source.ended) for source in merger.sources))
+
+
+def run(core_name: str, files: list[bytes], script: list[tuple[str, int, int]], *,
+        window: int | None, max_pending: int, resolution: int, blocks: bool) -> Outcome:
+    with core.use(core_name):
+        merger = TimelineMerger(reorder_window=window, max_pending=max_pending,
+                                key_resolution=resolution)
+        sources = [merger.add_source(f"in{i}") for i in range(len(files))]
+    offsets = [0] * len(files)
+    outcome = Outcome()
+
+    def pull() -> None:
+        outcome.pulls.append(b"".join(merger.pull_blocks()) if blocks else merger.pull())
+        outcome.counters.append(counters(merger))
+
+    def feed(i: int, size: int) -> None:
+        data = files[i][offsets[i] : offsets[i] + size]
+        offsets[i] += len(data)
+        if data:
+            merger.feed(sources[i], data)
+        else:
+            merger.end_source(sources[i])
+
+    for op, i, value in script:
+        if not files:
+            break
+        i %= len(files)
+        if op == "feed":
+            feed(i, value)
+        elif op == "pull":
+            pull()
+        elif op == "caught_up":
+            merger.mark_caught_up(sources[i], value * resolution // 1000)
+        elif op == "advance":
+            merger.advance(value * resolution // 1000)
+        elif op == "end":
+            merger.end_source(sources[i])
+    if window is None:  # exact mode: then as the merger asks, to the end
+        while (wanted := merger.wanted()) is not None:
+            feed(wanted.index, 1 << 12)
+            pull()
+    outcome.pulls.append(merger.finish())
+    outcome.counters.append(counters(merger))
+    return outcome
+
+
+def timeline(kind: str, sources: int, packets: int, draw: st.DrawFn) -> list[list[int]]:
+    """Ticks (milliseconds) per source for the shapes of traffic that matter to a merge."""
+    if kind == "interleaved":
+        return [[n * sources + i for n in range(packets)] for i in range(sources)]
+    if kind == "bursty":
+        burst = draw(st.integers(min_value=1, max_value=60))
+        return [[n + (n // burst) * burst * (sources - 1) + i * burst for n in range(packets)]
+                for i in range(sources)]
+    ticks = st.integers(min_value=0, max_value=draw(st.sampled_from([3, 50, 5000])))
+    streams = [draw(st.lists(ticks, max_size=packets)) for _ in range(sources)]
+    if kind == "sorted":
+        streams = [sorted(stream) for stream in streams]
+    return streams  # "random": equal ticks across sources and backwards within one
+
+
+@st.composite
+def cases(draw: st.DrawFn, *, live: bool) -> tuple[list[bytes], list[tuple[str, int, int]],
+                                                      dict[str, object]]:
+    kind = draw(st.sampled_from(["interleaved", "bursty", "sorted", "random"]))
+    count = draw(st.integers(min_value=0, max_value=12))
+    streams = timeline(kind, count, draw(st.integers(min_value=0, max_value=120)), draw)
+    sizes = st.sampled_from([0, 1, 3, 60, 700, 1500])
+    huge = draw(st.booleans())
+    files = []
+    for i, stream in enumerate(streams):
+        if huge and draw(st.booleans()):
+            cut = draw(st.integers(min_value=0, max_value=len(stream)))
+            stream = stream[:cut] + [tick + HUGE_SECONDS * 1000 for tick in stream[cut:]]
+        stamps = [(tick, draw(sizes)) for tick in stream]
+        files.append(capture(i, stamps, draw(st.booleans())))
+    feeds = st.tuples(st.just("feed"), st.integers(0, 63),
+                      st.sampled_from([1, 7, 100, 1000, 1 << 12, 1 << 16]))
+    ops = [feeds, st.tuples(st.just("pull"), st.just(0), st.just(0)),
+           st.tuples(st.just("end"), st.integers(0, 63), st.just(0))]
+    if live:
+        ops += [st.tuples(st.just("advance"), st.just(0), st.integers(0, 5000 * 13)),
+                st.tuples(st.just("caught_up"), st.integers(0, 63), st.integers(0, 5000 * 13))]
+    script = draw(st.lists(st.one_of(feeds, *ops), max_size=60))
+    options: dict[str, object] = {
+        "resolution": draw(st.sampled_from([10**6, 10**9] + ([10**10] if huge else []))),
+        "blocks": draw(st.booleans()),
+        "window": draw(st.sampled_from([0, 1, 10**3, 10**9, 10**12])) if live else None,
+        "max_pending": draw(st.sampled_from([1, 5, 100, 200_000])),
+        "share_min": draw(st.sampled_from([0, 1, 100, 16 * 1024, 1 << 62])),
+    }
+    return files, script, options
+
+
+def compare(files: list[bytes], script: list[tuple[str, int, int]],
+            options: dict[str, object]) -> None:
+    share_min = options.pop("share_min")
+    with mock.patch.object(merging, "_SHARE_MIN", share_min):
+        compiled = run(core.COMPILED, files, script, **options)  # type: ignore[arg-type]
+    python = run(core.PYTHON, files, script, **options)  # type: ignore[arg-type]
+    assert compiled.counters == python.counters
+    assert compiled.pulls == python.pulls
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cases(live=False))
+def test_exact_merges_are_byte_identical(case: tuple[list[bytes], list[tuple[str, int, int]],
+                                                     dict[str, object]]) -> None:
+    compare(*case)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cases(live=True))
+def test_live_merges_are_byte_identical(case: tuple[list[bytes], list[tuple[str, int, int]],
+                                                    dict[str, object]]) -> None:
+    compare(*case)
+
+
+def test_a_key_beyond_64_bits_hands_the_merge_to_python_midway() -> None:
+    early = capture(0, [(n * 2, 60) for n in range(50)], False)
+    late = capture(1, [(n * 2 + 1, 60) for n in range(25)]
+                   + [(HUGE_SECONDS * 1000 + n, 60) for n in range(25)], False)
+    script = [("feed", 0, 1000), ("feed", 1, 1000), ("pull", 0, 0)] * 10
+    options: dict[str, object] = {"resolution": 10**10, "blocks": False, "window": None,
+                                  "max_pending": 100, "share_min": 1 << 62}
+    compare([early, late], script, options)
+    with core.use(core.COMPILED):
+        merger = TimelineMerger(key_resolution=10**10)
+    a, b = merger.add_source("a"), merger.add_source("b")
+    assert a.queue is not None
+    merger.feed(a, early)
+    merger.feed(b, late)
+    assert a.queue is None and b.queue is None and a.pending + b.pending == 100
+
+
+def test_the_compiled_merge_refuses_inconsistent_input() -> None:
+    with core.use(core.COMPILED):
+        compiled = core.compiled()
+    assert compiled is not None
+    queue = compiled.KeyQueue()
+    with pytest.raises(ValueError, match="2 merge keys but 1 packet end"):
+        queue.append([1, 2], [8], 8)
+    with pytest.raises(ValueError, match="past the end"):
+        queue.append([1], [9], 8)
+    with pytest.raises(OverflowError):
+        queue.append([1 << 64], [8], 8)
+    queue.append([1, 2], [4, 8], 8)
+    with pytest.raises(ValueError, match="only 2 are pending"):
+        compiled.merge_exact([(queue, 3, [(0, bytes(8))])], 0)
+    with pytest.raises(ValueError, match="not in the blobs"):
+        compiled.merge_exact([(queue, 2, [(0, bytes(4))])], 0)
+    with pytest.raises(ValueError, match="twice"):
+        compiled.merge_exact([(queue, 1, [(0, bytes(8))]), (queue, 1, [(0, bytes(8))])], 0)
+    assert queue.pending == 2
+    assert compiled.merge_exact([(queue, 2, [(0, b"abcd"), (4, b"efgh")])], 6) == [b"abcdefgh"]
+    assert queue.pending == 0
