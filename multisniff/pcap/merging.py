@@ -272,7 +272,7 @@ class TimelineMerger:
         in 64 bits and the merger went back to the pure-Python representation."""
         blob = b"".join(batch.pieces)
         try:
-            source.queue.append(batch.keys, batch.ends, len(blob))
+            source.queue.append(batch.keys, blob)
         except OverflowError:
             self._demote()
             return False

@@ -188,19 +188,21 @@ def test_the_compiled_merge_refuses_inconsistent_input() -> None:
         compiled = core.compiled()
     assert compiled is not None
     queue = compiled.KeyQueue()
+    epb = struct.pack("<II", 6, 12) + struct.pack("<I", 12)
+    with pytest.raises(ValueError, match="claims 12 bytes, but .* 11 are left"):
+        queue.append([1], epb[:-1])
     with pytest.raises(ValueError, match="2 merge keys but 1 packet end"):
-        queue.append([1, 2], [8], 8)
-    with pytest.raises(ValueError, match="past the end"):
-        queue.append([1], [9], 8)
+        queue.append([1, 2], epb)
     with pytest.raises(OverflowError):
-        queue.append([1 << 64], [8], 8)
-    queue.append([1, 2], [4, 8], 8)
+        queue.append([1 << 64], epb)
+    queue.append([1, 2], epb + epb)
     with pytest.raises(ValueError, match="only 2 are pending"):
-        compiled.merge_exact([(queue, 3, [(0, bytes(8))])], 0)
+        compiled.merge_exact([(queue, 3, [(0, epb + epb)])], 0)
     with pytest.raises(ValueError, match="not in the blobs"):
-        compiled.merge_exact([(queue, 2, [(0, bytes(4))])], 0)
+        compiled.merge_exact([(queue, 2, [(0, epb)])], 0)
     with pytest.raises(ValueError, match="twice"):
-        compiled.merge_exact([(queue, 1, [(0, bytes(8))]), (queue, 1, [(0, bytes(8))])], 0)
+        compiled.merge_exact([(queue, 1, [(0, epb * 2)]), (queue, 1, [(0, epb * 2)])], 0)
     assert queue.pending == 2
-    assert compiled.merge_exact([(queue, 2, [(0, b"abcd"), (4, b"efgh")])], 6) == [b"abcdefgh"]
+    first, second = b"a" * 12, b"b" * 12
+    assert compiled.merge_exact([(queue, 2, [(0, first), (12, second)])], 13) == [first + second]
     assert queue.pending == 0
