@@ -189,7 +189,7 @@ def test_the_compiled_merge_refuses_inconsistent_input() -> None:
     assert compiled is not None
     queue = compiled.KeyQueue()
     epb = struct.pack("<II", 6, 12) + struct.pack("<I", 12)
-    with pytest.raises(ValueError, match="claims 12 bytes, but .* 11 are left"):
+    with pytest.raises(ValueError, match=r"claims 12 bytes, but .* 11 are left"):
         queue.append([1], epb[:-1])
     with pytest.raises(ValueError, match="2 merge keys but 1 packet end"):
         queue.append([1, 2], epb)
