@@ -18,7 +18,7 @@ use std::fmt;
 use std::mem::MaybeUninit;
 use std::ptr::NonNull;
 
-use pyo3::exceptions::PyValueError;
+use pyo3::exceptions::{PyIndexError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyMemoryView, PySlice, PyTuple};
 
@@ -28,7 +28,11 @@ pub enum MergeError {
     /// A batch has a different number of keys than of ends.
     Lengths { keys: usize, ends: usize },
     /// An end offset is smaller than the one before it (or than the start of its run).
-    Backwards { index: usize, end: u64, previous: u64 },
+    Backwards {
+        index: usize,
+        end: u64,
+        previous: u64,
+    },
     /// An end offset lies past the bytes it is an offset into.
     PastEnd { index: usize, end: u64, length: u64 },
     /// A count or offset does not fit the integer it has to be held in.
@@ -36,7 +40,11 @@ pub enum MergeError {
     /// A cut asks for more packets than are pending.
     Cut { cut: usize, pending: usize },
     /// A block's length field does not fit where it is (shorter than a block, past the end).
-    Block { offset: usize, length: u64, room: usize },
+    Block {
+        offset: usize,
+        length: u64,
+        room: usize,
+    },
     /// The bytes of a packet range are not in the blobs given for its source.
     Missing { source: usize, start: u64, end: u64 },
 }
@@ -109,15 +117,26 @@ impl Queue {
     /// On error nothing is changed.
     pub fn append(&mut self, keys: &[i64], ends: &[u64], blob_len: u64) -> Result<(), MergeError> {
         if keys.len() != ends.len() {
-            return Err(MergeError::Lengths { keys: keys.len(), ends: ends.len() });
+            return Err(MergeError::Lengths {
+                keys: keys.len(),
+                ends: ends.len(),
+            });
         }
         let mut previous = 0u64;
         for (index, &end) in ends.iter().enumerate() {
             if end < previous {
-                return Err(MergeError::Backwards { index, end, previous });
+                return Err(MergeError::Backwards {
+                    index,
+                    end,
+                    previous,
+                });
             }
             if end > blob_len {
-                return Err(MergeError::PastEnd { index, end, length: blob_len });
+                return Err(MergeError::PastEnd {
+                    index,
+                    end,
+                    length: blob_len,
+                });
             }
             previous = end;
         }
@@ -142,7 +161,8 @@ impl Queue {
             highest
         }));
         // cannot overflow: every end is at most blob_len, and start + blob_len fits
-        self.ends.extend(ends.iter().map(|&end| start.saturating_add(end)));
+        self.ends
+            .extend(ends.iter().map(|&end| start.saturating_add(end)));
         self.stream_end = stream_end;
         self.last_key = Some(highest);
         Ok(())
@@ -170,7 +190,10 @@ impl Queue {
             .head
             .checked_add(count)
             .filter(|_| count <= pending)
-            .ok_or(MergeError::Cut { cut: count, pending })?;
+            .ok_or(MergeError::Cut {
+                cut: count,
+                pending,
+            })?;
         let first = match self.head.checked_sub(1) {
             Some(before) => *self.ends.get(before).ok_or(MergeError::Overflow)?,
             None => self.first_start,
@@ -179,6 +202,7 @@ impl Queue {
             keys: self.keys.get(self.head..end).unwrap_or(&[]),
             ends: self.ends.get(self.head..end).unwrap_or(&[]),
             first,
+            starts: None,
         })
     }
 
@@ -186,7 +210,161 @@ impl Queue {
     pub fn consume(&mut self, count: usize) -> Result<(), MergeError> {
         let pending = self.pending();
         if count > pending {
-            return Err(MergeError::Cut { cut: count, pending });
+            return Err(MergeError::Cut {
+                cut: count,
+                pending,
+            });
+        }
+        self.head += count;
+        Ok(())
+    }
+}
+
+/// One source's packets that are not written yet, in live mode: like `Queue`, but packets are
+/// kept sorted by key (stably: a source's own order is kept among equal keys) as the pure-Python
+/// merger's `_take_live` sorts them, so each has its own start as well as its end.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct LiveQueue {
+    keys: Vec<i64>,
+    starts: Vec<u64>,
+    ends: Vec<u64>,
+    head: usize,
+    low: u64,
+    stream_end: u64,
+    newest: Option<i64>,
+}
+
+impl LiveQueue {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Add a batch as `Queue::append` does; returns how many of its packets have keys below
+    /// `released` (late packets). Nothing is changed on error.
+    pub fn append(
+        &mut self,
+        keys: &[i64],
+        ends: &[u64],
+        blob_len: u64,
+        released: Option<i64>,
+    ) -> Result<usize, MergeError> {
+        if keys.len() != ends.len() {
+            return Err(MergeError::Lengths {
+                keys: keys.len(),
+                ends: ends.len(),
+            });
+        }
+        let mut previous = 0u64;
+        for (index, &end) in ends.iter().enumerate() {
+            if end < previous {
+                return Err(MergeError::Backwards {
+                    index,
+                    end,
+                    previous,
+                });
+            }
+            if end > blob_len {
+                return Err(MergeError::PastEnd {
+                    index,
+                    end,
+                    length: blob_len,
+                });
+            }
+            previous = end;
+        }
+        let start = self.stream_end;
+        let stream_end = start.checked_add(blob_len).ok_or(MergeError::Overflow)?;
+        let Some(&highest) = keys.iter().max() else {
+            return Ok(0);
+        };
+        if self.head > 0 && self.head.saturating_mul(2) > self.keys.len() {
+            let head = self.head.min(self.keys.len());
+            self.keys.drain(..head);
+            self.starts.drain(..head.min(self.starts.len()));
+            self.ends.drain(..head.min(self.ends.len()));
+            self.head = 0;
+            self.low = self.starts.iter().copied().min().unwrap_or(start);
+        }
+        let late = released.map_or(0, |released| keys.iter().filter(|&&k| k < released).count());
+        // cannot overflow: every end is at most blob_len, and start + blob_len fits
+        let mut batch: Vec<(i64, u64, u64)> = Vec::with_capacity(keys.len());
+        let mut before = start;
+        for (&key, &end) in keys.iter().zip(ends) {
+            let end = start.saturating_add(end);
+            batch.push((key, before, end));
+            before = end;
+        }
+        if !keys.windows(2).all(|pair| pair.first() <= pair.get(1)) {
+            batch.sort_by_key(|packet| packet.0); // stable
+        }
+        let first = batch.first().map_or(highest, |packet| packet.0);
+        let behind = self.pending() > 0 && self.keys.last().is_some_and(|&last| first < last);
+        if behind {
+            let head = self.head.min(self.keys.len());
+            let mut merged: Vec<(i64, u64, u64)> = self
+                .keys
+                .get(head..)
+                .unwrap_or(&[])
+                .iter()
+                .zip(self.starts.get(head..).unwrap_or(&[]))
+                .zip(self.ends.get(head..).unwrap_or(&[]))
+                .map(|((&key, &start), &end)| (key, start, end))
+                .collect();
+            merged.extend(batch);
+            merged.sort_by_key(|packet| packet.0); // stable: held packets before new equal ones
+            batch = merged;
+            self.keys.clear();
+            self.starts.clear();
+            self.ends.clear();
+            self.head = 0;
+        }
+        self.keys.extend(batch.iter().map(|packet| packet.0));
+        self.starts.extend(batch.iter().map(|packet| packet.1));
+        self.ends.extend(batch.iter().map(|packet| packet.2));
+        self.stream_end = stream_end;
+        self.newest = Some(self.newest.map_or(highest, |newest| newest.max(highest)));
+        Ok(late)
+    }
+
+    pub fn pending(&self) -> usize {
+        self.keys.len().saturating_sub(self.head)
+    }
+
+    pub fn releasable(&self, horizon: i64, inclusive: bool) -> usize {
+        let pending = self.keys.get(self.head..).unwrap_or(&[]);
+        if inclusive {
+            pending.partition_point(|&key| key <= horizon)
+        } else {
+            pending.partition_point(|&key| key < horizon)
+        }
+    }
+
+    /// The next `count` pending packets as a run for `merge_order`.
+    pub fn run(&self, count: usize) -> Result<Run<'_>, MergeError> {
+        let pending = self.pending();
+        let end = self
+            .head
+            .checked_add(count)
+            .filter(|_| count <= pending)
+            .ok_or(MergeError::Cut {
+                cut: count,
+                pending,
+            })?;
+        Ok(Run {
+            keys: self.keys.get(self.head..end).unwrap_or(&[]),
+            ends: self.ends.get(self.head..end).unwrap_or(&[]),
+            first: 0,
+            starts: Some(self.starts.get(self.head..end).unwrap_or(&[])),
+        })
+    }
+
+    pub fn consume(&mut self, count: usize) -> Result<(), MergeError> {
+        let pending = self.pending();
+        if count > pending {
+            return Err(MergeError::Cut {
+                cut: count,
+                pending,
+            });
         }
         self.head += count;
         Ok(())
@@ -201,11 +379,17 @@ pub fn block_ends(blob: &[u8]) -> Result<Vec<u64>, MergeError> {
     let mut at = 0usize;
     while at < blob.len() {
         let room = blob.len() - at;
-        let field = blob.get(at + 4..at + 8).and_then(|bytes| <[u8; 4]>::try_from(bytes).ok());
+        let field = blob
+            .get(at + 4..at + 8)
+            .and_then(|bytes| <[u8; 4]>::try_from(bytes).ok());
         let length = field.map_or(0, u32::from_le_bytes) as u64;
         let size = usize::try_from(length).unwrap_or(usize::MAX);
         if size < 12 || size > room {
-            return Err(MergeError::Block { offset: at, length, room });
+            return Err(MergeError::Block {
+                offset: at,
+                length,
+                room,
+            });
         }
         at += size;
         ends.push(at as u64);
@@ -221,6 +405,9 @@ pub struct Run<'a> {
     pub keys: &'a [i64],
     pub ends: &'a [u64],
     pub first: u64,
+    /// Live mode, where a source's packets may have been reordered: where each one starts
+    /// (`first` is then unused and the ends need not increase).
+    pub starts: Option<&'a [u64]>,
 }
 
 /// Bytes `start..end` of run `source`'s stream: one or more of its packets in a row.
@@ -236,12 +423,37 @@ pub struct Segment {
 pub fn merge_order(runs: &[Run<'_>]) -> Result<Vec<Segment>, MergeError> {
     for run in runs {
         if run.keys.len() != run.ends.len() {
-            return Err(MergeError::Lengths { keys: run.keys.len(), ends: run.ends.len() });
+            return Err(MergeError::Lengths {
+                keys: run.keys.len(),
+                ends: run.ends.len(),
+            });
+        }
+        if let Some(starts) = run.starts {
+            if starts.len() != run.ends.len() {
+                return Err(MergeError::Lengths {
+                    keys: run.keys.len(),
+                    ends: starts.len(),
+                });
+            }
+            for (index, (&start, &end)) in starts.iter().zip(run.ends).enumerate() {
+                if end < start {
+                    return Err(MergeError::Backwards {
+                        index,
+                        end,
+                        previous: start,
+                    });
+                }
+            }
+            continue;
         }
         let mut previous = run.first;
         for (index, &end) in run.ends.iter().enumerate() {
             if end < previous {
-                return Err(MergeError::Backwards { index, end, previous });
+                return Err(MergeError::Backwards {
+                    index,
+                    end,
+                    previous,
+                });
             }
             previous = end;
         }
@@ -252,7 +464,7 @@ pub fn merge_order(runs: &[Run<'_>]) -> Result<Vec<Segment>, MergeError> {
         .enumerate()
         .filter_map(|(source, run)| run.keys.first().map(|&key| Reverse((key, source))))
         .collect();
-    let mut segments = Vec::new();
+    let mut segments: Vec<Segment> = Vec::new();
     while let Some(Reverse((_, source))) = heap.pop() {
         let (Some(run), Some(&position)) = (runs.get(source), positions.get(source)) else {
             break; // unreachable: only indexes of runs are pushed
@@ -271,14 +483,32 @@ pub fn merge_order(runs: &[Run<'_>]) -> Result<Vec<Segment>, MergeError> {
             }
             None => end = keys.len(),
         }
-        let start = match position.checked_sub(1) {
-            Some(before) => run.ends.get(before).copied().unwrap_or(run.first),
-            None => run.first,
-        };
-        let Some(&stop) = run.ends.get(end.saturating_sub(1)) else {
-            break; // unreachable: end is at most keys.len() == ends.len() and at least 1
-        };
-        segments.push(Segment { source, start, end: stop });
+        if let Some(starts) = run.starts {
+            let packets = starts.get(position..end).unwrap_or(&[]).iter();
+            for (&start, &stop) in packets.zip(run.ends.get(position..end).unwrap_or(&[])) {
+                match segments.last_mut() {
+                    Some(last) if last.source == source && last.end == start => last.end = stop,
+                    _ => segments.push(Segment {
+                        source,
+                        start,
+                        end: stop,
+                    }),
+                }
+            }
+        } else {
+            let start = match position.checked_sub(1) {
+                Some(before) => run.ends.get(before).copied().unwrap_or(run.first),
+                None => run.first,
+            };
+            let Some(&stop) = run.ends.get(end.saturating_sub(1)) else {
+                break; // unreachable: end is at most keys.len() == ends.len() and at least 1
+            };
+            segments.push(Segment {
+                source,
+                start,
+                end: stop,
+            });
+        }
         if let Some(slot) = positions.get_mut(source) {
             *slot = end;
         }
@@ -293,9 +523,19 @@ pub fn merge_order(runs: &[Run<'_>]) -> Result<Vec<Segment>, MergeError> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Piece {
     /// `len` bytes of blob `blob` of `source` from `from`, copied into the output buffer.
-    Copy { source: usize, blob: usize, from: usize, len: usize },
+    Copy {
+        source: usize,
+        blob: usize,
+        from: usize,
+        len: usize,
+    },
     /// Bytes `from..from + len` of blob `blob` of `source`, shared.
-    Share { source: usize, blob: usize, from: usize, len: usize },
+    Share {
+        source: usize,
+        blob: usize,
+        from: usize,
+        len: usize,
+    },
 }
 
 /// Where the segments' bytes are in the sources' blobs (each source's blobs as (stream offset,
@@ -305,6 +545,20 @@ pub fn plan(
     blobs: &[Vec<(u64, u64)>],
     share_min: u64,
 ) -> Result<Vec<Piece>, MergeError> {
+    for (source, source_blobs) in blobs.iter().enumerate() {
+        let mut previous = 0u64;
+        for &(offset, length) in source_blobs {
+            let end = offset.checked_add(length).ok_or(MergeError::Overflow)?;
+            if offset < previous {
+                return Err(MergeError::Missing {
+                    source,
+                    start: offset,
+                    end,
+                });
+            }
+            previous = end;
+        }
+    }
     let mut cursors = vec![0usize; blobs.len()];
     let mut pieces = Vec::with_capacity(segments.len());
     for segment in segments {
@@ -322,25 +576,39 @@ pub fn plan(
         if at == segment.end {
             continue;
         }
-        // segments of one source come in stream order: the blob of `at` is at the cursor or after
         while at < segment.end {
-            let &(offset, length) = source_blobs.get(*cursor).ok_or(missing.clone())?;
-            let stop = offset.checked_add(length).ok_or(MergeError::Overflow)?;
-            if at < offset {
-                return Err(missing);
+            let mut entry = source_blobs.get(*cursor).copied();
+            if !matches!(entry, Some((offset, length))
+                         if offset <= at && at < offset.saturating_add(length))
+            {
+                // not in stream order (live mode, reordered packets) or past the cursor's blob
+                *cursor = source_blobs
+                    .partition_point(|&(offset, length)| offset.saturating_add(length) <= at);
+                entry = source_blobs.get(*cursor).copied();
             }
-            if at >= stop {
-                *cursor += 1;
-                continue;
+            let (offset, length) = entry.ok_or(missing.clone())?;
+            let stop = offset.checked_add(length).ok_or(MergeError::Overflow)?;
+            if at < offset || at >= stop {
+                return Err(missing);
             }
             let upto = segment.end.min(stop);
             let from = usize::try_from(at - offset).map_err(|_| MergeError::Overflow)?;
             let len = usize::try_from(upto - at).map_err(|_| MergeError::Overflow)?;
             let (source, blob) = (segment.source, *cursor);
             pieces.push(if upto - at >= share_min {
-                Piece::Share { source, blob, from, len }
+                Piece::Share {
+                    source,
+                    blob,
+                    from,
+                    len,
+                }
             } else {
-                Piece::Copy { source, blob, from, len }
+                Piece::Copy {
+                    source,
+                    blob,
+                    from,
+                    len,
+                }
             });
             at = upto;
         }
@@ -357,7 +625,13 @@ pub fn gather<'b>(
 ) -> Result<(), MergeError> {
     let mut at = 0usize;
     for piece in pieces {
-        let Piece::Copy { source, blob, from, len } = *piece else {
+        let Piece::Copy {
+            source,
+            blob,
+            from,
+            len,
+        } = *piece
+        else {
             continue;
         };
         let missing = || MergeError::Missing {
@@ -381,10 +655,48 @@ pub fn gather<'b>(
 
 // --- Python ---------------------------------------------------------------------------------
 
-/// `Queue` for Python: one per source of an exact-mode merger with the compiled core.
+/// `Queue` or `LiveQueue` for Python: one per source of a merger with the compiled core.
 #[pyclass(module = "multisniff._core", name = "KeyQueue")]
 pub struct KeyQueue {
-    queue: Queue,
+    queue: Mode,
+}
+
+enum Mode {
+    Exact(Queue),
+    Live(LiveQueue),
+}
+
+impl KeyQueue {
+    fn pending_count(&self) -> usize {
+        match &self.queue {
+            Mode::Exact(queue) => queue.pending(),
+            Mode::Live(queue) => queue.pending(),
+        }
+    }
+
+    fn run(&self, count: usize) -> Result<Run<'_>, MergeError> {
+        match &self.queue {
+            Mode::Exact(queue) => queue.run(count),
+            Mode::Live(queue) => queue.run(count),
+        }
+    }
+
+    fn consume(&mut self, count: usize) -> Result<(), MergeError> {
+        match &mut self.queue {
+            Mode::Exact(queue) => queue.consume(count),
+            Mode::Live(queue) => queue.consume(count),
+        }
+    }
+}
+
+/// An int that may not fit 64 bits as a bound on keys: None when it is below every key, else
+/// the highest i64 at most it (with whether it was beyond them all).
+fn bound(value: &Bound<'_, PyAny>) -> PyResult<Option<(i64, bool)>> {
+    match value.extract::<i64>() {
+        Ok(value) => Ok(Some((value, false))),
+        Err(_) if value.gt(0)? => Ok(Some((i64::MAX, true))),
+        Err(_) => Ok(None),
+    }
 }
 
 fn i64_list(list: &Bound<'_, PyList>) -> PyResult<Vec<i64>> {
@@ -398,48 +710,124 @@ fn i64_list(list: &Bound<'_, PyList>) -> PyResult<Vec<i64>> {
 #[pymethods]
 impl KeyQueue {
     #[new]
-    fn py_new() -> Self {
-        Self { queue: Queue::new() }
+    #[pyo3(signature = (*, live = false))]
+    fn py_new(live: bool) -> Self {
+        let queue = if live {
+            Mode::Live(LiveQueue::new())
+        } else {
+            Mode::Exact(Queue::new())
+        };
+        Self { queue }
     }
 
-    /// Add a batch: `Batch.keys` and its packets' EPBs joined (`b"".join(Batch.pieces)`).
+    /// Add a batch: `Batch.keys` and its packets' EPBs joined (`b"".join(Batch.pieces)`); in
+    /// live mode, returns how many of its keys are below `released` (late packets).
     /// OverflowError when a key does not fit 64 bits (the caller goes on with the pure-Python
     /// merger); ValueError when the blocks are not one per key. Nothing is changed on error.
-    fn append(&mut self, keys: &Bound<'_, PyList>, blob: &Bound<'_, PyBytes>) -> PyResult<()> {
+    #[pyo3(signature = (keys, blob, released = None))]
+    fn append(
+        &mut self,
+        keys: &Bound<'_, PyList>,
+        blob: &Bound<'_, PyBytes>,
+        released: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<usize> {
         let keys = i64_list(keys)?;
         let blob = blob.as_bytes();
         let ends = block_ends(blob)?;
-        Ok(self.queue.append(&keys, &ends, blob.len() as u64)?)
+        match &mut self.queue {
+            Mode::Exact(queue) => {
+                queue.append(&keys, &ends, blob.len() as u64)?;
+                Ok(0)
+            }
+            Mode::Live(queue) => {
+                let released = match released {
+                    None => None,
+                    // below every key: none is late; beyond them all: every one is
+                    Some(released) => Some(match bound(released)? {
+                        None => i64::MIN,
+                        Some((_, true)) => {
+                            queue.append(&keys, &ends, blob.len() as u64, None)?;
+                            return Ok(keys.len());
+                        }
+                        Some((value, false)) => value,
+                    }),
+                };
+                Ok(queue.append(&keys, &ends, blob.len() as u64, released)?)
+            }
+        }
     }
 
     #[getter]
     fn pending(&self) -> usize {
-        self.queue.pending()
+        self.pending_count()
     }
 
+    /// Exact mode: the highest key received. Live mode: the newest.
     #[getter]
     fn last_key(&self) -> Option<i64> {
-        self.queue.last_key
+        match &self.queue {
+            Mode::Exact(queue) => queue.last_key,
+            Mode::Live(queue) => queue.newest,
+        }
     }
 
+    /// Where the first byte still needed is in the source's stream: blobs that end before it
+    /// may be dropped.
     #[getter]
     fn first_start(&self) -> u64 {
-        self.queue.first_start
+        match &self.queue {
+            Mode::Exact(queue) => queue.first_start,
+            Mode::Live(queue) => queue.low,
+        }
     }
 
     /// How many pending packets may be written below (or at, `inclusive`) `horizon`, any int.
     fn releasable(&self, horizon: &Bound<'_, PyAny>, inclusive: bool) -> PyResult<usize> {
-        match horizon.extract::<i64>() {
-            Ok(horizon) => Ok(self.queue.releasable(horizon, inclusive)),
-            Err(_) if horizon.gt(0)? => Ok(self.queue.pending()),
-            Err(_) => Ok(0),
+        let Some((horizon, beyond)) = bound(horizon)? else {
+            return Ok(0);
+        };
+        if beyond {
+            return Ok(self.pending_count());
         }
+        Ok(match &self.queue {
+            Mode::Exact(queue) => queue.releasable(horizon, inclusive),
+            Mode::Live(queue) => queue.releasable(horizon, inclusive),
+        })
     }
 
-    /// (keys, ends, head, first_start) as the pure-Python merger keeps them.
+    /// The key of the `index`-th pending packet.
+    fn key_at(&self, index: usize) -> PyResult<i64> {
+        let (keys, head) = match &self.queue {
+            Mode::Exact(queue) => (&queue.keys, queue.head),
+            Mode::Live(queue) => (&queue.keys, queue.head),
+        };
+        let key = head.checked_add(index).and_then(|at| keys.get(at));
+        key.copied()
+            .ok_or_else(|| PyIndexError::new_err("no pending packet there"))
+    }
+
+    /// Exact mode: (keys, ends, head, first_start) as the pure-Python merger keeps them. Live
+    /// mode: (keys, starts, ends) of the pending packets.
     fn export<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
-        let queue = &self.queue;
-        (queue.keys.clone(), queue.ends.clone(), queue.head, queue.first_start).into_pyobject(py)
+        match &self.queue {
+            Mode::Exact(queue) => (
+                queue.keys.clone(),
+                queue.ends.clone(),
+                queue.head,
+                queue.first_start,
+            )
+                .into_pyobject(py),
+            Mode::Live(queue) => {
+                let head = queue.head;
+                let pending = |values: &Vec<u64>| values.get(head..).unwrap_or(&[]).to_vec();
+                (
+                    queue.keys.get(head..).unwrap_or(&[]).to_vec(),
+                    pending(&queue.starts),
+                    pending(&queue.ends),
+                )
+                    .into_pyobject(py)
+            }
+        }
     }
 }
 
@@ -448,7 +836,7 @@ impl KeyQueue {
 /// the merged packets as a list of blocks: one bytes object for each stretch of copied packets,
 /// a memoryview for every run of one source of at least `share_min` bytes in one blob.
 #[pyfunction]
-fn merge_exact<'py>(
+fn merge<'py>(
     py: Python<'py>,
     parts: &Bound<'py, PyList>,
     share_min: u64,
@@ -478,21 +866,37 @@ fn merge_exact<'py>(
     let runs = queues
         .iter()
         .zip(&counts)
-        .map(|(queue, &count)| queue.queue.run(count))
+        .map(|(queue, &count)| queue.run(count))
         .collect::<Result<Vec<_>, _>>()?;
     let segments = merge_order(&runs)?;
     let pieces = plan(&segments, &blob_ranges, share_min)?;
     drop(runs);
     let bytes_of = |source: usize, blob: usize| {
-        blob_objects.get(source).and_then(|objects| objects.get(blob)).map(|b| b.as_bytes())
+        blob_objects
+            .get(source)
+            .and_then(|objects| objects.get(blob))
+            .map(|b| b.as_bytes())
     };
     let out = PyList::empty(py);
     let mut stretch_start = 0usize;
     for (index, piece) in pieces.iter().enumerate() {
-        if let Piece::Share { source, blob, from, len } = *piece {
-            copy_stretch(py, &out, pieces.get(stretch_start..index).unwrap_or(&[]), &bytes_of)?;
+        if let Piece::Share {
+            source,
+            blob,
+            from,
+            len,
+        } = *piece
+        {
+            copy_stretch(
+                py,
+                &out,
+                pieces.get(stretch_start..index).unwrap_or(&[]),
+                &bytes_of,
+            )?;
             stretch_start = index + 1;
-            let object = blob_objects.get(source).and_then(|objects| objects.get(blob));
+            let object = blob_objects
+                .get(source)
+                .and_then(|objects| objects.get(blob));
             let object = object.ok_or_else(|| PyValueError::new_err("a blob is missing"))?;
             let view = PyMemoryView::from(object.as_any())?;
             let to = from.checked_add(len).ok_or(MergeError::Overflow)?;
@@ -505,11 +909,16 @@ fn merge_exact<'py>(
             out.append(view.get_item(slice)?)?;
         }
     }
-    copy_stretch(py, &out, pieces.get(stretch_start..).unwrap_or(&[]), &bytes_of)?;
+    copy_stretch(
+        py,
+        &out,
+        pieces.get(stretch_start..).unwrap_or(&[]),
+        &bytes_of,
+    )?;
     drop(queues);
     for (part, &count) in parts.iter().zip(&counts) {
         let queue: Bound<'py, KeyQueue> = part.get_item(0)?.cast_into()?;
-        queue.try_borrow_mut()?.queue.consume(count)?;
+        queue.try_borrow_mut()?.consume(count)?;
     }
     Ok(out)
 }
@@ -558,7 +967,7 @@ fn uninit_bytes<'py>(
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<KeyQueue>()?;
-    m.add_function(wrap_pyfunction!(merge_exact, m)?)?;
+    m.add_function(wrap_pyfunction!(merge, m)?)?;
     Ok(())
 }
 
@@ -576,8 +985,18 @@ mod tests {
 
     #[test]
     fn interleaved_runs_alternate_and_ties_go_to_the_first_run() {
-        let a = Run { keys: &[1, 3, 5], ends: &[10, 20, 30], first: 0 };
-        let b = Run { keys: &[1, 2, 6], ends: &[5, 10, 15], first: 0 };
+        let a = Run {
+            keys: &[1, 3, 5],
+            ends: &[10, 20, 30],
+            first: 0,
+            starts: None,
+        };
+        let b = Run {
+            keys: &[1, 2, 6],
+            ends: &[5, 10, 15],
+            first: 0,
+            starts: None,
+        };
         assert_eq!(
             order(&[a, b]),
             vec![(0, 0, 10), (1, 0, 10), (0, 10, 30), (1, 10, 15)]
@@ -586,24 +1005,68 @@ mod tests {
 
     #[test]
     fn equal_keys_in_the_second_run_wait_for_the_first() {
-        let a = Run { keys: &[2, 2], ends: &[4, 8], first: 0 };
-        let b = Run { keys: &[2], ends: &[4], first: 0 };
+        let a = Run {
+            keys: &[2, 2],
+            ends: &[4, 8],
+            first: 0,
+            starts: None,
+        };
+        let b = Run {
+            keys: &[2],
+            ends: &[4],
+            first: 0,
+            starts: None,
+        };
         assert_eq!(order(&[b, a]), vec![(0, 0, 4), (1, 0, 8)]);
         assert_eq!(order(&[a, b]), vec![(0, 0, 8), (1, 0, 4)]);
     }
 
     #[test]
     fn hostile_runs_are_errors() {
-        let uneven = Run { keys: &[1, 2], ends: &[4], first: 0 };
-        assert_eq!(merge_order(&[uneven]), Err(MergeError::Lengths { keys: 2, ends: 1 }));
-        let backwards = Run { keys: &[1, 2], ends: &[8, 4], first: 0 };
-        assert!(matches!(merge_order(&[backwards]), Err(MergeError::Backwards { .. })));
-        let before_first = Run { keys: &[1], ends: &[4], first: 9 };
-        assert!(matches!(merge_order(&[before_first]), Err(MergeError::Backwards { .. })));
-        let unsorted = Run { keys: &[9, 1, i64::MIN, i64::MAX], ends: &[1, 2, 3, 4], first: 0 };
+        let uneven = Run {
+            keys: &[1, 2],
+            ends: &[4],
+            first: 0,
+            starts: None,
+        };
+        assert_eq!(
+            merge_order(&[uneven]),
+            Err(MergeError::Lengths { keys: 2, ends: 1 })
+        );
+        let backwards = Run {
+            keys: &[1, 2],
+            ends: &[8, 4],
+            first: 0,
+            starts: None,
+        };
+        assert!(matches!(
+            merge_order(&[backwards]),
+            Err(MergeError::Backwards { .. })
+        ));
+        let before_first = Run {
+            keys: &[1],
+            ends: &[4],
+            first: 9,
+            starts: None,
+        };
+        assert!(matches!(
+            merge_order(&[before_first]),
+            Err(MergeError::Backwards { .. })
+        ));
+        let unsorted = Run {
+            keys: &[9, 1, i64::MIN, i64::MAX],
+            ends: &[1, 2, 3, 4],
+            first: 0,
+            starts: None,
+        };
         assert_eq!(order(&[unsorted]), vec![(0, 0, 4)]);
         assert_eq!(merge_order(&[]), Ok(vec![]));
-        let empty = Run { keys: &[], ends: &[], first: u64::MAX };
+        let empty = Run {
+            keys: &[],
+            ends: &[],
+            first: u64::MAX,
+            starts: None,
+        };
         assert_eq!(merge_order(&[empty, empty]), Ok(vec![]));
     }
 
@@ -662,26 +1125,61 @@ mod tests {
         queue.consume(1).unwrap();
         // more than half written: the next batch drops them
         queue.append(&[4], &[4], 4).unwrap();
-        assert_eq!((queue.keys.len(), queue.head, queue.first_start), (1, 0, 12));
+        assert_eq!(
+            (queue.keys.len(), queue.head, queue.first_start),
+            (1, 0, 12)
+        );
         assert_eq!(queue.run(1).unwrap().first, 12);
     }
 
     #[test]
     fn plan_shares_long_pieces_and_splits_at_blob_boundaries() {
         let segments = [
-            Segment { source: 0, start: 0, end: 4 },
-            Segment { source: 1, start: 10, end: 30 },
-            Segment { source: 0, start: 4, end: 6 },
+            Segment {
+                source: 0,
+                start: 0,
+                end: 4,
+            },
+            Segment {
+                source: 1,
+                start: 10,
+                end: 30,
+            },
+            Segment {
+                source: 0,
+                start: 4,
+                end: 6,
+            },
         ];
         let blobs = vec![vec![(0, 6)], vec![(10, 8), (18, 20)]];
         let pieces = plan(&segments, &blobs, 10).unwrap();
         assert_eq!(
             pieces,
             vec![
-                Piece::Copy { source: 0, blob: 0, from: 0, len: 4 },
-                Piece::Copy { source: 1, blob: 0, from: 0, len: 8 },
-                Piece::Share { source: 1, blob: 1, from: 0, len: 12 },
-                Piece::Copy { source: 0, blob: 0, from: 4, len: 2 },
+                Piece::Copy {
+                    source: 0,
+                    blob: 0,
+                    from: 0,
+                    len: 4
+                },
+                Piece::Copy {
+                    source: 1,
+                    blob: 0,
+                    from: 0,
+                    len: 8
+                },
+                Piece::Share {
+                    source: 1,
+                    blob: 1,
+                    from: 0,
+                    len: 12
+                },
+                Piece::Copy {
+                    source: 0,
+                    blob: 0,
+                    from: 4,
+                    len: 2
+                },
             ]
         );
         let source0 = [1u8, 2, 3, 4, 5, 6];
@@ -705,13 +1203,116 @@ mod tests {
 
     #[test]
     fn plan_refuses_bytes_that_no_blob_holds() {
-        let gap = [Segment { source: 0, start: 4, end: 12 }];
+        let gap = [Segment {
+            source: 0,
+            start: 4,
+            end: 12,
+        }];
         assert!(plan(&gap, &[vec![(0, 6), (8, 4)]], 0).is_err());
         assert!(plan(&gap, &[vec![(6, 10)]], 0).is_err());
         assert!(plan(&gap, &[], 0).is_err());
         assert!(plan(&gap, &[vec![(u64::MAX, u64::MAX)]], 0).is_err());
-        let past = [Segment { source: 0, start: 0, end: 12 }];
+        let past = [Segment {
+            source: 0,
+            start: 0,
+            end: 12,
+        }];
         assert!(plan(&past, &[vec![(0, 6)]], 0).is_err());
-        assert_eq!(plan(&[Segment { source: 7, start: 3, end: 3 }], &[], 0).is_err(), true);
+        assert_eq!(
+            plan(
+                &[Segment {
+                    source: 7,
+                    start: 3,
+                    end: 3
+                }],
+                &[],
+                0
+            )
+            .is_err(),
+            true
+        );
+    }
+
+    #[test]
+    fn live_queues_sort_stably_count_late_packets_and_refuse_hostile_batches() {
+        let mut queue = LiveQueue::new();
+        assert_eq!(queue.append(&[5, 3, 5], &[4, 8, 12], 12, None), Ok(0));
+        assert_eq!(queue.keys, vec![3, 5, 5]);
+        assert_eq!(
+            (queue.starts.clone(), queue.ends.clone()),
+            (vec![4, 0, 8], vec![8, 4, 12])
+        );
+        // behind the held packets: merged in, held ones first among equal keys
+        assert_eq!(queue.append(&[5, 1], &[4, 8], 8, Some(4)), Ok(1));
+        assert_eq!(queue.keys, vec![1, 3, 5, 5, 5]);
+        assert_eq!(queue.starts, vec![16, 4, 0, 8, 12]);
+        let run = queue.run(5).unwrap();
+        let segments = merge_order(&[run]).unwrap();
+        let spans: Vec<(u64, u64)> = segments.iter().map(|s| (s.start, s.end)).collect();
+        assert_eq!(spans, vec![(16, 20), (4, 8), (0, 4), (8, 16)]);
+        let before = queue.clone();
+        assert!(queue.append(&[1], &[], 0, None).is_err());
+        assert!(queue.append(&[1, 2], &[8, 4], 8, None).is_err());
+        assert!(queue.append(&[1], &[9], 8, None).is_err());
+        assert!(queue.append(&[1], &[1], u64::MAX, None).is_err());
+        assert_eq!(queue, before);
+        assert!(queue.run(6).is_err() && queue.consume(6).is_err());
+        queue.consume(3).unwrap();
+        assert_eq!(queue.append(&[i64::MIN], &[4], 4, Some(i64::MIN)), Ok(0));
+        assert_eq!((queue.head, queue.keys.len(), queue.low), (0, 3, 8));
+        assert_eq!(queue.releasable(i64::MAX, true), 3);
+        assert_eq!(queue.newest, Some(5));
+    }
+
+    #[test]
+    fn reordered_runs_are_checked_and_found_in_any_blob() {
+        let ends = [8u64, 4];
+        let lying = Run {
+            keys: &[1, 2],
+            ends: &ends,
+            first: 0,
+            starts: Some(&[9, 0]),
+        };
+        assert!(matches!(
+            merge_order(&[lying]),
+            Err(MergeError::Backwards { .. })
+        ));
+        let short = Run {
+            keys: &[1, 2],
+            ends: &ends,
+            first: 0,
+            starts: Some(&[0]),
+        };
+        assert!(matches!(
+            merge_order(&[short]),
+            Err(MergeError::Lengths { .. })
+        ));
+        let run = Run {
+            keys: &[1, 2],
+            ends: &ends,
+            first: 0,
+            starts: Some(&[4, 0]),
+        };
+        let segments = merge_order(&[run]).unwrap();
+        let pieces = plan(&segments, &[vec![(0, 4), (4, 4)]], 1 << 20).unwrap();
+        assert_eq!(
+            pieces,
+            vec![
+                Piece::Copy {
+                    source: 0,
+                    blob: 1,
+                    from: 0,
+                    len: 4
+                },
+                Piece::Copy {
+                    source: 0,
+                    blob: 0,
+                    from: 0,
+                    len: 4
+                },
+            ]
+        );
+        assert!(plan(&segments, &[vec![(4, 4), (0, 4)]], 0).is_err());
+        assert!(plan(&segments, &[vec![(4, 4)]], 0).is_err());
     }
 }

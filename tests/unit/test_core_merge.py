@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from multisniff.pcap import core, merging
 from multisniff.pcap.merging import TimelineMerger
 
-pytestmark = pytest.mark.skipif(not core.available(), reason="the compiled core is not built")
+needs_compiled = pytest.mark.skipif(not core.available(), reason="the compiled core is not built")
 
 HUGE_SECONDS = 2_000_000_000
 """At key_resolution 10**10 a microsecond timestamp this late makes a key beyond 64 bits."""
@@ -110,22 +110,33 @@ def timeline(kind: str, sources: int, packets: int, draw: st.DrawFn) -> list[lis
     return streams  # "random": equal ticks across sources and backwards within one
 
 
+Spec = list[tuple[list[int], int, bool]]
+"""Per input: its ticks, the seed of its packet sizes, whether it is pcapng (files are made from
+this in the test, so that hypothesis reports a failing case in a few lines)."""
+
+
+def files_of(spec: Spec) -> list[bytes]:
+    files = []
+    for i, (stream, seed, pcapng) in enumerate(spec):
+        sizes = random.Random(seed).choices([0, 1, 3, 60, 700, 1500], k=len(stream))
+        files.append(capture(i, list(zip(stream, sizes, strict=True)), pcapng))
+    return files
+
+
 @st.composite
-def cases(draw: st.DrawFn, *, live: bool) -> tuple[list[bytes], list[tuple[str, int, int]],
+def cases(draw: st.DrawFn, *, live: bool) -> tuple[Spec, list[tuple[str, int, int]],
                                                       dict[str, object]]:
     kind = draw(st.sampled_from(["interleaved", "bursty", "sorted", "random"]))
     count = draw(st.integers(min_value=0, max_value=12))
     streams = timeline(kind, count, draw(st.integers(min_value=0, max_value=120)), draw)
-    # packet sizes from a seeded generator: drawing each one makes examples slow to generate
-    sizes = random.Random(draw(st.integers(0, 2**32))).choices
     huge = draw(st.booleans())
-    files = []
-    for i, stream in enumerate(streams):
+    spec: Spec = []
+    for stream in streams:
         if huge and draw(st.booleans()):
             cut = draw(st.integers(min_value=0, max_value=len(stream)))
             stream = stream[:cut] + [tick + HUGE_SECONDS * 1000 for tick in stream[cut:]]
-        stamps = list(zip(stream, sizes([0, 1, 3, 60, 700, 1500], k=len(stream)), strict=True))
-        files.append(capture(i, stamps, draw(st.booleans())))
+        # packet sizes from a seeded generator: drawing each one makes examples slow to generate
+        spec.append((stream, draw(st.integers(0, 2**32)), draw(st.booleans())))
     feeds = st.tuples(st.just("feed"), st.integers(0, 63),
                       st.sampled_from([1, 7, 100, 1000, 1 << 12, 1 << 16]))
     ops = [feeds, st.tuples(st.just("pull"), st.just(0), st.just(0)),
@@ -141,11 +152,12 @@ def cases(draw: st.DrawFn, *, live: bool) -> tuple[list[bytes], list[tuple[str, 
         "max_pending": draw(st.sampled_from([1, 5, 100, 200_000])),
         "share_min": draw(st.sampled_from([0, 1, 100, 16 * 1024, 1 << 62])),
     }
-    return files, script, options
+    return spec, script, options
 
 
 def compare(files: list[bytes], script: list[tuple[str, int, int]],
             options: dict[str, object]) -> None:
+    options = dict(options)
     share_min = options.pop("share_min")
     with mock.patch.object(merging, "_SHARE_MIN", share_min):
         compiled = run(core.COMPILED, files, script, **options)  # type: ignore[arg-type]
@@ -154,30 +166,36 @@ def compare(files: list[bytes], script: list[tuple[str, int, int]],
     assert compiled.pulls == python.pulls
 
 
+@needs_compiled
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cases(live=False))
-def test_exact_merges_are_byte_identical(case: tuple[list[bytes], list[tuple[str, int, int]],
+def test_exact_merges_are_byte_identical(case: tuple[Spec, list[tuple[str, int, int]],
                                                      dict[str, object]]) -> None:
-    compare(*case)
+    spec, script, options = case
+    compare(files_of(spec), script, options)
 
 
+@needs_compiled
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cases(live=True))
-def test_live_merges_are_byte_identical(case: tuple[list[bytes], list[tuple[str, int, int]],
+def test_live_merges_are_byte_identical(case: tuple[Spec, list[tuple[str, int, int]],
                                                     dict[str, object]]) -> None:
-    compare(*case)
+    spec, script, options = case
+    compare(files_of(spec), script, options)
 
 
-def test_a_key_beyond_64_bits_hands_the_merge_to_python_midway() -> None:
+@needs_compiled
+@pytest.mark.parametrize("window", [None, 10**9])
+def test_a_key_beyond_64_bits_hands_the_merge_to_python_midway(window: int | None) -> None:
     early = capture(0, [(n * 2, 60) for n in range(50)], False)
     late = capture(1, [(n * 2 + 1, 60) for n in range(25)]
                    + [(HUGE_SECONDS * 1000 + n, 60) for n in range(25)], False)
     script = [("feed", 0, 1000), ("feed", 1, 1000), ("pull", 0, 0)] * 10
-    options: dict[str, object] = {"resolution": 10**10, "blocks": False, "window": None,
+    options: dict[str, object] = {"resolution": 10**10, "blocks": False, "window": window,
                                   "max_pending": 100, "share_min": 1 << 62}
     compare([early, late], script, options)
     with core.use(core.COMPILED):
-        merger = TimelineMerger(key_resolution=10**10)
+        merger = TimelineMerger(key_resolution=10**10, reorder_window=window)
     a, b = merger.add_source("a"), merger.add_source("b")
     assert a.queue is not None
     merger.feed(a, early)
@@ -185,6 +203,7 @@ def test_a_key_beyond_64_bits_hands_the_merge_to_python_midway() -> None:
     assert a.queue is None and b.queue is None and a.pending + b.pending == 100
 
 
+@needs_compiled
 def test_the_compiled_merge_refuses_inconsistent_input() -> None:
     with core.use(core.COMPILED):
         compiled = core.compiled()
@@ -199,12 +218,26 @@ def test_the_compiled_merge_refuses_inconsistent_input() -> None:
         queue.append([1 << 64], epb)
     queue.append([1, 2], epb + epb)
     with pytest.raises(ValueError, match="only 2 are pending"):
-        compiled.merge_exact([(queue, 3, [(0, epb + epb)])], 0)
+        compiled.merge([(queue, 3, [(0, epb + epb)])], 0)
     with pytest.raises(ValueError, match="not in the blobs"):
-        compiled.merge_exact([(queue, 2, [(0, epb)])], 0)
+        compiled.merge([(queue, 2, [(0, epb)])], 0)
     with pytest.raises(ValueError, match="twice"):
-        compiled.merge_exact([(queue, 1, [(0, epb * 2)]), (queue, 1, [(0, epb * 2)])], 0)
+        compiled.merge([(queue, 1, [(0, epb * 2)]), (queue, 1, [(0, epb * 2)])], 0)
     assert queue.pending == 2
     first, second = b"a" * 12, b"b" * 12
-    assert compiled.merge_exact([(queue, 2, [(0, first), (12, second)])], 13) == [first + second]
+    assert compiled.merge([(queue, 2, [(0, first), (12, second)])], 13) == [first + second]
     assert queue.pending == 0
+
+
+@pytest.mark.parametrize("name", [core.PYTHON, pytest.param(core.COMPILED, marks=needs_compiled)])
+def test_max_pending_releases_when_the_fullest_source_is_below_the_horizon(name: str) -> None:
+    # Once the source with the most pending packets had all of them below the horizon, raising
+    # the horizon to its middle key released nothing, and the release step never ended.
+    with core.use(name):
+        merger = TimelineMerger(reorder_window=10**9, max_pending=1)
+    a, b = merger.add_source("a"), merger.add_source("b")
+    merger.feed(a, capture(0, [(n, 60) for n in range(10)], False))
+    merger.feed(b, capture(1, [(n + 5000, 60) for n in range(5)], False))
+    merger.pull()
+    assert (merger.packets_written, merger.forced) == (14, 2)
+    assert [source.pending for source in merger.sources] == [0, 1]
