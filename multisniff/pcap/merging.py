@@ -288,7 +288,7 @@ class TimelineMerger:
         the merger went back to the pure-Python representation (the batch's packets too)."""
         blob = b"".join(batch.pieces)
         try:
-            source.late += source.queue.append(batch.keys, blob, self._released)
+            source.late += source.queue.append(batch.keys, batch.ends, blob, self._released)
         except OverflowError:
             self._demote()
             if self.live:

@@ -39,12 +39,6 @@ pub enum MergeError {
     Overflow,
     /// A cut asks for more packets than are pending.
     Cut { cut: usize, pending: usize },
-    /// A block's length field does not fit where it is (shorter than a block, past the end).
-    Block {
-        offset: usize,
-        length: u64,
-        room: usize,
-    },
     /// The bytes of a packet range are not in the blobs given for its source.
     Missing { source: usize, start: u64, end: u64 },
 }
@@ -62,11 +56,6 @@ impl fmt::Display for MergeError {
             Self::PastEnd { index, end, length } => write!(
                 f,
                 "packet {index} ends at byte {end}, past the end of its {length} bytes"
-            ),
-            Self::Block { offset, length, room } => write!(
-                f,
-                "the block at byte {offset} of a batch claims {length} bytes, but a block needs \
-                 at least 12 and {room} are left"
             ),
             Self::Overflow => write!(f, "a stream offset or count overflows 64 bits"),
             Self::Cut { cut, pending } => {
@@ -371,32 +360,6 @@ impl LiveQueue {
     }
 }
 
-/// The end offset of every block in `blob`, a run of whole pcapng blocks (little-endian, as the
-/// readers hand out EPBs): what `Batch.ends` says, read from the blocks' length fields instead of
-/// converted from a list of Python ints.
-pub fn block_ends(blob: &[u8]) -> Result<Vec<u64>, MergeError> {
-    let mut ends = Vec::with_capacity(blob.len() / 64);
-    let mut at = 0usize;
-    while at < blob.len() {
-        let room = blob.len() - at;
-        let field = blob
-            .get(at + 4..at + 8)
-            .and_then(|bytes| <[u8; 4]>::try_from(bytes).ok());
-        let length = field.map_or(0, u32::from_le_bytes) as u64;
-        let size = usize::try_from(length).unwrap_or(usize::MAX);
-        if size < 12 || size > room {
-            return Err(MergeError::Block {
-                offset: at,
-                length,
-                room,
-            });
-        }
-        at += size;
-        ends.push(at as u64);
-    }
-    Ok(ends)
-}
-
 /// Packets of one source that are to be merged: keys non-decreasing (else the merge is still
 /// defined, by the next packet of every run, but it is no longer a sort), the end offset of each
 /// packet's EPB in the source's stream, and the offset where the first one starts.
@@ -699,6 +662,14 @@ fn bound(value: &Bound<'_, PyAny>) -> PyResult<Option<(i64, bool)>> {
     }
 }
 
+fn u64_list(list: &Bound<'_, PyList>) -> PyResult<Vec<u64>> {
+    let mut values = Vec::with_capacity(list.len());
+    for item in list.iter() {
+        values.push(item.extract::<u64>()?);
+    }
+    Ok(values)
+}
+
 fn i64_list(list: &Bound<'_, PyList>) -> PyResult<Vec<i64>> {
     let mut values = Vec::with_capacity(list.len());
     for item in list.iter() {
@@ -720,20 +691,23 @@ impl KeyQueue {
         Self { queue }
     }
 
-    /// Add a batch: `Batch.keys` and its packets' EPBs joined (`b"".join(Batch.pieces)`); in
-    /// live mode, returns how many of its keys are below `released` (late packets).
-    /// OverflowError when a key does not fit 64 bits (the caller goes on with the pure-Python
-    /// merger); ValueError when the blocks are not one per key. Nothing is changed on error.
-    #[pyo3(signature = (keys, blob, released = None))]
+    /// Add a batch: `Batch.keys`, `Batch.ends` and its packets' EPBs joined
+    /// (`b"".join(Batch.pieces)`); in live mode, returns how many of its keys are below
+    /// `released` (late packets). OverflowError when a key does not fit 64 bits (the caller goes
+    /// on with the pure-Python merger); ValueError when the ends do not fit the keys or the
+    /// bytes. Nothing is changed on error. (The ends are taken from the list, not read from the
+    /// blocks' length fields: that touches a cache line per packet, which costs more.)
+    #[pyo3(signature = (keys, ends, blob, released = None))]
     fn append(
         &mut self,
         keys: &Bound<'_, PyList>,
+        ends: &Bound<'_, PyList>,
         blob: &Bound<'_, PyBytes>,
         released: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<usize> {
         let keys = i64_list(keys)?;
+        let ends = u64_list(ends)?;
         let blob = blob.as_bytes();
-        let ends = block_ends(blob)?;
         match &mut self.queue {
             Mode::Exact(queue) => {
                 queue.append(&keys, &ends, blob.len() as u64)?;
@@ -1085,27 +1059,6 @@ mod tests {
         assert_eq!(queue, before);
         queue.append(&[], &[], 0).unwrap();
         assert_eq!(queue, before);
-    }
-
-    #[test]
-    fn block_ends_follow_the_length_fields_and_refuse_lies() {
-        let mut blob = Vec::new();
-        for length in [12u32, 16, 12] {
-            blob.extend_from_slice(&6u32.to_le_bytes());
-            blob.extend_from_slice(&length.to_le_bytes());
-            blob.resize(blob.len() + length as usize - 8, 0);
-        }
-        assert_eq!(block_ends(&blob), Ok(vec![12, 28, 40]));
-        assert_eq!(block_ends(&[]), Ok(vec![]));
-        assert!(block_ends(&blob[..39]).is_err());
-        assert!(block_ends(&blob[..7]).is_err());
-        assert!(block_ends(&[0u8; 3]).is_err());
-        let mut zero = blob.clone();
-        zero[4..8].copy_from_slice(&0u32.to_le_bytes());
-        assert!(block_ends(&zero).is_err());
-        let mut huge = blob.clone();
-        huge[16..20].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(block_ends(&huge).is_err());
     }
 
     #[test]

@@ -209,20 +209,23 @@ def test_the_compiled_merge_refuses_inconsistent_input() -> None:
         compiled = core.compiled()
     assert compiled is not None
     queue = compiled.KeyQueue()
-    epb = struct.pack("<II", 6, 12) + struct.pack("<I", 12)
-    with pytest.raises(ValueError, match=r"claims 12 bytes, but .* 11 are left"):
-        queue.append([1], epb[:-1])
+    with pytest.raises(ValueError, match="past the end of its 8 bytes"):
+        queue.append([1], [9], bytes(8))
     with pytest.raises(ValueError, match="2 merge keys but 1 packet end"):
-        queue.append([1, 2], epb)
+        queue.append([1, 2], [8], bytes(8))
+    with pytest.raises(ValueError, match="before the end of the one before it"):
+        queue.append([1, 2], [8, 4], bytes(8))
     with pytest.raises(OverflowError):
-        queue.append([1 << 64], epb)
-    queue.append([1, 2], epb + epb)
+        queue.append([1 << 64], [8], bytes(8))
+    with pytest.raises(OverflowError):
+        queue.append([1], [-1], bytes(8))
+    queue.append([1, 2], [12, 24], bytes(24))
     with pytest.raises(ValueError, match="only 2 are pending"):
-        compiled.merge([(queue, 3, [(0, epb + epb)])], 0)
+        compiled.merge([(queue, 3, [(0, bytes(24))])], 0)
     with pytest.raises(ValueError, match="not in the blobs"):
-        compiled.merge([(queue, 2, [(0, epb)])], 0)
+        compiled.merge([(queue, 2, [(0, bytes(12))])], 0)
     with pytest.raises(ValueError, match="twice"):
-        compiled.merge([(queue, 1, [(0, epb * 2)]), (queue, 1, [(0, epb * 2)])], 0)
+        compiled.merge([(queue, 1, [(0, bytes(24))]), (queue, 1, [(0, bytes(24))])], 0)
     assert queue.pending == 2
     first, second = b"a" * 12, b"b" * 12
     assert compiled.merge([(queue, 2, [(0, first), (12, second)])], 13) == [first + second]
