@@ -31,7 +31,9 @@ from collections.abc import Iterable
 from heapq import heapify, heappop, heapreplace
 from itertools import accumulate, chain, islice, repeat
 from operator import add, sub
+from typing import Any
 
+from multisniff.pcap import core
 from multisniff.pcap.blocks import InterfaceInfo, InterfaceStatistics
 from multisniff.pcap.reading import Batch, CaptureError, CaptureReader, Packet
 from multisniff.pcap.writing import Block, PcapngWriter, encode_isb, encode_nrb
@@ -65,10 +67,28 @@ class Source:
     blobs: list[tuple[int, bytes]] = dataclasses.field(default_factory=list, repr=False)
     """Exact mode: (stream offset, bytes) of each part of the stream of EPBs still needed."""
     stream_end: int = 0
+    queue: Any = dataclasses.field(default=None, repr=False)
+    """With the compiled core, instead of `keys`, `ends`, `packets`, `head` and `first_start`:
+    the `_core.KeyQueue` that holds the keys and where each packet is in `blobs` (live mode,
+    too, keeps its packets in `blobs` then)."""
 
     @property
     def pending(self) -> int:
+        if self.queue is not None:
+            return int(self.queue.pending)
         return len(self.keys) - self.head
+
+    def held(self, horizon: int) -> int:
+        """How many pending packets have keys above `horizon`."""
+        if self.queue is not None:
+            return int(self.queue.pending - self.queue.releasable(horizon, True))
+        return len(self.keys) - bisect_right(self.keys, horizon, self.head)
+
+    def pending_key(self, index: int) -> int:
+        """The key of the `index`-th pending packet."""
+        if self.queue is not None:
+            return int(self.queue.key_at(index))
+        return self.keys[self.head + index]
 
 
 class TimelineMerger:
@@ -98,6 +118,8 @@ class TimelineMerger:
         self._newest: int | None = None  # live: newest key seen or clock time given
         self.forced = 0
         self.packets_written = 0
+        self._compiled = core.compiled()
+        """The compiled core that keeps the sources' keys and merges them, if it is active."""
 
     # --- sources ------------------------------------------------------------------------------
 
@@ -111,6 +133,8 @@ class TimelineMerger:
         )
         source = Source(label=label, index=len(self.sources), multi_interface=multi_interface,
                         reader=reader)
+        if self._compiled is not None:
+            source.queue = self._compiled.KeyQueue(live=self.live)
         holder.append(source)
         self.sources.append(source)
         return source
@@ -139,7 +163,10 @@ class TimelineMerger:
         """Bytes of one source, in any chunking. Damage ends the source (see `Source.error`)."""
         if source.ended:
             return
-        batch = source.reader.feed(data) if self.live else source.reader.feed_flat(data)
+        if self.live and source.queue is None:
+            batch = source.reader.feed(data)
+        else:
+            batch = source.reader.feed_flat(data)
         self._take_batch(source, batch)
         if source.reader.error is not None:
             source.error = source.reader.error
@@ -225,6 +252,8 @@ class TimelineMerger:
         if not keys:
             return
         source.received += len(keys)
+        if source.queue is not None and self._take_compiled(source, batch):
+            return
         head = source.head
         if head and head * 2 > len(source.keys):
             del source.keys[:head]
@@ -253,6 +282,51 @@ class TimelineMerger:
         source.blobs.append((start, blob))
         source.stream_end = start + len(blob)
         source.last_key = keys[-1]
+
+    def _take_compiled(self, source: Source, batch: Batch) -> bool:
+        """`_take_batch` with the compiled core; False when a key does not fit in 64 bits and
+        the merger went back to the pure-Python representation (the batch's packets too)."""
+        blob = b"".join(batch.pieces)
+        try:
+            source.late += source.queue.append(batch.keys, batch.ends, blob, self._released)
+        except OverflowError:
+            self._demote()
+            if self.live:
+                view = memoryview(blob)
+                starts = chain((0,), batch.ends)
+                batch.packets = [(bytes(view[start:end]),)
+                                 for start, end in zip(starts, batch.ends, strict=False)]
+            return False
+        source.blobs.append((source.stream_end, blob))
+        source.stream_end += len(blob)
+        source.last_key = source.queue.last_key
+        if self.live:
+            self._note_newest(source.last_key)
+        first_start = source.queue.first_start
+        blobs = source.blobs
+        while blobs and blobs[0][0] + len(blobs[0][1]) <= first_start:
+            del blobs[0]
+        return True
+
+    def _demote(self) -> None:
+        """Go on with the pure-Python merge: keys beyond 64 bits (odd timestamp resolutions or
+        offsets) are rare enough to be merged slowly."""
+        for source in self.sources:
+            if source.queue is None:
+                continue
+            if self.live:
+                keys, starts, ends = source.queue.export()
+                offsets = [offset for offset, _ in source.blobs]
+                packets: list[Packet] = []
+                for start, end in zip(starts, ends, strict=True):
+                    offset, blob = source.blobs[bisect_right(offsets, start) - 1]
+                    packets.append((blob[start - offset : end - offset],))
+                source.keys, source.packets, source.head = keys, packets, 0
+                source.blobs = []
+            else:
+                source.keys, source.ends, source.head, source.first_start = source.queue.export()
+            source.queue = None
+        self._compiled = None
 
     def _take_live(self, source: Source, keys: list[int], packets: list[Packet]) -> None:
         if keys != sorted(keys):
@@ -314,6 +388,9 @@ class TimelineMerger:
             return
         if self.live:
             horizon = self._bounded(horizon)
+        if self._compiled is not None:
+            self._release_compiled(horizon, last_index)
+            return
         cuts: list[tuple[Source, int]] = []
         for source in self.sources:
             if source.head >= len(source.keys):
@@ -337,19 +414,41 @@ class TimelineMerger:
         else:
             self._emit_runs(cuts)
 
+    def _release_compiled(self, horizon: int, last_index: int) -> None:
+        """`_release` with the compiled core: one call merges every source's packets up to
+        the horizon."""
+        assert self._compiled is not None
+        parts = []
+        count = 0
+        for source in self.sources:
+            queue = source.queue
+            if horizon is _INFINITY:
+                cut = queue.pending
+            else:
+                cut = queue.releasable(horizon, source.index <= last_index)
+            if cut:
+                parts.append((queue, cut, source.blobs))
+                count += cut
+        if (self.live and horizon is not _INFINITY
+                and (self._released is None or horizon > self._released)):
+            self._released = horizon
+        if parts:
+            self.writer.add_blocks(self._compiled.merge(parts, _SHARE_MIN))
+            self.packets_written += count
+
     def _bounded(self, horizon: int) -> int:
         """Live mode: raise the horizon until at most max_pending packets stay held."""
         while True:
-            cuts = [bisect_right(source.keys, horizon, source.head) for source in self.sources]
-            held = [len(source.keys) - cut for source, cut in zip(self.sources, cuts, strict=True)]
-            if sum(held) <= self.max_pending:
+            held = [source.held(horizon) for source in self.sources]
+            total = sum(held)
+            if total <= self.max_pending or total == 0:
                 return horizon
-            # The source holding the most packets past the horizon lets the older half of those
-            # go. (Its middle key is past the horizon, so every round releases some: the
-            # source with the most pending packets may hold none past it.)
+            # the middle of the most packets held above the horizon, which releases at least one
+            # (the middle of the most pending packets may be below the horizon already)
             most = max(range(len(held)), key=held.__getitem__)
+            fullest = self.sources[most]
             self.forced += 1
-            horizon = self.sources[most].keys[cuts[most] + held[most] // 2]
+            horizon = max(horizon, fullest.pending_key(fullest.pending - held[most] // 2 - 1))
 
     def _emit_run(self, source: Source, cut: int) -> None:
         self.writer.add_blocks(self._run(source, source.head, cut))
@@ -452,6 +551,10 @@ class TimelineMerger:
 _PROBE_RUNS = 8
 _MIN_RUN = 16
 """`_emit_runs` gives up after _PROBE_RUNS runs that average fewer than _MIN_RUN packets."""
+
+_SHARE_MIN = 16 * 1024
+"""The compiled merge hands out a run of one source's packets at least this long as a view of the
+bytes it is in; shorter ones are copied into one bytes object with their neighbours."""
 
 
 class _Infinity(int):

@@ -14,7 +14,7 @@
 //! captured-length cap) and where the capture is cut in two, as a chunked feed cuts it. Hostile
 //! parameters are part of the input: the functions must hold for any the Python side passes.
 
-use crate::reader;
+use crate::{merge, reader};
 
 /// What a fuzz input asks of the parsers besides the capture bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -83,6 +83,37 @@ fn parse(case: &Case<'_>, piece: &[u8]) {
     for start in [0, 24.min(piece.len()), piece.len() / 2] {
         classic_pcap(case, piece, start);
         pcapng(case, piece, start);
+    }
+    queues(piece);
+}
+
+/// The merge's queues and order with keys and ends read from the input: they come from our
+/// own reader, but must refuse nonsense with an error, never a panic.
+fn queues(piece: &[u8]) {
+    let words: Vec<u64> = piece
+        .chunks_exact(8)
+        .map(|w| u64::from_le_bytes(w.try_into().unwrap_or([0; 8])))
+        .collect();
+    let (keys, ends) = words.split_at(words.len() / 2);
+    let keys: Vec<i64> = keys.iter().map(|&k| k as i64).collect();
+    let ends = &ends[..keys.len().min(ends.len())];
+    let blob_len = ends.last().copied().unwrap_or(0);
+    let mut exact = merge::Queue::new();
+    let mut live = merge::LiveQueue::new();
+    let _ = exact.append(&keys, ends, blob_len);
+    let _ = live.append(&keys, ends, blob_len, keys.first().copied());
+    let horizon = keys.get(keys.len() / 2).copied().unwrap_or(0);
+    for inclusive in [false, true] {
+        let count = exact.releasable(horizon, inclusive);
+        let live_count = live.releasable(horizon, inclusive);
+        if let (Ok(a), Ok(b)) = (exact.run(count), live.run(live_count)) {
+            if let Ok(segments) = merge::merge_order(&[a, b]) {
+                let blobs = vec![vec![(0, blob_len)], vec![(0, blob_len / 2)]];
+                let _ = merge::plan(&segments, &blobs, 64);
+            }
+        }
+        let _ = exact.consume(count);
+        let _ = live.consume(live_count);
     }
 }
 

@@ -9,16 +9,18 @@
 use pyo3::prelude::*;
 
 pub mod fuzzing;
+pub mod merge;
 pub mod reader;
 
 /// Changes whenever a function's signature or results change, so that a stale build of the
 /// extension (an editable install not rebuilt) is refused rather than misused.
-pub const ABI: u32 = 2;
+pub const ABI: u32 = 3;
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("ABI", ABI)?;
     m.add("VERSION", env!("CARGO_PKG_VERSION"))?;
     reader::register(m)?;
+    merge::register(m)?;
     Ok(())
 }
