@@ -286,19 +286,20 @@ class TimelineMerger:
     def _take_compiled(self, source: Source, batch: Batch) -> bool:
         """`_take_batch` with the compiled core; False when a key does not fit in 64 bits and
         the merger went back to the pure-Python representation (the batch's packets too)."""
-        blob = b"".join(batch.pieces)
+        size = batch.ends[-1]
         try:
-            source.late += source.queue.append(batch.keys, batch.ends, blob, self._released)
+            source.late += source.queue.append(batch.keys, batch.ends, size, self._released)
         except OverflowError:
             self._demote()
             if self.live:
-                view = memoryview(blob)
+                view = memoryview(b"".join(batch.pieces))
                 starts = chain((0,), batch.ends)
                 batch.packets = [(bytes(view[start:end]),)
                                  for start, end in zip(starts, batch.ends, strict=False)]
             return False
-        source.blobs.append((source.stream_end, blob))
-        source.stream_end += len(blob)
+        for blob in _packet_aligned(batch.pieces, batch.ends):
+            source.blobs.append((source.stream_end, blob))
+            source.stream_end += len(blob)
         source.last_key = source.queue.last_key
         if self.live:
             self._note_newest(source.last_key)
@@ -546,6 +547,27 @@ class TimelineMerger:
         else:
             self.writer.add_blocks(map(views.__getitem__, order))
         self.packets_written += len(keys)
+
+
+def _packet_aligned(pieces: list[bytes], ends: list[int]) -> list[bytes]:
+    """The pieces of a flat batch as blobs that each hold whole packets, joining only the
+    pieces of the packets that lie across several (a compiled reader's piece holds whole EPBs,
+    the Python reader's EPBs come in pieces): no copy of the large ones."""
+    if len(pieces) == 1:
+        return pieces
+    blobs: list[bytes] = []
+    group: list[bytes] = []
+    at = 0
+    for piece in pieces:
+        group.append(piece)
+        at += len(piece)
+        index = bisect_left(ends, at)
+        if index < len(ends) and ends[index] == at:
+            blobs.append(group[0] if len(group) == 1 else b"".join(group))
+            group = []
+    if group:  # not past a packet's end: cannot be, the last piece ends the last packet
+        blobs.append(b"".join(group))
+    return blobs
 
 
 _PROBE_RUNS = 8

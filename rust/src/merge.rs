@@ -691,26 +691,25 @@ impl KeyQueue {
         Self { queue }
     }
 
-    /// Add a batch: `Batch.keys`, `Batch.ends` and its packets' EPBs joined
-    /// (`b"".join(Batch.pieces)`); in live mode, returns how many of its keys are below
+    /// Add a batch: `Batch.keys`, `Batch.ends` and `size`, the length of its packets' EPBs
+    /// together (of `b"".join(Batch.pieces)`, which need not be joined); in live mode, returns how many of its keys are below
     /// `released` (late packets). OverflowError when a key does not fit 64 bits (the caller goes
     /// on with the pure-Python merger); ValueError when the ends do not fit the keys or the
     /// bytes. Nothing is changed on error. (The ends are taken from the list, not read from the
     /// blocks' length fields: that touches a cache line per packet, which costs more.)
-    #[pyo3(signature = (keys, ends, blob, released = None))]
+    #[pyo3(signature = (keys, ends, size, released = None))]
     fn append(
         &mut self,
         keys: &Bound<'_, PyList>,
         ends: &Bound<'_, PyList>,
-        blob: &Bound<'_, PyBytes>,
+        size: u64,
         released: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<usize> {
         let keys = i64_list(keys)?;
         let ends = u64_list(ends)?;
-        let blob = blob.as_bytes();
         match &mut self.queue {
             Mode::Exact(queue) => {
-                queue.append(&keys, &ends, blob.len() as u64)?;
+                queue.append(&keys, &ends, size)?;
                 Ok(0)
             }
             Mode::Live(queue) => {
@@ -720,13 +719,13 @@ impl KeyQueue {
                     Some(released) => Some(match bound(released)? {
                         None => i64::MIN,
                         Some((_, true)) => {
-                            queue.append(&keys, &ends, blob.len() as u64, None)?;
+                            queue.append(&keys, &ends, size, None)?;
                             return Ok(keys.len());
                         }
                         Some((value, false)) => value,
                     }),
                 };
-                Ok(queue.append(&keys, &ends, blob.len() as u64, released)?)
+                Ok(queue.append(&keys, &ends, size, released)?)
             }
         }
     }

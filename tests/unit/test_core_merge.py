@@ -210,16 +210,16 @@ def test_the_compiled_merge_refuses_inconsistent_input() -> None:
     assert compiled is not None
     queue = compiled.KeyQueue()
     with pytest.raises(ValueError, match="past the end of its 8 bytes"):
-        queue.append([1], [9], bytes(8))
+        queue.append([1], [9], 8)
     with pytest.raises(ValueError, match="2 merge keys but 1 packet end"):
-        queue.append([1, 2], [8], bytes(8))
+        queue.append([1, 2], [8], 8)
     with pytest.raises(ValueError, match="before the end of the one before it"):
-        queue.append([1, 2], [8, 4], bytes(8))
+        queue.append([1, 2], [8, 4], 8)
     with pytest.raises(OverflowError):
-        queue.append([1 << 64], [8], bytes(8))
+        queue.append([1 << 64], [8], 8)
     with pytest.raises(OverflowError):
-        queue.append([1], [-1], bytes(8))
-    queue.append([1, 2], [12, 24], bytes(24))
+        queue.append([1], [-1], 8)
+    queue.append([1, 2], [12, 24], 24)
     with pytest.raises(ValueError, match="only 2 are pending"):
         compiled.merge([(queue, 3, [(0, bytes(24))])], 0)
     with pytest.raises(ValueError, match="not in the blobs"):
