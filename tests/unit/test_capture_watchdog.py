@@ -39,8 +39,10 @@ def relay(request: pytest.FixtureRequest) -> tuple[str, ...]:
 
 
 def start(watchdog: Path, *args: str, program: list[str]) -> subprocess.Popen[str]:
+    # A session of its own: the watchdog stops at any SIGINT, SIGTERM or SIGHUP, so one meant
+    # for pytest's process group (a terminal's, another tool's) must not reach it.
     proc = subprocess.Popen([str(watchdog), *args, "--", *program], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, text=True, start_new_session=True)
     assert proc.stdout is not None
     assert proc.stdout.readline() == "started\n"
     return proc
