@@ -161,8 +161,12 @@ fn pcapng(case: &Case<'_>, piece: &[u8], start: usize) {
         }),
         None,
     ];
-    let (stop, why, count, size) =
-        reader::pcapng_scan(piece, start, &mut reader::section_of(&interfaces), MAX_BLOCK);
+    let (stop, why, count, size) = reader::pcapng_scan(
+        piece,
+        start,
+        &mut reader::section_of(&interfaces),
+        MAX_BLOCK,
+    );
     assert!(stop >= start && stop <= piece.len());
     if let reader::Stop::Python { end } = why {
         assert!(end > stop && end <= piece.len() || end == piece.len());

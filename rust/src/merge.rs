@@ -77,6 +77,36 @@ impl From<MergeError> for PyErr {
     }
 }
 
+/// A batch as both queues take it: a key per packet, and end offsets that go forward and stay
+/// within its `blob_len` bytes.
+fn check_batch(keys: &[i64], ends: &[u64], blob_len: u64) -> Result<(), MergeError> {
+    if keys.len() != ends.len() {
+        return Err(MergeError::Lengths {
+            keys: keys.len(),
+            ends: ends.len(),
+        });
+    }
+    let mut previous = 0u64;
+    for (index, &end) in ends.iter().enumerate() {
+        if end < previous {
+            return Err(MergeError::Backwards {
+                index,
+                end,
+                previous,
+            });
+        }
+        if end > blob_len {
+            return Err(MergeError::PastEnd {
+                index,
+                end,
+                length: blob_len,
+            });
+        }
+        previous = end;
+    }
+    Ok(())
+}
+
 /// One source's packets that are not written yet, in exact mode.
 ///
 /// Packet i (of all the source ever sent) has merge key `keys[i - base]` and its EPB is bytes
@@ -105,30 +135,7 @@ impl Queue {
     /// sent before it (what mergecap's next-packet-of-every-input comparison gives).
     /// On error nothing is changed.
     pub fn append(&mut self, keys: &[i64], ends: &[u64], blob_len: u64) -> Result<(), MergeError> {
-        if keys.len() != ends.len() {
-            return Err(MergeError::Lengths {
-                keys: keys.len(),
-                ends: ends.len(),
-            });
-        }
-        let mut previous = 0u64;
-        for (index, &end) in ends.iter().enumerate() {
-            if end < previous {
-                return Err(MergeError::Backwards {
-                    index,
-                    end,
-                    previous,
-                });
-            }
-            if end > blob_len {
-                return Err(MergeError::PastEnd {
-                    index,
-                    end,
-                    length: blob_len,
-                });
-            }
-            previous = end;
-        }
+        check_batch(keys, ends, blob_len)?;
         let start = self.stream_end;
         let stream_end = start.checked_add(blob_len).ok_or(MergeError::Overflow)?;
         let Some(&first) = keys.first() else {
@@ -237,30 +244,7 @@ impl LiveQueue {
         blob_len: u64,
         released: Option<i64>,
     ) -> Result<usize, MergeError> {
-        if keys.len() != ends.len() {
-            return Err(MergeError::Lengths {
-                keys: keys.len(),
-                ends: ends.len(),
-            });
-        }
-        let mut previous = 0u64;
-        for (index, &end) in ends.iter().enumerate() {
-            if end < previous {
-                return Err(MergeError::Backwards {
-                    index,
-                    end,
-                    previous,
-                });
-            }
-            if end > blob_len {
-                return Err(MergeError::PastEnd {
-                    index,
-                    end,
-                    length: blob_len,
-                });
-            }
-            previous = end;
-        }
+        check_batch(keys, ends, blob_len)?;
         let start = self.stream_end;
         let stream_end = start.checked_add(blob_len).ok_or(MergeError::Overflow)?;
         let Some(&highest) = keys.iter().max() else {
