@@ -77,6 +77,28 @@ impl From<MergeError> for PyErr {
     }
 }
 
+/// How many of the pending keys (`keys[head..]`, non-decreasing) are below `horizon`, or at
+/// most `horizon` when `inclusive`: both queues release the same way.
+fn releasable(keys: &[i64], head: usize, horizon: i64, inclusive: bool) -> usize {
+    let pending = keys.get(head..).unwrap_or(&[]);
+    if inclusive {
+        pending.partition_point(|&key| key <= horizon)
+    } else {
+        pending.partition_point(|&key| key < horizon)
+    }
+}
+
+/// Where the next `count` of `pending` packets from `head` end, or the error for a cut past
+/// them.
+fn cut_end(head: usize, count: usize, pending: usize) -> Result<usize, MergeError> {
+    head.checked_add(count)
+        .filter(|_| count <= pending)
+        .ok_or(MergeError::Cut {
+            cut: count,
+            pending,
+        })
+}
+
 /// A batch as both queues take it: a key per packet, and end offsets that go forward and stay
 /// within its `blob_len` bytes.
 fn check_batch(keys: &[i64], ends: &[u64], blob_len: u64) -> Result<(), MergeError> {
@@ -171,25 +193,12 @@ impl Queue {
     /// How many pending packets have a key below `horizon`, or at most `horizon` when
     /// `inclusive` (keys are non-decreasing, so they are the first ones).
     pub fn releasable(&self, horizon: i64, inclusive: bool) -> usize {
-        let pending = self.keys.get(self.head..).unwrap_or(&[]);
-        if inclusive {
-            pending.partition_point(|&key| key <= horizon)
-        } else {
-            pending.partition_point(|&key| key < horizon)
-        }
+        releasable(&self.keys, self.head, horizon, inclusive)
     }
 
     /// The next `count` pending packets as a run for `merge_order`.
     pub fn run(&self, count: usize) -> Result<Run<'_>, MergeError> {
-        let pending = self.pending();
-        let end = self
-            .head
-            .checked_add(count)
-            .filter(|_| count <= pending)
-            .ok_or(MergeError::Cut {
-                cut: count,
-                pending,
-            })?;
+        let end = cut_end(self.head, count, self.pending())?;
         let first = match self.head.checked_sub(1) {
             Some(before) => *self.ends.get(before).ok_or(MergeError::Overflow)?,
             None => self.first_start,
@@ -304,25 +313,12 @@ impl LiveQueue {
     }
 
     pub fn releasable(&self, horizon: i64, inclusive: bool) -> usize {
-        let pending = self.keys.get(self.head..).unwrap_or(&[]);
-        if inclusive {
-            pending.partition_point(|&key| key <= horizon)
-        } else {
-            pending.partition_point(|&key| key < horizon)
-        }
+        releasable(&self.keys, self.head, horizon, inclusive)
     }
 
     /// The next `count` pending packets as a run for `merge_order`.
     pub fn run(&self, count: usize) -> Result<Run<'_>, MergeError> {
-        let pending = self.pending();
-        let end = self
-            .head
-            .checked_add(count)
-            .filter(|_| count <= pending)
-            .ok_or(MergeError::Cut {
-                cut: count,
-                pending,
-            })?;
+        let end = cut_end(self.head, count, self.pending())?;
         Ok(Run {
             keys: self.keys.get(self.head..end).unwrap_or(&[]),
             ends: self.ends.get(self.head..end).unwrap_or(&[]),
