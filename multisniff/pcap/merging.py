@@ -35,7 +35,7 @@ from typing import Any
 
 from multisniff.pcap import core
 from multisniff.pcap.blocks import InterfaceInfo, InterfaceStatistics
-from multisniff.pcap.reading import Batch, CaptureError, CaptureReader, Packet
+from multisniff.pcap.reading import Batch, CaptureError, CaptureReader, Packet, unpack
 from multisniff.pcap.writing import Block, PcapngWriter, encode_isb, encode_nrb
 
 
@@ -130,6 +130,7 @@ class TimelineMerger:
         reader = CaptureReader(
             key_resolution=self.key_resolution,
             assign_interface=lambda info: self._add_interface(holder[0], info),
+            records=self._compiled is not None,
         )
         source = Source(label=label, index=len(self.sources), multi_interface=multi_interface,
                         reader=reader)
@@ -248,12 +249,14 @@ class TimelineMerger:
         for names in batch.names:
             writer.add_block(encode_nrb(names))
         writer.add_blocks(batch.blocks)
-        keys = batch.keys
-        if not keys:
+        if not batch.keys and not batch.packed:
             return
-        source.received += len(keys)
+        source.received += len(batch.keys) + batch.packed
         if source.queue is not None and self._take_compiled(source, batch):
             return
+        if batch.packed:
+            unpack(batch)
+        keys = batch.keys
         head = source.head
         if head and head * 2 > len(source.keys):
             del source.keys[:head]
@@ -278,7 +281,7 @@ class TimelineMerger:
         source.keys.extend(keys)
         start = source.stream_end
         source.ends.extend(map(add, batch.ends, repeat(start)))
-        blob = b"".join(batch.pieces)
+        blob = b"".join(_buffers(batch.pieces))
         source.blobs.append((start, blob))
         source.stream_end = start + len(blob)
         source.last_key = keys[-1]
@@ -286,18 +289,22 @@ class TimelineMerger:
     def _take_compiled(self, source: Source, batch: Batch) -> bool:
         """`_take_batch` with the compiled core; False when a key does not fit in 64 bits and
         the merger went back to the pure-Python representation (the batch's packets too)."""
-        size = batch.ends[-1]
         try:
-            source.late += source.queue.append(batch.keys, batch.ends, size, self._released)
+            if batch.packed:
+                source.late += source.queue.append_records(batch.pieces, self._released)
+            else:
+                source.late += source.queue.append(batch.keys, batch.ends, batch.ends[-1],
+                                                   self._released)
         except OverflowError:
             self._demote()
             if self.live:
-                view = memoryview(b"".join(batch.pieces))
+                view = memoryview(b"".join(_buffers(batch.pieces)))
                 starts = chain((0,), batch.ends)
                 batch.packets = [(bytes(view[start:end]),)
                                  for start, end in zip(starts, batch.ends, strict=False)]
             return False
-        for blob in _packet_aligned(batch.pieces, batch.ends):
+        # a packed batch's pieces hold whole packets each
+        for blob in batch.pieces if batch.packed else _packet_aligned(batch.pieces, batch.ends):
             source.blobs.append((source.stream_end, blob))
             source.stream_end += len(blob)
         source.last_key = source.queue.last_key
@@ -315,6 +322,8 @@ class TimelineMerger:
         for source in self.sources:
             if source.queue is None:
                 continue
+            source.blobs = [(offset, blob if isinstance(blob, bytes) else bytes(blob))
+                            for offset, blob in source.blobs]
             if self.live:
                 keys, starts, ends = source.queue.export()
                 offsets = [offset for offset, _ in source.blobs]
@@ -547,6 +556,12 @@ class TimelineMerger:
         else:
             self.writer.add_blocks(map(views.__getitem__, order))
         self.packets_written += len(keys)
+
+
+def _buffers(pieces: list[Any]) -> list[Any]:
+    """Pieces as bytes-like objects: a compiled reader's `PcapRecords` made into its EPBs."""
+    return [piece if isinstance(piece, (bytes, bytearray, memoryview)) else bytes(piece)
+            for piece in pieces]
 
 
 def _packet_aligned(pieces: list[bytes], ends: list[int]) -> list[bytes]:

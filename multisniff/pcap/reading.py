@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from itertools import accumulate, chain, repeat
 from operator import itemgetter
 from types import ModuleType
+from typing import Any
 
 from multisniff.pcap import blocks as b
 from multisniff.pcap import core
@@ -124,6 +125,20 @@ class Batch:
     """Flat: b"".join(pieces) is every packet's EPB, one after the other."""
     ends: list[int] = field(default_factory=list)
     """Flat: `ends[i]` is the offset in b"".join(pieces) where packet i's EPB ends."""
+    packed: int = 0
+    """A reader made with `records=True` only: when not 0, every piece is a compiled
+    `PcapRecords`, `keys` and `ends` are empty and the pieces carry the keys and ends of their
+    `packed` packets (`unpack` makes them the lists above)."""
+
+
+def unpack(batch: Batch) -> None:
+    """Make a packed batch's keys and ends the lists `Batch.keys` and `Batch.ends`."""
+    records: list[Any] = batch.pieces  # every piece is a PcapRecords
+    for piece in records:
+        keys, ends = piece.columns()
+        batch.keys.extend(keys)
+        batch.ends.extend(ends)
+    batch.packed = 0
 
 
 _START, _PCAP, _PCAPNG = 0, 1, 2
@@ -198,6 +213,9 @@ class CaptureReader:
     With the compiled core active when the reader is made (`core.compiled()`), `feed_flat`
     leaves the classic-pcap records and the common pcapng blocks to its loops, which give the
     same bytes; whatever they do not handle, this code handles as it always does.
+    `records=True` (the merger's readers) lets the compiled classic-pcap loop hand out its
+    pieces as `_core.PcapRecords`, which stand for the same EPBs but stay the records they were
+    read as until the merge copies them: `len()` and `bytes()` of one are those of its EPBs.
     """
 
     def __init__(
@@ -207,6 +225,7 @@ class CaptureReader:
         assign_interface: Callable[[InterfaceInfo], int] | None = None,
         max_block_size: int = MAX_BLOCK_SIZE,
         max_packet_size: int | None = None,
+        records: bool = False,
     ) -> None:
         self.key_resolution = key_resolution
         self._assign = assign_interface or _default_assign()
@@ -247,6 +266,7 @@ class CaptureReader:
         self._first_of_section = 0  # index in `interfaces` of the section's first interface
         self._last_key = 0
         self._compiled: ModuleType | None = core.compiled()
+        self._records = records and self._compiled is not None
         self._pcap_kernel: tuple[bool, int, int, int, int, int] | None = None
         """The compiled classic-pcap loop's parameters, None where a number does not fit it."""
 
@@ -322,9 +342,14 @@ class CaptureReader:
     # --- dispatch -----------------------------------------------------------------------------
 
     def _finish_batch(self, batch: Batch) -> Batch:
-        self.packets += len(batch.keys)
-        if batch.keys:
-            self._last_key = batch.keys[-1]
+        if batch.packed:
+            self.packets += batch.packed
+            last: Any = batch.pieces[-1]  # a PcapRecords
+            self._last_key = last.last_key
+        else:
+            self.packets += len(batch.keys)
+            if batch.keys:
+                self._last_key = batch.keys[-1]
         return batch
 
     def _parse(self, buf: bytes, pos: int, base: int, batch: Batch) -> int:
@@ -341,6 +366,8 @@ class CaptureReader:
                 if (self._compiled is not None and batch.flat and self._pcap_kernel is not None
                         and type(buf) is bytes):
                     return self._parse_pcap_compiled(buf, pos, base, batch)
+                if batch.packed:
+                    unpack(batch)
                 if self._pcap_order == "<" and self._key_mult == self._key_div == 1:
                     if batch.flat and not batch.packets:
                         return self._parse_pcap_flat(buf, pos, base, batch)
@@ -579,14 +606,24 @@ class CaptureReader:
         """The records of a flat batch, by the compiled loop; what it stops at, as before."""
         assert self._compiled is not None and self._pcap_kernel is not None
         ends = batch.ends
-        pos = self._compiled.pcap_flat(buf, pos, *self._pcap_kernel, ends[-1] if ends else 0,
-                                       batch.keys, batch.pieces, ends)
+        if self._records and not ends:
+            pieces: list[Any] = batch.pieces  # PcapRecords (see `Batch.packed`)
+            count = len(pieces)
+            pos = self._compiled.pcap_records(buf, pos, *self._pcap_kernel,
+                                              pieces[-1].end if batch.packed else 0, pieces)
+            if len(pieces) > count:
+                batch.packed += pieces[-1].count
+        else:
+            pos = self._compiled.pcap_flat(buf, pos, *self._pcap_kernel, ends[-1] if ends else 0,
+                                           batch.keys, batch.pieces, ends)
         if pos + 16 > len(buf):
             return pos
         self._check_record(buf, pos, base)
         if pos + 16 + _PCAP_RECORD[self._pcap_order].unpack_from(buf, pos)[2] > len(buf):
             return pos
         # a record the compiled loop cannot encode (a number out of its range): as before
+        if batch.packed:
+            unpack(batch)
         pos = self._parse_pcap_general(buf, pos, base, batch)
         if batch.packets:
             _flatten(batch)

@@ -8,13 +8,14 @@
 
 use pyo3::prelude::*;
 
+pub mod buffer;
 pub mod fuzzing;
 pub mod merge;
 pub mod reader;
 
 /// Changes whenever a function's signature or results change, so that a stale build of the
 /// extension (an editable install not rebuilt) is refused rather than misused.
-pub const ABI: u32 = 4;
+pub const ABI: u32 = 5;
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {

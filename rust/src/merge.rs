@@ -5,9 +5,11 @@
 //!
 //! The pure-Python merger keeps the keys and ends in lists and merges with a sort of positions and
 //! one memoryview per packet; here they are kept in Rust vectors (`KeyQueue`, converted from the
-//! reader's lists once per packet) and a release step writes the merged packets into one bytes
-//! object, except that a long run of one source's packets is handed out as a memoryview of the
-//! bytes it is stored in (bursty traffic is copied by nobody but the kernel).
+//! reader's lists once per packet, or taken from the `PcapRecords` pieces a merger's reader
+//! makes) and a release step writes the merged packets into one bytes object, except that a long
+//! run of one source's EPBs stored as bytes is handed out as a memoryview of them (bursty pcapng
+//! traffic is copied by nobody but the kernel). Classic pcap records are stored as they were read
+//! and become EPBs as they are copied into the output: one copy of each packet.
 //!
 //! Everything here treats its inputs as untrusted: lengths that do not match, ends that go
 //! backwards or past their bytes, and cuts past the end are errors, never a panic.
@@ -16,11 +18,13 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::fmt;
 use std::mem::MaybeUninit;
-use std::ptr::NonNull;
 
 use pyo3::exceptions::{PyIndexError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyMemoryView, PySlice, PyTuple};
+
+use crate::buffer::uninit_bytes;
+use crate::reader::PcapRecords;
 
 /// What is wrong with the input of a merge function.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -566,6 +570,31 @@ pub fn gather<'b>(
     bytes_of: impl Fn(usize, usize) -> Option<&'b [u8]>,
     out: &mut [MaybeUninit<u8>],
 ) -> Result<(), MergeError> {
+    gather_with(
+        pieces,
+        |source, blob, from, dst| {
+            let src = from
+                .checked_add(dst.len())
+                .and_then(|upto| bytes_of(source, blob)?.get(from..upto));
+            match src {
+                Some(src) => {
+                    dst.write_copy_of_slice(src);
+                    true
+                }
+                None => false,
+            }
+        },
+        out,
+    )
+}
+
+/// `gather` with `copy(source, blob, from, dst)` writing all of `dst` from bytes `from..` of a
+/// blob, or returning false when the blob does not have them.
+pub fn gather_with(
+    pieces: &[Piece],
+    copy: impl Fn(usize, usize, usize, &mut [MaybeUninit<u8>]) -> bool,
+    out: &mut [MaybeUninit<u8>],
+) -> Result<(), MergeError> {
     let mut at = 0usize;
     for piece in pieces {
         let Piece::Copy {
@@ -577,23 +606,62 @@ pub fn gather<'b>(
         else {
             continue;
         };
-        let missing = || MergeError::Missing {
-            source,
-            start: from as u64,
-            end: (from as u64).saturating_add(len as u64),
-        };
-        let bytes = bytes_of(source, blob).ok_or_else(missing)?;
-        let upto = from.checked_add(len).ok_or(MergeError::Overflow)?;
-        let src = bytes.get(from..upto).ok_or_else(missing)?;
         let end = at.checked_add(len).ok_or(MergeError::Overflow)?;
         let dst = out.get_mut(at..end).ok_or(MergeError::Overflow)?;
-        dst.write_copy_of_slice(src);
+        if !copy(source, blob, from, dst) {
+            return Err(MergeError::Missing {
+                source,
+                start: from as u64,
+                end: (from as u64).saturating_add(len as u64),
+            });
+        }
         at = end;
     }
     if at != out.len() {
         return Err(MergeError::Overflow);
     }
     Ok(())
+}
+
+/// A blob of a source: EPBs as bytes, or classic pcap records that become EPBs when copied.
+enum Blob<'py> {
+    Bytes(Bound<'py, PyBytes>),
+    Records(Bound<'py, PcapRecords>),
+}
+
+impl<'py> Blob<'py> {
+    fn extract(object: Bound<'py, PyAny>) -> PyResult<Self> {
+        match object.cast_into::<PyBytes>() {
+            Ok(bytes) => Ok(Blob::Bytes(bytes)),
+            Err(error) => Ok(Blob::Records(error.into_inner().cast_into()?)),
+        }
+    }
+
+    fn len(&self) -> u64 {
+        match self {
+            Blob::Bytes(bytes) => bytes.as_bytes().len() as u64,
+            Blob::Records(records) => records.get().size(),
+        }
+    }
+
+    fn copy(&self, from: usize, dst: &mut [MaybeUninit<u8>]) -> bool {
+        match self {
+            Blob::Bytes(bytes) => {
+                let bytes = bytes.as_bytes();
+                match from
+                    .checked_add(dst.len())
+                    .and_then(|upto| bytes.get(from..upto))
+                {
+                    Some(src) => {
+                        dst.write_copy_of_slice(src);
+                        true
+                    }
+                    None => false,
+                }
+            }
+            Blob::Records(records) => records.get().write_in(records.py(), from as u64, dst),
+        }
+    }
 }
 
 // --- Python ---------------------------------------------------------------------------------
@@ -610,6 +678,36 @@ enum Mode {
 }
 
 impl KeyQueue {
+    fn append_batch(
+        &mut self,
+        keys: &[i64],
+        ends: &[u64],
+        size: u64,
+        released: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<usize> {
+        match &mut self.queue {
+            Mode::Exact(queue) => {
+                queue.append(keys, ends, size)?;
+                Ok(0)
+            }
+            Mode::Live(queue) => {
+                let released = match released {
+                    None => None,
+                    // below every key: none is late; beyond them all: every one is
+                    Some(released) => Some(match bound(released)? {
+                        None => i64::MIN,
+                        Some((_, true)) => {
+                            queue.append(keys, ends, size, None)?;
+                            return Ok(keys.len());
+                        }
+                        Some((value, false)) => value,
+                    }),
+                };
+                Ok(queue.append(keys, ends, size, released)?)
+            }
+        }
+    }
+
     fn pending_count(&self) -> usize {
         match &self.queue {
             Mode::Exact(queue) => queue.pending(),
@@ -687,27 +785,24 @@ impl KeyQueue {
     ) -> PyResult<usize> {
         let keys = i64_list(keys)?;
         let ends = u64_list(ends)?;
-        match &mut self.queue {
-            Mode::Exact(queue) => {
-                queue.append(&keys, &ends, size)?;
-                Ok(0)
-            }
-            Mode::Live(queue) => {
-                let released = match released {
-                    None => None,
-                    // below every key: none is late; beyond them all: every one is
-                    Some(released) => Some(match bound(released)? {
-                        None => i64::MIN,
-                        Some((_, true)) => {
-                            queue.append(&keys, &ends, size, None)?;
-                            return Ok(keys.len());
-                        }
-                        Some((value, false)) => value,
-                    }),
-                };
-                Ok(queue.append(&keys, &ends, size, released)?)
-            }
+        self.append_batch(&keys, &ends, size, released)
+    }
+
+    /// `append` for each `PcapRecords` piece of a batch, from the keys and ends it carries (no
+    /// Python number per packet on either side); returns the late packets of them all.
+    #[pyo3(signature = (pieces, released = None))]
+    fn append_records(
+        &mut self,
+        pieces: &Bound<'_, PyList>,
+        released: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<usize> {
+        let mut late = 0usize;
+        for piece in pieces.iter() {
+            let records: Bound<'_, PcapRecords> = piece.cast_into()?;
+            let records = records.get();
+            late += self.append_batch(records.keys(), records.ends(), records.size(), released)?;
         }
+        Ok(late)
     }
 
     #[getter]
@@ -796,7 +891,7 @@ fn merge<'py>(
 ) -> PyResult<Bound<'py, PyList>> {
     let mut queues: Vec<PyRef<'py, KeyQueue>> = Vec::with_capacity(parts.len());
     let mut counts = Vec::with_capacity(parts.len());
-    let mut blob_objects: Vec<Vec<Bound<'py, PyBytes>>> = Vec::with_capacity(parts.len());
+    let mut blob_objects: Vec<Vec<Blob<'py>>> = Vec::with_capacity(parts.len());
     let mut blob_ranges: Vec<Vec<(u64, u64)>> = Vec::with_capacity(parts.len());
     for part in parts.iter() {
         let (queue, count, blobs): (Bound<'py, KeyQueue>, usize, Bound<'py, PyList>) =
@@ -807,9 +902,10 @@ fn merge<'py>(
         let mut objects = Vec::with_capacity(blobs.len());
         let mut ranges = Vec::with_capacity(blobs.len());
         for blob in blobs.iter() {
-            let (offset, bytes): (u64, Bound<'py, PyBytes>) = blob.extract()?;
-            ranges.push((offset, bytes.as_bytes().len() as u64));
-            objects.push(bytes);
+            let (offset, object): (u64, Bound<'py, PyAny>) = blob.extract()?;
+            let object = Blob::extract(object)?;
+            ranges.push((offset, object.len()));
+            objects.push(object);
         }
         queues.push(queue.try_borrow()?);
         counts.push(count);
@@ -822,13 +918,30 @@ fn merge<'py>(
         .map(|(queue, &count)| queue.run(count))
         .collect::<Result<Vec<_>, _>>()?;
     let segments = merge_order(&runs)?;
-    let pieces = plan(&segments, &blob_ranges, share_min)?;
+    let mut pieces = plan(&segments, &blob_ranges, share_min)?;
     drop(runs);
-    let bytes_of = |source: usize, blob: usize| {
-        blob_objects
-            .get(source)
-            .and_then(|objects| objects.get(blob))
-            .map(|b| b.as_bytes())
+    let blob_at = |source: usize, blob: usize| blob_objects.get(source)?.get(blob);
+    for piece in pieces.iter_mut() {
+        // records are copied: only EPBs that exist as bytes can be shared
+        if let Piece::Share {
+            source,
+            blob,
+            from,
+            len,
+        } = *piece
+        {
+            if let Some(Blob::Records(_)) = blob_at(source, blob) {
+                *piece = Piece::Copy {
+                    source,
+                    blob,
+                    from,
+                    len,
+                };
+            }
+        }
+    }
+    let copy = |source: usize, blob: usize, from: usize, dst: &mut [MaybeUninit<u8>]| {
+        blob_at(source, blob).is_some_and(|object| object.copy(from, dst))
     };
     let out = PyList::empty(py);
     let mut stretch_start = 0usize;
@@ -844,13 +957,12 @@ fn merge<'py>(
                 py,
                 &out,
                 pieces.get(stretch_start..index).unwrap_or(&[]),
-                &bytes_of,
+                &copy,
             )?;
             stretch_start = index + 1;
-            let object = blob_objects
-                .get(source)
-                .and_then(|objects| objects.get(blob));
-            let object = object.ok_or_else(|| PyValueError::new_err("a blob is missing"))?;
+            let Some(Blob::Bytes(object)) = blob_at(source, blob) else {
+                return Err(PyValueError::new_err("a blob to share is missing"));
+            };
             let view = PyMemoryView::from(object.as_any())?;
             let to = from.checked_add(len).ok_or(MergeError::Overflow)?;
             let slice = PySlice::new(
@@ -862,12 +974,7 @@ fn merge<'py>(
             out.append(view.get_item(slice)?)?;
         }
     }
-    copy_stretch(
-        py,
-        &out,
-        pieces.get(stretch_start..).unwrap_or(&[]),
-        &bytes_of,
-    )?;
+    copy_stretch(py, &out, pieces.get(stretch_start..).unwrap_or(&[]), &copy)?;
     drop(queues);
     for (part, &count) in parts.iter().zip(&counts) {
         let queue: Bound<'py, KeyQueue> = part.get_item(0)?.cast_into()?;
@@ -876,11 +983,11 @@ fn merge<'py>(
     Ok(out)
 }
 
-fn copy_stretch<'py, 'b>(
+fn copy_stretch<'py>(
     py: Python<'py>,
     out: &Bound<'py, PyList>,
     pieces: &[Piece],
-    bytes_of: &impl Fn(usize, usize) -> Option<&'b [u8]>,
+    copy: &impl Fn(usize, usize, usize, &mut [MaybeUninit<u8>]) -> bool,
 ) -> PyResult<()> {
     let mut total = 0usize;
     for piece in pieces {
@@ -891,31 +998,8 @@ fn copy_stretch<'py, 'b>(
     if total == 0 {
         return Ok(());
     }
-    let bytes = uninit_bytes(py, total, |buffer| gather(pieces, bytes_of, buffer))?;
+    let bytes = uninit_bytes(py, total, |buffer| gather_with(pieces, copy, buffer))?;
     out.append(bytes)
-}
-
-/// A new bytes object of `len` bytes that `fill` writes all of (PyBytes::new_with clears the
-/// buffer first, which costs a third of the time of a merge that copies).
-fn uninit_bytes<'py>(
-    py: Python<'py>,
-    len: usize,
-    fill: impl FnOnce(&mut [MaybeUninit<u8>]) -> Result<(), MergeError>,
-) -> PyResult<Bound<'py, PyBytes>> {
-    let size = pyo3::ffi::Py_ssize_t::try_from(len).map_err(|_| MergeError::Overflow)?;
-    // SAFETY: PyBytes_FromStringAndSize with a null pointer returns a new bytes object of `size`
-    // uninitialised bytes (or null with an exception set); its buffer stays valid while we own
-    // the reference, and nobody else sees the object before it is returned. `fill` writes every
-    // byte (gather checks that it covered all of `out`) before the object is handed out; on
-    // error the object is dropped without its content having been read.
-    unsafe {
-        let object = pyo3::ffi::PyBytes_FromStringAndSize(std::ptr::null(), size);
-        let bytes = Bound::from_owned_ptr_or_err(py, object)?.cast_into_unchecked::<PyBytes>();
-        let buffer = NonNull::new(pyo3::ffi::PyBytes_AsString(object).cast::<MaybeUninit<u8>>())
-            .ok_or(MergeError::Overflow)?;
-        fill(std::slice::from_raw_parts_mut(buffer.as_ptr(), len))?;
-        Ok(bytes)
-    }
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

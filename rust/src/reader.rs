@@ -8,8 +8,12 @@
 //! and messages, and calls the loop again after it. The plain functions take `&[u8]` and never
 //! panic; the `#[pyfunction]` wrappers append their results to the batch's lists.
 
+use std::mem::MaybeUninit;
+
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyTuple};
+
+use crate::buffer::{uninit_bytes, Out};
 
 const EPB: u32 = 6;
 const SHB: u32 = 0x0A0D0D0A;
@@ -114,12 +118,12 @@ pub fn pcap_scan(buf: &[u8], mut pos: usize, p: &PcapParams) -> (usize, usize, u
 /// Writes the EPBs of the records from `pos` to `stop` (as found by `pcap_scan`) into `out`,
 /// calling `packet(key, end offset in out)` for each; returns how many bytes were written.
 /// Stops early, never panics, if `out` is too small or `stop` is not where a record ends.
-pub fn pcap_write(
+pub fn pcap_write<O: Out + ?Sized>(
     buf: &[u8],
     mut pos: usize,
     stop: usize,
     p: &PcapParams,
-    out: &mut [u8],
+    out: &mut O,
     mut packet: impl FnMut(u128, usize),
 ) -> usize {
     let mut at = 0usize;
@@ -127,12 +131,11 @@ pub fn pcap_write(
         let Some((r, next)) = pcap_record(buf, pos, p) else {
             break;
         };
-        let Some(block) = at
-            .checked_add(r.total as usize)
-            .and_then(|end| out.get_mut(at..end))
-        else {
-            break;
-        };
+        let total = r.total as usize;
+        match at.checked_add(total) {
+            Some(end) if end <= out.size() => {}
+            _ => break,
+        }
         let fields = [
             EPB,
             r.total,
@@ -142,21 +145,21 @@ pub fn pcap_write(
             r.incl,
             r.orig,
         ];
-        for (slot, value) in block.chunks_exact_mut(4).zip(fields) {
+        let mut header = [0u8; 28];
+        for (slot, value) in header.chunks_exact_mut(4).zip(fields) {
             slot.copy_from_slice(&value.to_le_bytes());
         }
+        // total = 28 + data padded to 4 + 4 >= 32, and at + total fits in out (checked above)
         let data_end = 28 + r.data.len();
-        if let Some(dst) = block.get_mut(28..data_end) {
-            dst.copy_from_slice(r.data);
+        let trailer_at = total - 4;
+        let written = out.put(at, &header)
+            && out.put(at + 28, r.data)
+            && out.zero(at + data_end, trailer_at.saturating_sub(data_end))
+            && out.put(at + trailer_at, &r.total.to_le_bytes());
+        if !written {
+            break;
         }
-        let trailer_at = block.len() - 4; // total >= 32
-        if let Some(pad) = block.get_mut(data_end..trailer_at) {
-            pad.fill(0);
-        }
-        if let Some(dst) = block.get_mut(trailer_at..) {
-            dst.copy_from_slice(&r.total.to_le_bytes());
-        }
-        at += r.total as usize;
+        at += total;
         packet(r.key, at);
         pos = next;
     }
@@ -349,12 +352,12 @@ fn shb_stop(buf: &[u8], pos: usize, max_block: u64) -> Stop {
 /// Writes the EPBs that `pcapng_scan` took, from `pos` to `stop`, into `out`: each block as it
 /// is with its interface id replaced. Calls `packet(key, end offset in out)` for each; returns
 /// how many bytes were written. Stops early, never panics, on anything unexpected.
-pub fn pcapng_write(
+pub fn pcapng_write<O: Out + ?Sized>(
     buf: &[u8],
     mut pos: usize,
     stop: usize,
     section: &mut impl Section,
-    out: &mut [u8],
+    out: &mut O,
     mut packet: impl FnMut(i128, usize),
 ) -> usize {
     let mut at = 0usize;
@@ -366,15 +369,15 @@ pub fn pcapng_write(
         let Some((key, oid)) = pcapng_epb(buf, pos, length, section) else {
             break;
         };
-        let (Some(src), Some(dst)) = (
-            pos.checked_add(length).and_then(|end| buf.get(pos..end)),
-            at.checked_add(length).and_then(|end| out.get_mut(at..end)),
-        ) else {
+        let Some(src) = pos.checked_add(length).and_then(|end| buf.get(pos..end)) else {
             break;
         };
-        dst.copy_from_slice(src);
-        if let Some(id) = dst.get_mut(8..12) {
-            id.copy_from_slice(&oid.to_le_bytes());
+        // length >= 32 (pcapng_epb): the block with its interface id (bytes 8..12) replaced
+        let written = out.put(at, &src[..8])
+            && out.put(at + 8, &oid.to_le_bytes())
+            && out.put(at + 12, &src[12..]);
+        if !written {
+            break;
         }
         at += length;
         packet(key, at);
@@ -402,19 +405,20 @@ fn append_piece<'py>(
     keys: &Bound<'py, PyList>,
     pieces: &Bound<'py, PyList>,
     ends: &Bound<'py, PyList>,
-    write: impl FnOnce(&mut [u8], &mut dyn FnMut(i128, usize)) -> usize,
+    write: impl FnOnce(&mut [MaybeUninit<u8>], &mut dyn FnMut(i128, usize)) -> usize,
 ) -> PyResult<()> {
     let mut found: Vec<(i128, usize)> = Vec::new();
     let mut written = 0usize;
-    let piece = PyBytes::new_with(py, size, |out| {
+    let piece = uninit_bytes(py, size, |out| {
         written = write(out, &mut |key, end| found.push((key, end)));
-        Ok(())
+        if written == size {
+            Ok(())
+        } else {
+            Err(pyo3::exceptions::PyRuntimeError::new_err(format!(
+                "compiled reader: wrote {written} of {size} bytes (a bug)"
+            )))
+        }
     })?;
-    if written != size {
-        return Err(pyo3::exceptions::PyRuntimeError::new_err(format!(
-            "compiled reader: wrote {written} of {size} bytes (a bug)"
-        )));
-    }
     for (key, end) in found {
         keys.append(key_object(py, key)?)?;
         ends.append(start + end as u64)?;
@@ -459,6 +463,186 @@ fn pcap_flat<'py>(
         })?;
     }
     Ok(stop)
+}
+
+/// Classic pcap records left in the bytes they were read in, written out as EPBs only when the
+/// merge copies them into its output: one copy of each packet less than an EPB piece made at
+/// once. Behaves as the piece of EPBs it stands for: `len()` is their length, `bytes()` makes
+/// them. Only the merger asks for these (`CaptureReader(records=True)`).
+#[pyclass(module = "multisniff._core", name = "PcapRecords", frozen)]
+pub struct PcapRecords {
+    chunk: Py<PyBytes>,
+    params: PcapParams,
+    /// Where each record starts in the chunk, and where the last one ends.
+    starts: Vec<usize>,
+    stop: usize,
+    /// The merge key of each record.
+    keys: Vec<i64>,
+    /// The end of each record's EPB, counted from the start of the first one.
+    ends: Vec<u64>,
+    /// Where the first EPB starts in the batch's flat stream (`Batch.ends` counts from there).
+    start: u64,
+}
+
+impl PcapRecords {
+    pub fn keys(&self) -> &[i64] {
+        &self.keys
+    }
+
+    /// The end of each record's EPB, counted from the start of the first one.
+    pub fn ends(&self) -> &[u64] {
+        &self.ends
+    }
+
+    /// The EPB length of all the records.
+    pub fn size(&self) -> u64 {
+        self.ends.last().copied().unwrap_or(0)
+    }
+
+    /// Writes the EPBs that are bytes `from..from + out.len()` of the piece into `out`; false
+    /// (with `out` not fully written) when the range does not begin and end at packets.
+    pub fn write(&self, chunk: &[u8], from: u64, out: &mut [MaybeUninit<u8>]) -> bool {
+        let Some(to) = from.checked_add(out.len() as u64) else {
+            return false;
+        };
+        let packet_after = |offset: u64| -> Option<usize> {
+            if offset == 0 {
+                return Some(0);
+            }
+            self.ends.binary_search(&offset).ok().map(|index| index + 1)
+        };
+        let (Some(first), Some(last)) = (packet_after(from), packet_after(to)) else {
+            return false;
+        };
+        let (Some(&pos), Some(stop)) = (
+            self.starts.get(first),
+            self.starts
+                .get(last)
+                .copied()
+                .or_else(|| (last == self.starts.len()).then_some(self.stop)),
+        ) else {
+            return out.is_empty();
+        };
+        pcap_write(chunk, pos, stop, &self.params, out, |_, _| {}) == out.len()
+    }
+}
+
+impl PcapRecords {
+    /// `write` from the bytes the records were read in.
+    pub fn write_in(&self, py: Python<'_>, from: u64, out: &mut [MaybeUninit<u8>]) -> bool {
+        self.write(self.chunk.bind(py).as_bytes(), from, out)
+    }
+}
+
+#[pymethods]
+impl PcapRecords {
+    fn __len__(&self) -> usize {
+        usize::try_from(self.size()).unwrap_or(usize::MAX)
+    }
+
+    /// How many records (packets).
+    #[getter]
+    fn count(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// The key of the last record.
+    #[getter]
+    fn last_key(&self) -> Option<i64> {
+        self.keys.last().copied()
+    }
+
+    /// Where the last EPB ends in the batch's flat stream.
+    #[getter]
+    fn end(&self) -> u64 {
+        self.start.saturating_add(self.size())
+    }
+
+    /// The records' keys and the ends of their EPBs in the batch's flat stream, as lists: what
+    /// `pcap_flat` appends to `Batch.keys` and `Batch.ends`.
+    fn columns<'py>(&self, py: Python<'py>) -> PyResult<(Bound<'py, PyList>, Bound<'py, PyList>)> {
+        let ends = self.ends.iter().map(|&end| self.start.saturating_add(end));
+        Ok((PyList::new(py, &self.keys)?, PyList::new(py, ends)?))
+    }
+
+    fn __bytes__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        let size = usize::try_from(self.size())
+            .map_err(|_| pyo3::exceptions::PyOverflowError::new_err("piece too long"))?;
+        let chunk = self.chunk.bind(py).as_bytes();
+        uninit_bytes(py, size, |out| {
+            if self.write(chunk, 0, out) {
+                Ok(())
+            } else {
+                Err(pyo3::exceptions::PyRuntimeError::new_err(
+                    "compiled reader: records changed under a piece (a bug)",
+                ))
+            }
+        })
+    }
+}
+
+/// `pcap_flat` for the merger: the piece appended is a `PcapRecords` over `buf`, not EPBs, and
+/// its packets' keys and ends stay in it (`PcapRecords.columns()` makes them lists). Stops at a
+/// key beyond 64 bits, which Python then handles. Returns the position of the first record not
+/// taken.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn pcap_records<'py>(
+    py: Python<'py>,
+    buf: &Bound<'py, PyBytes>,
+    pos: usize,
+    little: bool,
+    units: u64,
+    key_mult: u64,
+    key_div: u64,
+    oid: u32,
+    cap: i64,
+    start: u64,
+    pieces: &Bound<'py, PyList>,
+) -> PyResult<usize> {
+    let params = PcapParams {
+        little,
+        units,
+        key_mult,
+        key_div,
+        oid,
+        cap,
+    };
+    let data = buf.as_bytes();
+    let mut starts = Vec::new();
+    let mut keys = Vec::new();
+    let mut ends = Vec::new();
+    let mut at = pos;
+    let mut size = 0u64;
+    while let Some((record, next)) = pcap_record(data, at, &params) {
+        let (Some(grown), Ok(key)) = (
+            size.checked_add(u64::from(record.total)),
+            i64::try_from(record.key),
+        ) else {
+            break;
+        };
+        if start.checked_add(grown).is_none() {
+            break;
+        }
+        size = grown;
+        starts.push(at);
+        keys.push(key);
+        ends.push(size);
+        at = next;
+    }
+    if !starts.is_empty() {
+        let records = PcapRecords {
+            chunk: buf.clone().unbind(),
+            params,
+            starts,
+            stop: at,
+            keys,
+            ends,
+            start,
+        };
+        pieces.append(Bound::new(py, records)?)?;
+    }
+    Ok(at)
 }
 
 fn interface(entry: &Bound<'_, PyAny>) -> Option<Interface> {
@@ -524,7 +708,9 @@ fn pcapng_flat<'py>(
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PcapRecords>()?;
     m.add_function(wrap_pyfunction!(pcap_flat, m)?)?;
+    m.add_function(wrap_pyfunction!(pcap_records, m)?)?;
     m.add_function(wrap_pyfunction!(pcapng_flat, m)?)?;
     Ok(())
 }

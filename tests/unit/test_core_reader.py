@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from multisniff.pcap import core
-from multisniff.pcap.reading import Batch, CaptureError, CaptureReader
+from multisniff.pcap.reading import Batch, CaptureError, CaptureReader, unpack
 
 pytestmark = pytest.mark.skipif(not core.available(), reason="the compiled core is not built")
 
@@ -29,8 +29,13 @@ def _error(error: CaptureError | None) -> Any:
 
 def _batch(batch: Batch) -> Any:
     assert batch.flat and not batch.packets
+    if batch.packed:  # records=True: the packets' keys and ends are in the pieces
+        assert not batch.keys and not batch.ends
+        assert all(type(piece).__name__ == "PcapRecords" for piece in batch.pieces)
+        assert batch.packed == sum(piece.count for piece in batch.pieces)
+        unpack(batch)
     return (batch.keys, batch.interfaces, batch.statistics, batch.names, batch.blocks,
-            batch.ends, b"".join(batch.pieces))
+            batch.ends, b"".join(map(bytes, batch.pieces)))
 
 
 def read(name: str, data: bytes, cuts: list[int], **kwargs: Any) -> Any:
@@ -49,6 +54,8 @@ def assert_same(data: bytes, cuts: list[int], **kwargs: Any) -> None:
     python = read("python", data, cuts, **kwargs)
     compiled = read("compiled", data, cuts, **kwargs)
     assert compiled == python
+    # the merger's readers: classic pcap records stay records until the merge copies them
+    assert read("compiled", data, cuts, records=True, **kwargs) == python
 
 
 # --- inputs -----------------------------------------------------------------------------------
@@ -190,6 +197,34 @@ def test_the_compiled_loops_take_the_packets() -> None:
         reader.feed_flat(capture[:header])
         batch = reader.feed_flat(capture[header:])
         assert len(batch.pieces) == 1 and len(batch.ends) == 50
+
+
+def test_records_stand_for_the_epbs_the_flat_loop_makes() -> None:
+    """A merger's reader hands out classic pcap records as `PcapRecords`: their length, bytes,
+    keys and ends are those of the EPBs `pcap_flat` makes, chunk boundaries included; a record
+    that the compiled loop cannot take (a key beyond 64 bits) after them in the same batch turns
+    the batch into lists, in order."""
+    pcap = cf.pcap_file([(1, n, bytes(range(n % 70)), 100) for n in range(300)]
+                        + [(2_000_000_000, 5, b"huge key", 8), (2_000_000_000, 6, b"next", 4)])
+    with core.use("compiled"):
+        flat = CaptureReader(key_resolution=10**10)
+        records = CaptureReader(key_resolution=10**10, records=True)
+    for a, b in ((0, 24), (24, 5000), (5000, 5001), (5001, 9000), (9000, len(pcap))):
+        want, got = flat.feed_flat(pcap[a:b]), records.feed_flat(pcap[a:b])
+        pieces: list[Any] = got.pieces
+        if b < 9000 and want.keys:
+            assert got.packed == len(want.keys) and not got.keys and not got.ends
+            assert sum(map(len, pieces)) == want.ends[-1] == pieces[-1].end
+            assert pieces[-1].last_key == want.keys[-1]
+            assert [list(column) for column in pieces[-1].columns()] == [
+                want.keys[-pieces[-1].count:], want.ends[-pieces[-1].count:]]
+        if b == len(pcap):  # the two records with keys past 64 bits came after records
+            assert got.packed == 0 and got.keys[-2:] == want.keys[-2:]
+        if got.packed:
+            unpack(got)
+        assert (got.keys, got.ends) == (want.keys, want.ends)
+        assert b"".join(map(bytes, got.pieces)) == b"".join(want.pieces)
+    assert records.packets == flat.packets == 302
 
 
 def test_python_blocks_between_compiled_runs_keep_their_place() -> None:
