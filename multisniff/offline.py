@@ -1,9 +1,9 @@
 """`multisniff merge` and `multisniff inspect`: the IO edge around the sans-IO pcap core.
 
 Both work on capture files only and import nothing of the cluster side, so that they start fast
-and run where no Kubernetes client is installed. Files are read with plain `os.read` in 1 MiB
-chunks and the merge is written with `os.write`, the output file created with mode 0600 because
-captures hold secrets.
+and run where no Kubernetes client is installed. Files are read in 256 KiB chunks (with the
+compiled core by its read-ahead thread, else with plain `os.read`) and the merge is written with
+`os.writev`, the output file created with mode 0600 because captures hold secrets.
 
 Damaged inputs lose no more than with mergecap: every complete packet before damage that ends
 the file is used, a damaged block whose length fields hold is left out (or only its damaged
@@ -22,13 +22,15 @@ import os
 import stat
 import struct
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
 
 from multisniff.errors import ExitCode, InputError, OutputError, UsageError
 from multisniff.pcap import blocks as b
+from multisniff.pcap import core
 from multisniff.pcap.blocks import InterfaceInfo, InterfaceStatistics, format_timestamp
 from multisniff.pcap.merging import TimelineMerger
 from multisniff.pcap.reading import (
@@ -43,7 +45,7 @@ from multisniff.pcap.writing import Block
 
 log = logging.getLogger("multisniff")
 
-CHUNK = 1 << 20
+CHUNK = 1 << 18
 """Bytes per read: large enough that per-call costs vanish, small enough to keep memory flat."""
 
 MAX_KEY_RESOLUTION = 10**12
@@ -89,6 +91,31 @@ def read_chunks(fd: int, path: str) -> Iterator[bytes]:
         if not data:
             return
         yield data
+
+
+@contextmanager
+def _chunks(fds: Sequence[int], paths: Sequence[str]) -> Iterator[Callable[[int], bytes]]:
+    """`next_chunk(i)`: the next chunk of input i, b"" at its end. With the compiled core the
+    chunks are read ahead by a thread of its own (`_core.ReadAhead`), so that reading, a third
+    of a merge's time, happens on a second core; else with os.read as they are needed."""
+    compiled = core.compiled()
+    if compiled is None:
+        chunks = [read_chunks(fd, path) for fd, path in zip(fds, paths, strict=True)]
+        yield lambda i: next(chunks[i], b"")
+        return
+    ahead = compiled.ReadAhead(list(fds), CHUNK)
+
+    def take(i: int) -> bytes:
+        try:
+            data: bytes = ahead.take(i)
+        except OSError as exc:
+            raise _open_error(paths[i], exc) from exc
+        return data
+
+    try:
+        yield take
+    finally:
+        ahead.close()
 
 
 def write_all(fd: int, data: Block, target: str) -> None:
@@ -333,26 +360,26 @@ def _merge_files(inputs: Sequence[str], labels: Sequence[str], fds: Sequence[int
         merger.add_source(label, multi_interface=census.interfaces > 1)
         for label, census in zip(labels, censuses, strict=True)
     ]
-    chunks = [read_chunks(fd, path) for fd, path in zip(fds, inputs, strict=True)]
     by_index = {source.index: i for i, source in enumerate(sources)}
+    with _chunks(fds, inputs) as next_chunk:
 
-    def step(i: int) -> None:
-        data = next(chunks[i], b"")
-        if data:
-            merger.feed(sources[i], data)
-        else:
-            merger.end_source(sources[i])
+        def step(i: int) -> None:
+            data = next_chunk(i)
+            if data:
+                merger.feed(sources[i], data)
+            else:
+                merger.end_source(sources[i])
 
-    # The first chunk of every input in command-line order, so that interface ids follow it.
-    for i in range(len(sources)):
-        step(i)
-    while True:
-        write_blocks(out_fd, merger.pull_blocks(), target)
-        source = merger.wanted()
-        if source is None:
-            break
-        step(by_index[source.index])
-    write_all(out_fd, merger.finish(), target)
+        # The first chunk of every input in command-line order, so that interface ids follow.
+        for i in range(len(sources)):
+            step(i)
+        while True:
+            write_blocks(out_fd, merger.pull_blocks(), target)
+            source = merger.wanted()
+            if source is None:
+                break
+            step(by_index[source.index])
+        write_all(out_fd, merger.finish(), target)
     warnings = [sentence for path, source in zip(inputs, sources, strict=True)
                 for sentence in _recovered_sentences(path, source.reader)]
     errors = [

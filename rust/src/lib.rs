@@ -11,6 +11,7 @@ use pyo3::prelude::*;
 pub mod buffer;
 pub mod fuzzing;
 pub mod merge;
+pub mod readahead;
 pub mod reader;
 
 /// Changes whenever a function's signature or results change, so that a stale build of the
@@ -23,5 +24,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("VERSION", env!("CARGO_PKG_VERSION"))?;
     reader::register(m)?;
     merge::register(m)?;
+    readahead::register(m)?;
     Ok(())
 }
