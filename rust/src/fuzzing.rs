@@ -139,6 +139,32 @@ fn classic_pcap(case: &Case<'_>, piece: &[u8], start: usize) {
             packets += 1;
         });
         assert_eq!((written, packets), (size, count));
+        // the merger's records: the same packets, and any packet-aligned range of their EPBs
+        // written later is that range of what pcap_write wrote
+        let records = reader::Records::scan(piece, start, &params, u64::MAX);
+        if records.stop() == stop {
+            assert_eq!(records.size(), size as u64);
+            let ends = records.ends();
+            let (a, b) = (ends.len() / 3, ends.len() * 2 / 3);
+            let from = a
+                .checked_sub(1)
+                .and_then(|i| ends.get(i))
+                .copied()
+                .unwrap_or(0);
+            let to = b
+                .checked_sub(1)
+                .and_then(|i| ends.get(i))
+                .copied()
+                .unwrap_or(0);
+            let mut part = vec![0u8; (to - from) as usize];
+            assert!(records.write(piece, from, &mut part));
+            assert_eq!(&part[..], &out[from as usize..to as usize]);
+            let mut misaligned = vec![0u8; 1];
+            assert!(!records.write(piece, 1, &mut misaligned));
+        } else {
+            // only a key beyond 64 bits stops it before pcap_scan does
+            assert!(records.stop() < stop);
+        }
     }
 }
 

@@ -465,26 +465,56 @@ fn pcap_flat<'py>(
     Ok(stop)
 }
 
-/// Classic pcap records left in the bytes they were read in, written out as EPBs only when the
-/// merge copies them into its output: one copy of each packet less than an EPB piece made at
-/// once. Behaves as the piece of EPBs it stands for: `len()` is their length, `bytes()` makes
-/// them. Only the merger asks for these (`CaptureReader(records=True)`).
-#[pyclass(module = "multisniff._core", name = "PcapRecords", frozen)]
-pub struct PcapRecords {
-    chunk: Py<PyBytes>,
+/// Classic pcap records found in a buffer, to be written out as EPBs later (`Records::write`):
+/// where each starts, its merge key and where its EPB ends.
+#[derive(Debug, Clone)]
+pub struct Records {
     params: PcapParams,
-    /// Where each record starts in the chunk, and where the last one ends.
+    /// Where each record starts in the buffer, and where the last one ends.
     starts: Vec<usize>,
     stop: usize,
     /// The merge key of each record.
     keys: Vec<i64>,
     /// The end of each record's EPB, counted from the start of the first one.
     ends: Vec<u64>,
-    /// Where the first EPB starts in the batch's flat stream (`Batch.ends` counts from there).
-    start: u64,
 }
 
-impl PcapRecords {
+impl Records {
+    /// The records of `buf` from `pos` that `pcap_write` would take, up to the first one whose
+    /// key is beyond 64 bits or whose EPB would end past `limit` bytes (both left to Python).
+    pub fn scan(buf: &[u8], pos: usize, params: &PcapParams, limit: u64) -> Self {
+        let mut records = Records {
+            params: *params,
+            starts: Vec::new(),
+            stop: pos,
+            keys: Vec::new(),
+            ends: Vec::new(),
+        };
+        let mut size = 0u64;
+        while let Some((record, next)) = pcap_record(buf, records.stop, params) {
+            let (Some(grown), Ok(key)) = (
+                size.checked_add(u64::from(record.total)),
+                i64::try_from(record.key),
+            ) else {
+                break;
+            };
+            if grown > limit {
+                break;
+            }
+            size = grown;
+            records.starts.push(records.stop);
+            records.keys.push(key);
+            records.ends.push(size);
+            records.stop = next;
+        }
+        records
+    }
+
+    /// Where the first record not taken starts.
+    pub fn stop(&self) -> usize {
+        self.stop
+    }
+
     pub fn keys(&self) -> &[i64] {
         &self.keys
     }
@@ -499,10 +529,11 @@ impl PcapRecords {
         self.ends.last().copied().unwrap_or(0)
     }
 
-    /// Writes the EPBs that are bytes `from..from + out.len()` of the piece into `out`; false
-    /// (with `out` not fully written) when the range does not begin and end at packets.
-    pub fn write(&self, chunk: &[u8], from: u64, out: &mut [MaybeUninit<u8>]) -> bool {
-        let Some(to) = from.checked_add(out.len() as u64) else {
+    /// Writes the EPBs that are bytes `from..from + out.len()` of the records' EPBs into `out`,
+    /// from `buf`, the buffer they were scanned in; false (with `out` not fully written) when
+    /// the range does not begin and end at packets or `buf` is not that buffer.
+    pub fn write<O: Out + ?Sized>(&self, buf: &[u8], from: u64, out: &mut O) -> bool {
+        let Some(to) = from.checked_add(out.size() as u64) else {
             return false;
         };
         let packet_after = |offset: u64| -> Option<usize> {
@@ -521,16 +552,43 @@ impl PcapRecords {
                 .copied()
                 .or_else(|| (last == self.starts.len()).then_some(self.stop)),
         ) else {
-            return out.is_empty();
+            return out.size() == 0;
         };
-        pcap_write(chunk, pos, stop, &self.params, out, |_, _| {}) == out.len()
+        pcap_write(buf, pos, stop, &self.params, out, |_, _| {}) == out.size()
+    }
+}
+
+/// Classic pcap records left in the bytes they were read in, written out as EPBs only when the
+/// merge copies them into its output: one copy of each packet less than an EPB piece made at
+/// once. Behaves as the piece of EPBs it stands for: `len()` is their length, `bytes()` makes
+/// them. Only the merger asks for these (`CaptureReader(records=True)`).
+#[pyclass(module = "multisniff._core", name = "PcapRecords", frozen)]
+pub struct PcapRecords {
+    chunk: Py<PyBytes>,
+    records: Records,
+    /// Where the first EPB starts in the batch's flat stream (`Batch.ends` counts from there).
+    start: u64,
+}
+
+impl PcapRecords {
+    pub fn keys(&self) -> &[i64] {
+        self.records.keys()
+    }
+
+    pub fn ends(&self) -> &[u64] {
+        self.records.ends()
+    }
+
+    pub fn size(&self) -> u64 {
+        self.records.size()
     }
 }
 
 impl PcapRecords {
     /// `write` from the bytes the records were read in.
     pub fn write_in(&self, py: Python<'_>, from: u64, out: &mut [MaybeUninit<u8>]) -> bool {
-        self.write(self.chunk.bind(py).as_bytes(), from, out)
+        self.records
+            .write(self.chunk.bind(py).as_bytes(), from, out)
     }
 }
 
@@ -543,13 +601,13 @@ impl PcapRecords {
     /// How many records (packets).
     #[getter]
     fn count(&self) -> usize {
-        self.keys.len()
+        self.keys().len()
     }
 
     /// The key of the last record.
     #[getter]
     fn last_key(&self) -> Option<i64> {
-        self.keys.last().copied()
+        self.keys().last().copied()
     }
 
     /// Where the last EPB ends in the batch's flat stream.
@@ -561,8 +619,11 @@ impl PcapRecords {
     /// The records' keys and the ends of their EPBs in the batch's flat stream, as lists: what
     /// `pcap_flat` appends to `Batch.keys` and `Batch.ends`.
     fn columns<'py>(&self, py: Python<'py>) -> PyResult<(Bound<'py, PyList>, Bound<'py, PyList>)> {
-        let ends = self.ends.iter().map(|&end| self.start.saturating_add(end));
-        Ok((PyList::new(py, &self.keys)?, PyList::new(py, ends)?))
+        let ends = self
+            .ends()
+            .iter()
+            .map(|&end| self.start.saturating_add(end));
+        Ok((PyList::new(py, self.keys())?, PyList::new(py, ends)?))
     }
 
     fn __bytes__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
@@ -570,7 +631,7 @@ impl PcapRecords {
             .map_err(|_| pyo3::exceptions::PyOverflowError::new_err("piece too long"))?;
         let chunk = self.chunk.bind(py).as_bytes();
         uninit_bytes(py, size, |out| {
-            if self.write(chunk, 0, out) {
+            if self.records.write(chunk, 0, out) {
                 Ok(())
             } else {
                 Err(pyo3::exceptions::PyRuntimeError::new_err(
@@ -608,41 +669,17 @@ fn pcap_records<'py>(
         oid,
         cap,
     };
-    let data = buf.as_bytes();
-    let mut starts = Vec::new();
-    let mut keys = Vec::new();
-    let mut ends = Vec::new();
-    let mut at = pos;
-    let mut size = 0u64;
-    while let Some((record, next)) = pcap_record(data, at, &params) {
-        let (Some(grown), Ok(key)) = (
-            size.checked_add(u64::from(record.total)),
-            i64::try_from(record.key),
-        ) else {
-            break;
-        };
-        if start.checked_add(grown).is_none() {
-            break;
-        }
-        size = grown;
-        starts.push(at);
-        keys.push(key);
-        ends.push(size);
-        at = next;
-    }
-    if !starts.is_empty() {
+    let records = Records::scan(buf.as_bytes(), pos, &params, u64::MAX - start);
+    let stop = records.stop();
+    if !records.keys().is_empty() {
         let records = PcapRecords {
             chunk: buf.clone().unbind(),
-            params,
-            starts,
-            stop: at,
-            keys,
-            ends,
+            records,
             start,
         };
         pieces.append(Bound::new(py, records)?)?;
     }
-    Ok(at)
+    Ok(stop)
 }
 
 fn interface(entry: &Bound<'_, PyAny>) -> Option<Interface> {
@@ -770,6 +807,37 @@ mod tests {
             epb.extend(40u32.to_le_bytes());
             assert_eq!(&out[..40], &epb[..]);
         }
+    }
+
+    #[test]
+    fn records_write_any_packet_aligned_range_later_and_nothing_else() {
+        let mut buf = Vec::new();
+        for n in 0..5u32 {
+            buf.extend(record(n, 0, &vec![n as u8; n as usize * 3], 100, true));
+        }
+        let p = params(true);
+        let (stop, out, _) = run_pcap(&buf, &p);
+        let records = Records::scan(&buf, 0, &p, u64::MAX);
+        assert_eq!((records.stop(), records.size()), (stop, out.len() as u64));
+        assert_eq!(records.keys().len(), 5);
+        let mut bounds = vec![0u64];
+        bounds.extend(records.ends());
+        for (i, &from) in bounds.iter().enumerate() {
+            for &to in &bounds[i..] {
+                let mut part = vec![0u8; (to - from) as usize];
+                assert!(records.write(&buf, from, &mut part));
+                assert_eq!(&part[..], &out[from as usize..to as usize]);
+            }
+        }
+        let mut part = vec![0u8; 8];
+        assert!(!records.write(&buf, 4, &mut part)); // not where a packet starts
+        assert!(!records.write(&buf, 0, &mut part)); // not where a packet ends
+        assert!(!records.write(&buf, u64::MAX, &mut part));
+        let mut all = vec![0u8; out.len()];
+        assert!(!records.write(&buf[..buf.len() - 1], 0, &mut all)); // not its buffer
+                                                                     // a limit stops the scan before the record that would pass it
+        let limited = Records::scan(&buf, 0, &p, bounds[2] + 3);
+        assert_eq!((limited.keys().len(), limited.size()), (2, bounds[2]));
     }
 
     #[test]
