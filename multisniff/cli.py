@@ -54,9 +54,13 @@ class _Version(argparse.Action):
         parser.exit(message=f"multisniff {__version__}, {which}\n")
 
 
-def build_parser(*, record: bool = False) -> argparse.ArgumentParser:
+OFFLINE_COMMANDS = ("merge", "inspect")
+
+
+def build_parser(*, record: bool = False, offline: bool = False) -> argparse.ArgumentParser:
     """The sub-commands' parser; record's capture options (which import the API) only when
-    `record` is the command, so that merge and inspect stay light."""
+    `record` is the command, and with `offline` (merge or inspect is the command) only those
+    two, so that they import the pcap core and little else: memory and start-up time."""
     parser = argparse.ArgumentParser(
         prog="multisniff",
         description="Capture packets from many Kubernetes pods into one pcapng timeline.",
@@ -66,6 +70,8 @@ def build_parser(*, record: bool = False) -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_offline_commands(sub)
+    if offline:
+        return parser
     _add_profiles_command(sub)
     _add_bundles_command(sub)
     _add_cleanup_command(sub)
@@ -171,7 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from multisniff.record import split_command
 
         arguments, command = split_command(arguments)
-    parser = (build_parser(record=_first_word(arguments) == "record")
+    first = _first_word(arguments)
+    parser = (build_parser(record=first == "record", offline=first in OFFLINE_COMMANDS)
               if _is_subcommand(arguments) else build_capture_parser())
     args = parser.parse_args(arguments)
     if args.command == "record":

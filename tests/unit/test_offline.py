@@ -177,10 +177,15 @@ def test_offline_commands_do_not_import_the_kubernetes_client(
         "loaded = [m for m in sys.modules if m.split('.')[0] in "
         "('kubernetes_asyncio', 'aiohttp', 'anyio')]\n"
         "print('LOADED', loaded)\n"
+        # nor the other sub-commands' modules (bundles, record, capture): memory and start-up
+        "ours = sorted(m for m in sys.modules if m.count('.') > 1 or m.split('.')[-1] in "
+        "('bundles', 'record', 'profiles', 'api', 'engine', 'kube'))\n"
+        "print('OURS', [m for m in ours if not m.startswith('multisniff.pcap.')])\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             check=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert "LOADED []" in result.stdout
+    assert "OURS []" in result.stdout
 
 
 def test_merge_to_stdout(two_inputs: tuple[Path, Path]) -> None:
