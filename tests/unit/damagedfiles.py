@@ -219,6 +219,8 @@ def _put(data: bytearray, at: int, fmt: str, value: int) -> None:
 
 
 def _flip(rng: random.Random, data: bytearray, shape: Layout) -> str:
+    if not data:  # an earlier damage of the same file removed every byte
+        return "no byte left to set"
     spots = [rng.randrange(len(data)) for _ in range(rng.randint(1, 8))]
     for spot in spots:
         data[spot] = rng.randrange(256)
@@ -332,7 +334,7 @@ def damage(rng: random.Random, base: bytes) -> tuple[bytes, list[str]]:
     shape = layout(base)
     kinds = DAMAGE if shape.blocks else [_flip]  # a file header alone
     said = [rng.choice(kinds)(rng, data, shape) for _ in range(rng.randint(1, 3))]
-    if rng.random() < 0.3:
+    if rng.random() < 0.3 and data:
         cut = rng.randrange(len(data))
         del data[cut:]
         said.append(f"cut at {cut}")

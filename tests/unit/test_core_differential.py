@@ -48,7 +48,7 @@ from test_pcap_reading import sample_pcapng
 from multisniff.pcap import core
 from multisniff.pcap.blocks import InterfaceInfo, InterfaceStatistics
 from multisniff.pcap.merging import TimelineMerger
-from multisniff.pcap.reading import CaptureError, CaptureReader
+from multisniff.pcap.reading import CaptureError, CaptureReader, unpack
 
 DEFAULT_CASES = 150
 CASES = int(os.environ.get("MULTISNIFF_DIFF_CASES", str(DEFAULT_CASES)))
@@ -209,13 +209,17 @@ def error_facts(error: CaptureError | None) -> tuple[object, ...] | None:
 
 
 def batch_facts(batch: Any) -> dict[str, object]:
-    """Every field of a Batch; a packet as the bytes of its EPB, whatever pieces hold it."""
+    """Every field of a Batch; a packet as the bytes of its EPB, whatever pieces hold it (a
+    merger's reader packs classic pcap records into its pieces: unpacked here, so that both
+    cores must agree on what they stand for)."""
+    if getattr(batch, "packed", 0):
+        unpack(batch)
     return {
         "keys": list(batch.keys),
         "keys are ints": all(type(key) is int for key in batch.keys),
         "packets": [b"".join(packet) for packet in batch.packets],
         "flat": batch.flat,
-        "pieces": b"".join(batch.pieces),
+        "pieces": b"".join(map(bytes, batch.pieces)),
         "ends": list(batch.ends),
         "interfaces": list(batch.interfaces),
         "statistics": list(batch.statistics),
@@ -489,6 +493,8 @@ class ReaderSettings:
     """"default", or "spaced": ids 5, 8, 11, ... handed out by a callback that records calls."""
     mode: str = "feed"
     """"feed", "flat" or "mixed" (each chunk by either, as a coin says)."""
+    records: bool = False
+    """A merger's reader (`CaptureReader(records=True)`)."""
 
 
 def random_reader_settings(rng: random.Random) -> ReaderSettings:
@@ -498,6 +504,7 @@ def random_reader_settings(rng: random.Random) -> ReaderSettings:
         max_packet_size=None if rng.random() < 0.85 else rng.choice([0, 10, 1500]),
         assign=rng.choice(["default", "spaced"]),
         mode=rng.choice(["feed", "flat", "mixed"]),
+        records=rng.random() < 0.5,
     )
 
 
@@ -513,7 +520,8 @@ def make_reader(settings: ReaderSettings) -> tuple[CaptureReader, list[Interface
         limits["max_block_size"] = settings.max_block_size
     reader = CaptureReader(key_resolution=settings.key_resolution,
                            assign_interface=spaced if settings.assign == "spaced" else None,
-                           max_packet_size=settings.max_packet_size, **limits)
+                           max_packet_size=settings.max_packet_size,
+                           records=settings.records, **limits)
     return reader, calls
 
 
