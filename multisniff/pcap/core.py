@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from types import ModuleType
 
-ABI = 5
+ABI = 6
 """The extension's interface version this package was written against (`_core.ABI`)."""
 
 COMPILED = "compiled"

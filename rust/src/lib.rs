@@ -16,7 +16,7 @@ pub mod reader;
 
 /// Changes whenever a function's signature or results change, so that a stale build of the
 /// extension (an editable install not rebuilt) is refused rather than misused.
-pub const ABI: u32 = 5;
+pub const ABI: u32 = 6;
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {

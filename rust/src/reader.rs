@@ -327,6 +327,54 @@ pub fn pcapng_scan(
     }
 }
 
+/// The walk of `_pcapng_census` (offline.py) over the block headers of `buf` from `pos`, in
+/// byte order `little` until a section header says otherwise (big-endian for its magic, else
+/// little): returns where it stopped (fewer than 12 bytes left in `buf`, or a block length that
+/// cannot be right, which ends the census), the byte order there, whether it stopped for a bad
+/// length, and every interface description block passed with the byte order of its section.
+pub fn pcapng_skim(
+    buf: &[u8],
+    mut pos: usize,
+    mut little: bool,
+) -> (usize, bool, bool, Vec<(usize, bool)>) {
+    let mut idbs = Vec::new();
+    loop {
+        if pos.checked_add(12).is_none_or(|end| end > buf.len()) {
+            return (pos, little, false, idbs);
+        }
+        let (Some(block_type), Some(magic)) = (u32_at(buf, pos, true), u32_at(buf, pos + 8, true))
+        else {
+            return (pos, little, false, idbs);
+        };
+        if block_type == SHB {
+            little = magic != BYTE_ORDER_MAGIC_BE;
+        }
+        let Some(length) = u32_at(buf, pos + 4, little) else {
+            return (pos, little, false, idbs);
+        };
+        if length < 12 || length & 3 != 0 {
+            return (pos, little, true, idbs);
+        }
+        if u32_at(buf, pos, little) == Some(1) {
+            idbs.push((pos, little));
+        }
+        match pos.checked_add(length as usize) {
+            Some(next) => pos = next,
+            None => return (pos, little, true, idbs),
+        }
+    }
+}
+
+/// `pcapng_skim` for Python: (stop, little, bad length, [(IDB position, little)]).
+#[pyfunction]
+fn pcapng_census_walk(
+    buf: &[u8],
+    pos: usize,
+    little: bool,
+) -> (usize, bool, bool, Vec<(usize, bool)>) {
+    pcapng_skim(buf, pos, little)
+}
+
 /// How Python is to handle a section header block at `pos`: alone when it is complete and its
 /// length holds, else with the rest of the buffer (where it reports the damage).
 fn shb_stop(buf: &[u8], pos: usize, max_block: u64) -> Stop {
@@ -748,6 +796,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PcapRecords>()?;
     m.add_function(wrap_pyfunction!(pcap_flat, m)?)?;
     m.add_function(wrap_pyfunction!(pcap_records, m)?)?;
+    m.add_function(wrap_pyfunction!(pcapng_census_walk, m)?)?;
     m.add_function(wrap_pyfunction!(pcapng_flat, m)?)?;
     Ok(())
 }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +15,10 @@ import pytest
 from test_pcap_merging import order_of, source_file
 from test_pcap_reading import read_all
 
+from multisniff import offline
 from multisniff.cli import main
 from multisniff.errors import ExitCode
+from multisniff.pcap import core
 
 pytestmark = pytest.mark.usefixtures("pcap_core")
 
@@ -235,3 +238,34 @@ def test_write_blocks_to_a_full_device_is_one_sentence() -> None:
             offline.write_blocks(fd, [b"x" * 100], "/dev/full")
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("name", ["python", pytest.param("compiled", marks=pytest.mark.skipif(
+    not core.available(), reason="the compiled core is not built"))])
+def test_the_census_counts_interfaces_and_resolutions_of_every_section(
+        tmp_path: Path, name: str) -> None:
+    """Before merging, every block header of a pcapng input is walked (the compiled core does
+    the walk of each chunk at once): interfaces of big-endian sections count too, and a block
+    length that cannot be right ends the census there."""
+    many = b"".join(cf.epb(0, n, bytes(40)) for n in range(20000))  # several chunks of headers
+    files = {
+        "one": (cf.shb() + cf.idb() + many, 1, {10**6}),
+        "late": (cf.shb() + cf.idb() + many + cf.idb(tsresol=9) + cf.epb(1, 5, b"x"),
+                 2, {10**6, 10**9}),
+        "big-endian": (cf.shb(">") + cf.idb(">", tsresol=3) + cf.idb(">")
+                       + cf.epb(1, 5, b"x", order=">"), 2, {10**3, 10**6}),
+        "sections": (cf.shb() + cf.idb() + many + cf.shb(">") + cf.idb(">", tsresol=9)
+                     + cf.shb() + cf.idb(tsresol=3), 3, {10**3, 10**6, 10**9}),
+        "bad length": (cf.shb() + cf.idb() + cf.epb(0, 1, b"x")[:4] + struct.pack("<I", 13)
+                       + bytes(20) + cf.idb(tsresol=9), 1, {10**6}),
+    }
+    for label, (data, interfaces, units) in files.items():
+        path = tmp_path / f"{label}.pcapng"
+        path.write_bytes(data)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            with core.use(name):
+                census = offline.take_census(str(path), fd)
+        finally:
+            os.close(fd)
+        assert (label, census.interfaces, census.units) == (label, interfaces, units)
