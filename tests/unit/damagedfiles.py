@@ -333,7 +333,11 @@ def damage(rng: random.Random, base: bytes) -> tuple[bytes, list[str]]:
     data = bytearray(base)
     shape = layout(base)
     kinds = DAMAGE if shape.blocks else [_flip]  # a file header alone
-    said = [rng.choice(kinds)(rng, data, shape) for _ in range(rng.randint(1, 3))]
+    said = []
+    for _ in range(rng.randint(1, 3)):
+        if len(data) != len(base):  # a damage before this one moved the blocks `shape` lists
+            break
+        said.append(rng.choice(kinds)(rng, data, shape))
     if rng.random() < 0.3 and data:
         cut = rng.randrange(len(data))
         del data[cut:]
