@@ -609,12 +609,12 @@ class CaptureReader:
         if self._records and not ends:
             pieces: list[Any] = batch.pieces  # PcapRecords (see `Batch.packed`)
             count = len(pieces)
-            pos = self._compiled.pcap_records(buf, pos, *self._pcap_kernel,
+            pos = self._compiled.pcap_records(buf, pos, self._pcap_kernel,
                                               pieces[-1].end if batch.packed else 0, pieces)
             if len(pieces) > count:
                 batch.packed += pieces[-1].count
         else:
-            pos = self._compiled.pcap_flat(buf, pos, *self._pcap_kernel, ends[-1] if ends else 0,
+            pos = self._compiled.pcap_flat(buf, pos, self._pcap_kernel, ends[-1] if ends else 0,
                                            batch.keys, batch.pieces, ends)
         if pos + 16 > len(buf):
             return pos

@@ -19,30 +19,22 @@ pub trait Out {
     fn zero(&mut self, at: usize, n: usize) -> bool;
 }
 
+/// `slice[at..at + n]`, or None where that is not inside it.
+fn region<T>(slice: &mut [T], at: usize, n: usize) -> Option<&mut [T]> {
+    at.checked_add(n).and_then(|end| slice.get_mut(at..end))
+}
+
 impl Out for [u8] {
     fn size(&self) -> usize {
         self.len()
     }
     fn put(&mut self, at: usize, src: &[u8]) -> bool {
-        match at
-            .checked_add(src.len())
-            .and_then(|end| self.get_mut(at..end))
-        {
-            Some(dst) => {
-                dst.copy_from_slice(src);
-                true
-            }
-            None => false,
-        }
+        region(self, at, src.len())
+            .map(|dst| dst.copy_from_slice(src))
+            .is_some()
     }
     fn zero(&mut self, at: usize, n: usize) -> bool {
-        match at.checked_add(n).and_then(|end| self.get_mut(at..end)) {
-            Some(dst) => {
-                dst.fill(0);
-                true
-            }
-            None => false,
-        }
+        region(self, at, n).map(|dst| dst.fill(0)).is_some()
     }
 }
 
@@ -63,25 +55,14 @@ impl Out for [MaybeUninit<u8>] {
         self.len()
     }
     fn put(&mut self, at: usize, src: &[u8]) -> bool {
-        match at
-            .checked_add(src.len())
-            .and_then(|end| self.get_mut(at..end))
-        {
-            Some(dst) => {
-                dst.write_copy_of_slice(src);
-                true
-            }
-            None => false,
-        }
+        region(self, at, src.len())
+            .map(|dst| dst.write_copy_of_slice(src))
+            .is_some()
     }
     fn zero(&mut self, at: usize, n: usize) -> bool {
-        match at.checked_add(n).and_then(|end| self.get_mut(at..end)) {
-            Some(dst) => {
-                dst.fill(MaybeUninit::new(0));
-                true
-            }
-            None => false,
-        }
+        region(self, at, n)
+            .map(|dst| dst.fill(MaybeUninit::new(0)))
+            .is_some()
     }
 }
 

@@ -23,7 +23,7 @@ use pyo3::exceptions::{PyIndexError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyMemoryView, PySlice, PyTuple};
 
-use crate::buffer::uninit_bytes;
+use crate::buffer::{uninit_bytes, Out};
 use crate::reader::PcapRecords;
 
 /// What is wrong with the input of a merge function.
@@ -572,20 +572,17 @@ pub fn gather<'b>(
 ) -> Result<(), MergeError> {
     gather_with(
         pieces,
-        |source, blob, from, dst| {
-            let src = from
-                .checked_add(dst.len())
-                .and_then(|upto| bytes_of(source, blob)?.get(from..upto));
-            match src {
-                Some(src) => {
-                    dst.write_copy_of_slice(src);
-                    true
-                }
-                None => false,
-            }
-        },
+        |source, blob, from, dst| bytes_of(source, blob).is_some_and(|b| copy_from(b, from, dst)),
         out,
     )
+}
+
+/// Writes all of `dst` from `bytes[from..]`; false when `bytes` is too short.
+fn copy_from(bytes: &[u8], from: usize, dst: &mut [MaybeUninit<u8>]) -> bool {
+    let src = from
+        .checked_add(dst.len())
+        .and_then(|upto| bytes.get(from..upto));
+    src.is_some_and(|src| dst.put(0, src))
 }
 
 /// `gather` with `copy(source, blob, from, dst)` writing all of `dst` from bytes `from..` of a
@@ -646,19 +643,7 @@ impl<'py> Blob<'py> {
 
     fn copy(&self, from: usize, dst: &mut [MaybeUninit<u8>]) -> bool {
         match self {
-            Blob::Bytes(bytes) => {
-                let bytes = bytes.as_bytes();
-                match from
-                    .checked_add(dst.len())
-                    .and_then(|upto| bytes.get(from..upto))
-                {
-                    Some(src) => {
-                        dst.write_copy_of_slice(src);
-                        true
-                    }
-                    None => false,
-                }
-            }
+            Blob::Bytes(bytes) => copy_from(bytes.as_bytes(), from, dst),
             Blob::Records(records) => records.get().write_in(records.py(), from as u64, dst),
         }
     }

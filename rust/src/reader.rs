@@ -53,6 +53,23 @@ pub struct PcapParams {
     pub cap: i64,
 }
 
+impl<'a, 'py> FromPyObject<'a, 'py> for PcapParams {
+    type Error = PyErr;
+
+    /// From the reader's `_pcap_kernel`: (little, units, key_mult, key_div, oid, cap).
+    fn extract(object: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        let (little, units, key_mult, key_div, oid, cap) = object.extract()?;
+        Ok(PcapParams {
+            little,
+            units,
+            key_mult,
+            key_div,
+            oid,
+            cap,
+        })
+    }
+}
+
 /// One classic-pcap record the loop accepts.
 struct Record<'a> {
     ts: u64,
@@ -483,25 +500,12 @@ fn pcap_flat<'py>(
     py: Python<'py>,
     buf: &[u8],
     pos: usize,
-    little: bool,
-    units: u64,
-    key_mult: u64,
-    key_div: u64,
-    oid: u32,
-    cap: i64,
+    params: PcapParams,
     start: u64,
     keys: &Bound<'py, PyList>,
     pieces: &Bound<'py, PyList>,
     ends: &Bound<'py, PyList>,
 ) -> PyResult<usize> {
-    let params = PcapParams {
-        little,
-        units,
-        key_mult,
-        key_div,
-        oid,
-        cap,
-    };
     let (stop, count, size) = pcap_scan(buf, pos, &params);
     if count > 0 {
         append_piece(py, size, start, keys, pieces, ends, |out, packet| {
@@ -695,28 +699,14 @@ impl PcapRecords {
 /// key beyond 64 bits, which Python then handles. Returns the position of the first record not
 /// taken.
 #[pyfunction]
-#[allow(clippy::too_many_arguments)]
 fn pcap_records<'py>(
     py: Python<'py>,
     buf: &Bound<'py, PyBytes>,
     pos: usize,
-    little: bool,
-    units: u64,
-    key_mult: u64,
-    key_div: u64,
-    oid: u32,
-    cap: i64,
+    params: PcapParams,
     start: u64,
     pieces: &Bound<'py, PyList>,
 ) -> PyResult<usize> {
-    let params = PcapParams {
-        little,
-        units,
-        key_mult,
-        key_div,
-        oid,
-        cap,
-    };
     let records = Records::scan(buf.as_bytes(), pos, &params, u64::MAX - start);
     let stop = records.stop();
     if !records.keys().is_empty() {
