@@ -594,8 +594,17 @@ impl Records {
             }
             self.ends.binary_search(&offset).ok().map(|index| index + 1)
         };
-        let (Some(first), Some(last)) = (packet_after(from), packet_after(to)) else {
+        let Some(first) = packet_after(from) else {
             return false;
+        };
+        // most ranges the merge asks for are one packet (interleaved inputs): no second search
+        let last = if self.ends.get(first) == Some(&to) {
+            first + 1
+        } else {
+            match packet_after(to) {
+                Some(last) => last,
+                None => return false,
+            }
         };
         let (Some(&pos), Some(stop)) = (
             self.starts.get(first),
