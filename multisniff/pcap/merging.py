@@ -281,7 +281,7 @@ class TimelineMerger:
         source.keys.extend(keys)
         start = source.stream_end
         source.ends.extend(map(add, batch.ends, repeat(start)))
-        blob = b"".join(_buffers(batch.pieces))
+        blob = b"".join(map(_buffer, batch.pieces))
         source.blobs.append((start, blob))
         source.stream_end = start + len(blob)
         source.last_key = keys[-1]
@@ -298,7 +298,7 @@ class TimelineMerger:
         except OverflowError:
             self._demote()
             if self.live:
-                view = memoryview(b"".join(_buffers(batch.pieces)))
+                view = memoryview(b"".join(map(_buffer, batch.pieces)))
                 starts = chain((0,), batch.ends)
                 batch.packets = [(bytes(view[start:end]),)
                                  for start, end in zip(starts, batch.ends, strict=False)]
@@ -322,8 +322,7 @@ class TimelineMerger:
         for source in self.sources:
             if source.queue is None:
                 continue
-            source.blobs = [(offset, blob if isinstance(blob, bytes) else bytes(blob))
-                            for offset, blob in source.blobs]
+            source.blobs = [(offset, _buffer(blob)) for offset, blob in source.blobs]
             if self.live:
                 keys, starts, ends = source.queue.export()
                 offsets = [offset for offset, _ in source.blobs]
@@ -558,10 +557,9 @@ class TimelineMerger:
         self.packets_written += len(keys)
 
 
-def _buffers(pieces: list[Any]) -> list[Any]:
-    """Pieces as bytes-like objects: a compiled reader's `PcapRecords` made into its EPBs."""
-    return [piece if isinstance(piece, (bytes, bytearray, memoryview)) else bytes(piece)
-            for piece in pieces]
+def _buffer(piece: Any) -> Any:
+    """A piece as a bytes-like object: a compiled reader's `PcapRecords` made into its EPBs."""
+    return piece if isinstance(piece, (bytes, bytearray, memoryview)) else bytes(piece)
 
 
 def _packet_aligned(pieces: list[bytes], ends: list[int]) -> list[bytes]:

@@ -217,14 +217,7 @@ impl Queue {
 
     /// Mark the next `count` pending packets written.
     pub fn consume(&mut self, count: usize) -> Result<(), MergeError> {
-        let pending = self.pending();
-        if count > pending {
-            return Err(MergeError::Cut {
-                cut: count,
-                pending,
-            });
-        }
-        self.head += count;
+        self.head = cut_end(self.head, count, self.pending())?;
         Ok(())
     }
 }
@@ -332,14 +325,7 @@ impl LiveQueue {
     }
 
     pub fn consume(&mut self, count: usize) -> Result<(), MergeError> {
-        let pending = self.pending();
-        if count > pending {
-            return Err(MergeError::Cut {
-                cut: count,
-                pending,
-            });
-        }
-        self.head += count;
+        self.head = cut_end(self.head, count, self.pending())?;
         Ok(())
     }
 }
