@@ -14,18 +14,21 @@ below are imported on first use, so that `multisniff merge` and `--version` stay
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
 
 # The subpackage of the capture modes shares its name with the function that starts a capture.
 # It is loaded here, before the name is bound below, so that the import system never binds it
 # again; the object bound there calls `api.capture` and hands every other attribute to the
 # subpackage, so `multisniff.capture.upload` and friends still resolve.
 from multisniff import capture as _modes
+from multisniff._version import __version__
 
+# `typing` only for the type checker: `multisniff merge` does not import it (memory, start-up).
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from multisniff.api import Capture, Output
 
-from multisniff._version import __version__
 
 __all__ = [
     "Capture",

@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import logging
 import math
 import os
 import stat
 import struct
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
@@ -93,29 +91,35 @@ def read_chunks(fd: int, path: str) -> Iterator[bytes]:
         yield data
 
 
-@contextmanager
-def _chunks(fds: Sequence[int], paths: Sequence[str]) -> Iterator[Callable[[int], bytes]]:
-    """`next_chunk(i)`: the next chunk of input i, b"" at its end. With the compiled core the
-    chunks are read ahead by a thread of its own (`_core.ReadAhead`), so that reading, a third
-    of a merge's time, happens on a second core; else with os.read as they are needed."""
-    compiled = core.compiled()
-    if compiled is None:
-        chunks = [read_chunks(fd, path) for fd, path in zip(fds, paths, strict=True)]
-        yield lambda i: next(chunks[i], b"")
-        return
-    ahead = compiled.ReadAhead(list(fds), CHUNK)
+class _Inputs:
+    """The inputs' chunks: `take(i)` is the next chunk of input i, b"" at its end. With the
+    compiled core, `want(i)` has a thread of its own (`_core.ReadAhead`) read input i's next
+    chunk meanwhile, so that reading, a third of a merge's time, happens on a second core;
+    without it, chunks are read with os.read when they are taken."""
 
-    def take(i: int) -> bytes:
+    def __init__(self, fds: Sequence[int], paths: Sequence[str]) -> None:
+        self.paths = paths
+        compiled = core.compiled()
+        self._ahead = None if compiled is None else compiled.ReadAhead(list(fds), CHUNK)
+        self._chunks = [] if self._ahead is not None else [
+            read_chunks(fd, path) for fd, path in zip(fds, paths, strict=True)]
+
+    def want(self, i: int) -> None:
+        if self._ahead is not None:
+            self._ahead.want(i)
+
+    def take(self, i: int) -> bytes:
+        if self._ahead is None:
+            return next(self._chunks[i], b"")
         try:
-            data: bytes = ahead.take(i)
+            data: bytes = self._ahead.take(i)
         except OSError as exc:
-            raise _open_error(paths[i], exc) from exc
+            raise _open_error(self.paths[i], exc) from exc
         return data
 
-    try:
-        yield take
-    finally:
-        ahead.close()
+    def close(self) -> None:
+        if self._ahead is not None:
+            self._ahead.close()
 
 
 def write_all(fd: int, data: Block, target: str) -> None:
@@ -375,10 +379,11 @@ def _merge_files(inputs: Sequence[str], labels: Sequence[str], fds: Sequence[int
         for label, census in zip(labels, censuses, strict=True)
     ]
     by_index = {source.index: i for i, source in enumerate(sources)}
-    with _chunks(fds, inputs) as next_chunk:
+    chunks = _Inputs(fds, inputs)
+    try:
 
         def step(i: int) -> None:
-            data = next_chunk(i)
+            data = chunks.take(i)
             if data:
                 merger.feed(sources[i], data)
             else:
@@ -386,14 +391,27 @@ def _merge_files(inputs: Sequence[str], labels: Sequence[str], fds: Sequence[int
 
         # The first chunk of every input in command-line order, so that interface ids follow.
         for i in range(len(sources)):
+            chunks.want(i)
+        for i in range(len(sources)):
             step(i)
         while True:
-            write_blocks(out_fd, merger.pull_blocks(), target)
-            source = merger.wanted()
-            if source is None:
+            # Which inputs the merge needs next depends on the packets fed, not on those
+            # written: the chunks of the next two are read while these packets are merged and
+            # written (one is not enough to keep the reading thread busy).
+            upcoming = merger.upcoming(2)
+            for source in upcoming:
+                chunks.want(by_index[source.index])
+            # A chunk's worth at a time: the inputs' chunks may let the merge write several
+            # chunks' worth at once, which would otherwise all be in memory together.
+            write_blocks(out_fd, merger.pull_blocks(CHUNK), target)
+            while merger.held_back:
+                write_blocks(out_fd, merger.pull_blocks(CHUNK), target)
+            if not upcoming:
                 break
-            step(by_index[source.index])
+            step(by_index[upcoming[0].index])
         write_all(out_fd, merger.finish(), target)
+    finally:
+        chunks.close()
     warnings = [sentence for path, source in zip(inputs, sources, strict=True)
                 for sentence in _recovered_sentences(path, source.reader)]
     errors = [
@@ -493,6 +511,8 @@ def run_inspect(args: argparse.Namespace) -> int:
 def _write_json(path: str, total: int, summaries: Sequence[InterfaceSummary]) -> None:
     """The document json.dumps(indent=2) would give, written one interface at a time: a file
     may declare hundreds of thousands of interfaces."""
+    import json  # here: a merge does not need it
+
     write = sys.stdout.write
     head = json.dumps({"file": path, "packets": total, "interfaces": []}, indent=2)
     if not summaries:

@@ -5,8 +5,10 @@ pcapng comes out of `pull()`. Two modes share all of the machinery:
 
 - exact (offline files): packets come out in the order mergecap gives, by comparing the next
   packet of every source (a source whose own timestamps go backwards keeps its file order). The
-  merger says which source it needs bytes from next (`wanted()`), so memory holds about one chunk
-  per source whatever the input size.
+  merger says which source it needs bytes from next (`wanted()`, and `upcoming()` for the ones
+  after it), so memory holds about one chunk per source whatever the input size; a pull may be
+  given a limit in bytes (`held_back` then says more is ready), so that the output of one step
+  is bounded too, however far the sources let the merge go at once.
 - live (the capture engine): a packet comes out once no source can still send an earlier one
   (every source has sent later packets, been marked caught up to a later time, or ended) or once
   it is `reorder_window` older than the newest time known. A packet that arrives after packets
@@ -31,12 +33,16 @@ from collections.abc import Iterable
 from heapq import heapify, heappop, heapreplace
 from itertools import accumulate, chain, islice, repeat
 from operator import add, sub
-from typing import Any
 
 from multisniff.pcap import core
 from multisniff.pcap.blocks import InterfaceInfo, InterfaceStatistics
 from multisniff.pcap.reading import Batch, CaptureError, CaptureReader, Packet, unpack
 from multisniff.pcap.writing import Block, PcapngWriter, encode_isb, encode_nrb
+
+# `typing` only for the type checker: `multisniff merge` does not import it (memory, start-up).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 
 @dataclasses.dataclass(eq=False)
@@ -118,6 +124,8 @@ class TimelineMerger:
         self._newest: int | None = None  # live: newest key seen or clock time given
         self.forced = 0
         self.packets_written = 0
+        self.held_back = False
+        """The last pull stopped at its limit: more packets are ready to be pulled now."""
         self._compiled = core.compiled()
         """The compiled core that keeps the sources' keys and merges them, if it is active."""
 
@@ -213,16 +221,30 @@ class TimelineMerger:
                 best = source
         return best
 
+    def upcoming(self, count: int) -> list[Source]:
+        """Exact mode: `wanted()` and the sources likely wanted after it, at most `count`, in
+        that order (by their newest packet, oldest first): whom to read ahead for. It depends
+        on the packets fed only, not on those pulled. Live mode: empty."""
+        if self.live:
+            return []
+        waiting = [source for source in self.sources if not source.ended]
+        waiting.sort(key=lambda source: (source.last_key is not None, source.last_key or 0))
+        return waiting[:count]
+
     # --- output -------------------------------------------------------------------------------
 
-    def pull(self) -> bytes:
-        """The merged bytes that are ready: SHB and IDBs first, then blocks in timeline order."""
-        self._release()
+    def pull(self, limit: int | None = None) -> bytes:
+        """The merged bytes that are ready: SHB and IDBs first, then blocks in timeline order.
+
+        Exact mode, with a `limit`: the packets stop at the first one that brings their bytes
+        to `limit` or more, and `held_back` says whether packets that are ready were left for
+        the next pull."""
+        self._release(limit)
         return self.writer.take()
 
-    def pull_blocks(self) -> list[Block]:
+    def pull_blocks(self, limit: int | None = None) -> list[Block]:
         """`pull()` as the list of blocks (and pieces of blocks) that it would join."""
-        self._release()
+        self._release(limit)
         return self.writer.take_blocks()
 
     def finish(self) -> bytes:
@@ -391,14 +413,17 @@ class TimelineMerger:
                 horizon = windowed
         return horizon, len(self.sources)
 
-    def _release(self) -> None:
+    def _release(self, limit: int | None = None) -> None:
+        if limit is not None and (self.live or limit < 1):
+            raise ValueError("a pull limit is a positive number of bytes, for exact mode")
+        self.held_back = False
         horizon, last_index = self._horizon()
         if horizon is None:
             return
         if self.live:
             horizon = self._bounded(horizon)
         if self._compiled is not None:
-            self._release_compiled(horizon, last_index)
+            self._release_compiled(horizon, last_index, limit)
             return
         cuts: list[tuple[Source, int]] = []
         for source in self.sources:
@@ -419,11 +444,12 @@ class TimelineMerger:
             return
         if len(cuts) == 1:
             source, cut = cuts[0]
-            self._emit_run(source, cut)
+            self._emit_run(source, cut, limit)
         else:
-            self._emit_runs(cuts)
+            self._emit_runs(cuts, limit)
+        self.held_back = any(source.head < cut for source, cut in cuts)
 
-    def _release_compiled(self, horizon: int, last_index: int) -> None:
+    def _release_compiled(self, horizon: int, last_index: int, limit: int | None) -> None:
         """`_release` with the compiled core: one call merges every source's packets up to
         the horizon."""
         assert self._compiled is not None
@@ -442,8 +468,10 @@ class TimelineMerger:
                 and (self._released is None or horizon > self._released)):
             self._released = horizon
         if parts:
-            self.writer.add_blocks(self._compiled.merge(parts, _SHARE_MIN))
-            self.packets_written += count
+            blocks, taken = self._compiled.merge(parts, _SHARE_MIN, limit)
+            self.writer.add_blocks(blocks)
+            self.packets_written += taken
+            self.held_back = taken < count
 
     def _bounded(self, horizon: int) -> int:
         """Live mode: raise the horizon until at most max_pending packets stay held."""
@@ -459,10 +487,22 @@ class TimelineMerger:
             self.forced += 1
             horizon = max(horizon, fullest.pending_key(fullest.pending - held[most] // 2 - 1))
 
-    def _emit_run(self, source: Source, cut: int) -> None:
-        self.writer.add_blocks(self._run(source, source.head, cut))
-        self.packets_written += cut - source.head
+    def _emit_run(self, source: Source, cut: int, limit: int | None = None) -> int:
+        """Write the source's packets from its head up to `cut`, or up to the first that brings
+        their bytes to `limit` (exact mode); the bytes written."""
+        head = source.head
+        if limit is not None:
+            cut = min(bisect_left(source.ends, self._start(source, head) + limit, head, cut) + 1,
+                      cut)
+        self.writer.add_blocks(self._run(source, head, cut))
+        self.packets_written += cut - head
         source.head = cut
+        return 0 if limit is None else source.ends[cut - 1] - self._start(source, head)
+
+    @staticmethod
+    def _start(source: Source, index: int) -> int:
+        """Exact mode: where packet `index` of the source starts in its stream."""
+        return source.ends[index - 1] if index else source.first_start
 
     def _run(self, source: Source, start: int, end: int) -> Iterable[Block]:
         """Packets start..end of a source, in as few pieces as they are stored in."""
@@ -500,21 +540,23 @@ class TimelineMerger:
                          map(slice, starts, map(sub, islice(ends, low, high), repeat(offset))))
         return views
 
-    def _emit_runs(self, cuts: list[tuple[Source, int]]) -> None:
+    def _emit_runs(self, cuts: list[tuple[Source, int]], limit: int | None = None) -> None:
         """Write the sources' packets up to their cuts run by run: the source with the lowest
         next (key, index) gives everything before the next lowest one of the others in one
         slice. Bursty traffic (runs of tens of packets) costs almost nothing per packet this
         way; when runs turn out short (finely interleaved sources), the rest goes to
-        `_emit_merged`."""
+        `_emit_merged`. With a `limit` (exact mode), stop at the first packet that brings the
+        bytes written to it."""
         heap = [(source.keys[source.head], source.index, source, cut) for source, cut in cuts]
         heapify(heap)
         add = self.writer.add_blocks
-        runs = written = 0
+        runs = written = size = 0
         while len(heap) > 1:
             if runs >= _PROBE_RUNS and written < runs * _MIN_RUN:
                 self.packets_written += written
                 self._emit_merged(sorted(((entry[2], entry[3]) for entry in heap),
-                                         key=lambda pair: pair[0].index))
+                                         key=lambda pair: pair[0].index),
+                                  None if limit is None else limit - size)
                 return
             _, index, source, cut = heap[0]
             next_key, next_index = min(heap[1:3])[:2]
@@ -524,20 +566,27 @@ class TimelineMerger:
                 end = bisect_right(keys, next_key, head, cut)
             else:
                 end = bisect_left(keys, next_key, head, cut)
+            if limit is not None:
+                start = self._start(source, head)
+                end = min(bisect_left(source.ends, start + limit - size, head, end) + 1, end)
+                size += source.ends[end - 1] - start
             add(self._run(source, head, end))
             source.head = end
             runs += 1
             written += end - head
+            if limit is not None and size >= limit:
+                break
             if end == cut:
                 heappop(heap)
             else:
                 heapreplace(heap, (keys[end], index, source, cut))
+        else:
+            if heap:
+                _, _, source, cut = heap[0]
+                self._emit_run(source, cut, None if limit is None else limit - size)
         self.packets_written += written
-        if heap:
-            _, _, source, cut = heap[0]
-            self._emit_run(source, cut)
 
-    def _emit_merged(self, cuts: list[tuple[Source, int]]) -> None:
+    def _emit_merged(self, cuts: list[tuple[Source, int]], limit: int | None = None) -> None:
         keys: list[int] = []
         packets: list[Packet] = []
         views: list[Block] = []
@@ -547,14 +596,28 @@ class TimelineMerger:
                 packets.extend(islice(source.packets, source.head, cut))
             else:
                 views.extend(self._each(source, source.head, cut))
-            source.head = cut
         # A stable sort by key: ties keep the order above (source added first, then file order).
         order = sorted(range(len(keys)), key=keys.__getitem__)
+        if limit is not None:
+            # the packets up to the first that brings their bytes to the limit: a source's
+            # packets keep their order in the sort, so each source gives its first ones
+            sizes = accumulate(len(views[position]) for position in order)
+            order = order[: next((n for n, total in enumerate(sizes, 1) if total >= limit),
+                                 len(order))]
+            taken = [0] * len(cuts)
+            firsts = list(accumulate((cut - source.head for source, cut in cuts), initial=0))
+            for position in order:
+                taken[bisect_right(firsts, position) - 1] += 1
+            for (source, _), count in zip(cuts, taken, strict=True):
+                source.head += count
+        else:
+            for source, cut in cuts:
+                source.head = cut
         if self.live:
             self.writer.add_blocks(chain.from_iterable(map(packets.__getitem__, order)))
         else:
             self.writer.add_blocks(map(views.__getitem__, order))
-        self.packets_written += len(keys)
+        self.packets_written += len(order)
 
 
 def _buffer(piece: Any) -> Any:

@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from itertools import accumulate, chain, repeat
 from operator import itemgetter
 from types import ModuleType
-from typing import Any
 
 from multisniff.pcap import blocks as b
 from multisniff.pcap import core
@@ -47,6 +46,11 @@ from multisniff.pcap.blocks import (
     NameRecord,
 )
 from multisniff.pcap.writing import encode_options
+
+# `typing` only for the type checker: `multisniff merge` does not import it (memory, start-up).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 MAX_BLOCK_SIZE = 16 * 1024 * 1024
 """Largest pcapng block accepted: Wireshark's limit before it made room for 128 MiB D-Bus

@@ -110,6 +110,13 @@ fn queues(piece: &[u8]) {
             if let Ok(segments) = merge::merge_order(&[a, b]) {
                 let blobs = vec![vec![(0, blob_len)], vec![(0, blob_len / 2)]];
                 let _ = merge::plan(&segments, &blobs, 64);
+                // a limit takes a prefix of the same order
+                let limit = u64::from(horizon.unsigned_abs() % 4096);
+                if let Ok((some, taken)) = merge::merge_order_until(&[a, b], Some(limit)) {
+                    assert!(some.len() <= segments.len());
+                    assert!(taken.first() <= Some(&count));
+                    assert!(taken.get(1) <= Some(&live_count));
+                }
             }
         }
         let _ = exact.consume(count);

@@ -354,6 +354,17 @@ pub struct Segment {
 /// The merged order of the runs' packets as segments of their streams: by key, ties by run
 /// position, then by position in the run; consecutive packets of one run form one segment.
 pub fn merge_order(runs: &[Run<'_>]) -> Result<Vec<Segment>, MergeError> {
+    merge_order_until(runs, None).map(|(segments, _)| segments)
+}
+
+/// `merge_order`, stopped at the first packet that brings the segments' bytes to `limit` or
+/// more (so at least one packet when there is one): the segments, and how many packets of
+/// each run they hold. A merge that writes as it goes needs no more memory than `limit` for
+/// its output, however much the sources let it write at once.
+pub fn merge_order_until(
+    runs: &[Run<'_>],
+    limit: Option<u64>,
+) -> Result<(Vec<Segment>, Vec<usize>), MergeError> {
     for run in runs {
         if run.keys.len() != run.ends.len() {
             return Err(MergeError::Lengths {
@@ -398,6 +409,7 @@ pub fn merge_order(runs: &[Run<'_>]) -> Result<Vec<Segment>, MergeError> {
         .filter_map(|(source, run)| run.keys.first().map(|&key| Reverse((key, source))))
         .collect();
     let mut segments: Vec<Segment> = Vec::new();
+    let mut total = 0u64;
     while let Some(Reverse((_, source))) = heap.pop() {
         let (Some(run), Some(&position)) = (runs.get(source), positions.get(source)) else {
             break; // unreachable: only indexes of runs are pushed
@@ -415,6 +427,11 @@ pub fn merge_order(runs: &[Run<'_>]) -> Result<Vec<Segment>, MergeError> {
                 }
             }
             None => end = keys.len(),
+        }
+        if let Some(limit) = limit {
+            let (upto, bytes) = within(run, position, end, limit.saturating_sub(total));
+            end = upto;
+            total = total.saturating_add(bytes);
         }
         if let Some(starts) = run.starts {
             let packets = starts.get(position..end).unwrap_or(&[]).iter();
@@ -445,11 +462,44 @@ pub fn merge_order(runs: &[Run<'_>]) -> Result<Vec<Segment>, MergeError> {
         if let Some(slot) = positions.get_mut(source) {
             *slot = end;
         }
+        if limit.is_some_and(|limit| total >= limit) {
+            break;
+        }
         if let Some(&key) = keys.get(end) {
             heap.push(Reverse((key, source)));
         }
     }
-    Ok(segments)
+    Ok((segments, positions))
+}
+
+/// Of the run's packets `position..end` (checked: ends in order, or starts before ends), the
+/// first ones up to the one that brings their bytes to `room` or more: where they end, and
+/// their bytes.
+fn within(run: &Run<'_>, position: usize, end: usize, room: u64) -> (usize, u64) {
+    let ends = run.ends.get(position..end).unwrap_or(&[]);
+    match run.starts {
+        Some(starts) => {
+            let starts = starts.get(position..end).unwrap_or(&[]);
+            let mut bytes = 0u64;
+            for (index, (&start, &stop)) in starts.iter().zip(ends).enumerate() {
+                bytes = bytes.saturating_add(stop.saturating_sub(start));
+                if bytes >= room {
+                    return (position + index + 1, bytes);
+                }
+            }
+            (end, bytes)
+        }
+        None => {
+            let first = match position.checked_sub(1) {
+                Some(before) => run.ends.get(before).copied().unwrap_or(run.first),
+                None => run.first,
+            };
+            let short = ends.partition_point(|&stop| stop.saturating_sub(first) < room);
+            let upto = (short + 1).min(ends.len());
+            let last = ends.get(upto.saturating_sub(1)).copied().unwrap_or(first);
+            (position + upto, last.saturating_sub(first))
+        }
+    }
 }
 
 /// One piece of the output: bytes to copy, or a range of one blob to hand out as it is.
@@ -851,15 +901,19 @@ impl KeyQueue {
 }
 
 /// Merge and take the next `count` packets of every queue: `parts` is a list of (queue, count,
-/// blobs) in source order, blobs the source's [(stream offset, bytes)] in stream order. Returns
-/// the merged packets as a list of blocks: one bytes object for each stretch of copied packets,
-/// a memoryview for every run of one source of at least `share_min` bytes in one blob.
+/// blobs) in source order, blobs the source's [(stream offset, bytes)] in stream order. With a
+/// `limit`, stop at the first packet that brings the merged bytes to `limit` or more (the rest
+/// stays in the queues). Returns (blocks, packets taken): the merged packets as a list of
+/// blocks, one bytes object for each stretch of copied packets, a memoryview for every run of
+/// one source of at least `share_min` bytes in one blob.
 #[pyfunction]
+#[pyo3(signature = (parts, share_min, limit = None))]
 fn merge<'py>(
     py: Python<'py>,
     parts: &Bound<'py, PyList>,
     share_min: u64,
-) -> PyResult<Bound<'py, PyList>> {
+    limit: Option<u64>,
+) -> PyResult<(Bound<'py, PyList>, usize)> {
     let mut queues: Vec<PyRef<'py, KeyQueue>> = Vec::with_capacity(parts.len());
     let mut counts = Vec::with_capacity(parts.len());
     let mut blob_objects: Vec<Vec<Blob<'py>>> = Vec::with_capacity(parts.len());
@@ -888,7 +942,7 @@ fn merge<'py>(
         .zip(&counts)
         .map(|(queue, &count)| queue.run(count))
         .collect::<Result<Vec<_>, _>>()?;
-    let segments = merge_order(&runs)?;
+    let (segments, taken) = merge_order_until(&runs, limit)?;
     let mut pieces = plan(&segments, &blob_ranges, share_min)?;
     drop(runs);
     let blob_at = |source: usize, blob: usize| blob_objects.get(source)?.get(blob);
@@ -947,11 +1001,11 @@ fn merge<'py>(
     }
     copy_stretch(py, &out, pieces.get(stretch_start..).unwrap_or(&[]), &copy)?;
     drop(queues);
-    for (part, &count) in parts.iter().zip(&counts) {
+    for (part, &count) in parts.iter().zip(&taken) {
         let queue: Bound<'py, KeyQueue> = part.get_item(0)?.cast_into()?;
         queue.try_borrow_mut()?.consume(count)?;
     }
-    Ok(out)
+    Ok((out, taken.iter().sum()))
 }
 
 fn copy_stretch<'py>(
@@ -989,6 +1043,46 @@ mod tests {
             .into_iter()
             .map(|segment| (segment.source, segment.start, segment.end))
             .collect()
+    }
+
+    #[test]
+    fn a_limit_stops_at_the_packet_that_reaches_it() {
+        let a = Run {
+            keys: &[1, 2, 3, 7],
+            ends: &[110, 120, 130, 140],
+            first: 100,
+            starts: None,
+        };
+        let b = Run {
+            keys: &[4, 5, 6],
+            ends: &[10, 30, 40],
+            first: 0,
+            starts: Some(&[0, 20, 30]),
+        };
+        let cut = |limit| {
+            let (segments, taken) = merge_order_until(&[a, b], Some(limit)).unwrap();
+            let segments: Vec<_> = segments
+                .into_iter()
+                .map(|segment| (segment.source, segment.start, segment.end))
+                .collect();
+            (segments, taken)
+        };
+        assert_eq!(cut(1), (vec![(0, 100, 110)], vec![1, 0]));
+        assert_eq!(cut(10), (vec![(0, 100, 110)], vec![1, 0]));
+        assert_eq!(cut(11), (vec![(0, 100, 120)], vec![2, 0]));
+        // into the live run, whose packets are not contiguous: 30 + 10 + 10 bytes
+        assert_eq!(
+            cut(41),
+            (vec![(0, 100, 130), (1, 0, 10), (1, 20, 30)], vec![3, 2])
+        );
+        assert_eq!(
+            cut(1 << 40),
+            (
+                vec![(0, 100, 130), (1, 0, 10), (1, 20, 40), (0, 130, 140)],
+                vec![4, 3]
+            )
+        );
+        assert_eq!(merge_order_until(&[], Some(1)), Ok((vec![], vec![])));
     }
 
     #[test]

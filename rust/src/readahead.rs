@@ -1,14 +1,17 @@
-//! Reading the next chunk of every input of an offline merge in a thread of its own, without
-//! the GIL, while the merge works on the current one: reading a file that is in the page cache
-//! is a copy that took a third of a merge's time, and a second core can do it.
+//! Reading the next chunk of an input of an offline merge in a thread of its own, without the
+//! GIL, while the merge works on the current one: reading a file that is in the page cache is a
+//! copy that took a third of a merge's time, and a second core can do it.
+//!
+//! The thread reads only what it is asked for (`want`): the merge knows which input it will
+//! need next (the one whose newest packet is oldest), so one chunk read ahead is enough to
+//! keep the thread busy, and the memory of a merge of many inputs does not grow with a chunk
+//! ahead for each of them. At most one chunk per input is read ahead.
 //!
 //! This is IO beside the sans-IO core, not in it: the readers still take whatever bytes they
 //! are given. Each input's descriptor is duplicated, so the thread reads from its own copy
 //! (sharing the file offset with the caller's, who must not read it meanwhile) and a caller
-//! that closes its descriptor early cannot make the thread read another file. At most `depth`
-//! chunks per input wait, so memory stays flat; the buffers are reused.
+//! that closes its descriptor early cannot make the thread read another file.
 
-use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -54,17 +57,26 @@ impl Blank {
     }
 }
 
-/// One input: the chunks read and not yet taken, and whether its end (or an error) was read.
+/// One input: the chunk read and not yet taken, the one asked for, and whether its end (or an
+/// error) was read.
 struct Input {
     fd: Option<Arc<OwnedFd>>,
-    ready: VecDeque<io::Result<(Blank, usize)>>,
+    ready: Option<io::Result<(Blank, usize)>>,
+    /// Asked for and not yet read: the bytes object to read it into.
+    wanted: Option<Blank>,
+    reading: bool,
     done: bool,
+}
+
+impl Input {
+    /// Nothing is read, being read or asked for, and there is more to read.
+    fn idle(&self) -> bool {
+        !self.done && self.ready.is_none() && self.wanted.is_none() && !self.reading
+    }
 }
 
 struct State {
     inputs: Vec<Input>,
-    /// Bytes objects to read into.
-    free: Vec<Blank>,
     /// Where the thread looks for an input to read next (round robin).
     next: usize,
     stop: bool,
@@ -72,10 +84,9 @@ struct State {
 
 struct Shared {
     state: Mutex<State>,
-    /// The reading thread waits here for room; `take` waits here for a chunk.
+    /// The reading thread waits here for a request; `take` waits here for a chunk.
     changed: Condvar,
     chunk: usize,
-    depth: usize,
 }
 
 impl Shared {
@@ -93,7 +104,7 @@ impl Shared {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The reading thread: fill every input up to `depth` chunks, until stopped.
+    /// The reading thread: read the chunks asked for, until stopped.
     fn run(&self) {
         let mut state = self.lock();
         loop {
@@ -108,37 +119,31 @@ impl Shared {
                     state
                         .inputs
                         .get(index)
-                        .is_some_and(|input| !input.done && input.ready.len() < self.depth)
+                        .is_some_and(|input| input.wanted.is_some())
                 });
             let Some(index) = found else {
                 state = self.wait(state);
                 continue;
             };
             state.next = (index + 1) % count;
-            let Some(fd) = state.inputs.get(index).and_then(|input| input.fd.clone()) else {
+            let Some(input) = state.inputs.get_mut(index) else {
                 continue;
             };
-            let Some(blank) = state.free.pop() else {
-                state = self.wait(state); // `take` makes new ones
-                continue;
+            let (Some(fd), Some(blank)) = (input.fd.clone(), input.wanted.take()) else {
+                continue; // not asked for once the input is done
             };
+            input.reading = true;
             drop(state);
             // SAFETY: the blank's buffer is `chunk` bytes long and only this thread has it.
             let result = unsafe { read_some(&fd, blank.buffer, self.chunk) };
             state = self.lock();
-            let result = match result {
-                Ok(size) => Ok((blank, size)),
-                Err(error) => {
-                    state.free.push(blank);
-                    Err(error)
-                }
-            };
             if let Some(input) = state.inputs.get_mut(index) {
-                input.done = !matches!(result, Ok((_, size)) if size > 0);
+                input.reading = false;
+                input.done = !matches!(result, Ok(size) if size > 0);
                 if input.done {
                     input.fd = None;
                 }
-                input.ready.push_back(result);
+                input.ready = Some(result.map(|size| (blank, size)));
             }
             self.changed.notify_all();
         }
@@ -162,9 +167,10 @@ unsafe fn read_some(fd: &OwnedFd, buffer: *mut u8, len: usize) -> io::Result<usi
     }
 }
 
-/// `ReadAhead(fds, chunk, depth=1)`: `take(i)` returns the next chunk of input `i` (at most
-/// `chunk` bytes, b"" at its end; a read error is raised as OSError, once, at the point in the
-/// stream where it happened). `close()` stops the thread, as does the object going away.
+/// `ReadAhead(fds, chunk)`: `want(i)` asks for the next chunk of input `i` to be read in the
+/// background; `take(i)` returns it (at most `chunk` bytes, b"" at its end; a read error is
+/// raised as OSError, once, at the point in the stream where it happened), reading it first if
+/// it was not asked for. `close()` stops the thread, as does the object going away.
 #[pyclass(module = "multisniff._core", name = "ReadAhead")]
 pub struct ReadAhead {
     shared: Arc<Shared>,
@@ -178,6 +184,32 @@ impl ReadAhead {
         self.shared.lock().stop = true;
         self.shared.changed.notify_all();
     }
+
+    /// Ask for input `index`'s next chunk unless it is read, being read or asked for already.
+    fn request(&self, py: Python<'_>, index: usize) -> PyResult<()> {
+        let idle = |shared: &Shared| -> PyResult<bool> {
+            let state = shared.lock();
+            let input = state
+                .inputs
+                .get(index)
+                .ok_or_else(|| PyIndexError::new_err(format!("no input {index}")))?;
+            Ok(input.idle() && !state.stop)
+        };
+        if !idle(&self.shared)? {
+            return Ok(());
+        }
+        // made with the GIL, outside the lock; only this thread asks, so the input is still idle
+        let blank = Blank::new(py, self.shared.chunk)?;
+        let mut state = self.shared.lock();
+        if let Some(input) = state.inputs.get_mut(index) {
+            if input.idle() {
+                input.wanted = Some(blank);
+            }
+        }
+        drop(state);
+        self.shared.changed.notify_all();
+        Ok(())
+    }
 }
 
 impl Drop for ReadAhead {
@@ -189,10 +221,9 @@ impl Drop for ReadAhead {
 #[pymethods]
 impl ReadAhead {
     #[new]
-    #[pyo3(signature = (fds, chunk, depth = 1))]
-    fn py_new(py: Python<'_>, fds: Vec<RawFd>, chunk: usize, depth: usize) -> PyResult<Self> {
-        if chunk == 0 || depth == 0 {
-            return Err(PyValueError::new_err("chunk and depth must be at least 1"));
+    fn py_new(fds: Vec<RawFd>, chunk: usize) -> PyResult<Self> {
+        if chunk == 0 {
+            return Err(PyValueError::new_err("chunk must be at least 1"));
         }
         let mut inputs = Vec::with_capacity(fds.len());
         for fd in fds {
@@ -207,24 +238,20 @@ impl ReadAhead {
             let owned = unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned()?;
             inputs.push(Input {
                 fd: Some(Arc::new(owned)),
-                ready: VecDeque::new(),
+                ready: None,
+                wanted: None,
+                reading: false,
                 done: false,
             });
         }
-        // a chunk ahead for every input, and one more that `take` replaces as it hands one out
-        let free = (0..inputs.len().saturating_mul(depth).saturating_add(1))
-            .map(|_| Blank::new(py, chunk))
-            .collect::<PyResult<Vec<_>>>()?;
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 inputs,
-                free,
                 next: 0,
                 stop: false,
             }),
             changed: Condvar::new(),
             chunk,
-            depth,
         });
         let worker = Arc::clone(&shared);
         std::thread::Builder::new()
@@ -233,8 +260,14 @@ impl ReadAhead {
         Ok(Self { shared })
     }
 
+    /// Read input `index`'s next chunk in the background, if it is not read or asked for yet.
+    fn want(&self, py: Python<'_>, index: usize) -> PyResult<()> {
+        self.request(py, index)
+    }
+
     /// The next chunk of input `index`; waits (without the GIL) until it is read.
     fn take<'py>(&self, py: Python<'py>, index: usize) -> PyResult<Bound<'py, PyBytes>> {
+        self.request(py, index)?;
         let shared = Arc::clone(&self.shared);
         let result = py.detach(move || {
             let mut state = shared.lock();
@@ -242,7 +275,7 @@ impl ReadAhead {
                 let Some(input) = state.inputs.get_mut(index) else {
                     return Err(());
                 };
-                if let Some(result) = input.ready.pop_front() {
+                if let Some(result) = input.ready.take() {
                     return Ok(result.map(Some));
                 }
                 if input.done || state.stop {
@@ -257,9 +290,6 @@ impl ReadAhead {
             Ok(Ok(Some(chunk))) => chunk,
             Ok(Ok(None)) => return Ok(PyBytes::new(py, b"")),
         };
-        let replacement = Blank::new(py, self.shared.chunk)?;
-        self.shared.lock().free.push(replacement);
-        self.shared.changed.notify_all();
         let object = blank.object.into_bound(py);
         if size == self.shared.chunk {
             return Ok(object); // filled: handed out as it is

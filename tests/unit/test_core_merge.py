@@ -45,14 +45,15 @@ def stamps_with_sizes(stamps: list[tuple[int, int]]) -> list[tuple[tuple[int, in
 
 
 def counters(merger: TimelineMerger) -> tuple[int, ...]:
-    return (merger.packets_written, merger.late_packets, merger.forced,
+    return (merger.packets_written, merger.late_packets, merger.forced, int(merger.held_back),
             *(source.received for source in merger.sources),
             *(source.pending for source in merger.sources),
             *(int(source.ended) for source in merger.sources))
 
 
 def run(core_name: str, files: list[bytes], script: list[tuple[str, int, int]], *,
-        window: int | None, max_pending: int, resolution: int, blocks: bool) -> Outcome:
+        window: int | None, max_pending: int, resolution: int, blocks: bool,
+        drain_limit: int | None = None) -> Outcome:
     with core.use(core_name):
         merger = TimelineMerger(reorder_window=window, max_pending=max_pending,
                                 key_resolution=resolution)
@@ -60,8 +61,11 @@ def run(core_name: str, files: list[bytes], script: list[tuple[str, int, int]], 
     offsets = [0] * len(files)
     outcome = Outcome()
 
-    def pull() -> None:
-        outcome.pulls.append(b"".join(merger.pull_blocks()) if blocks else merger.pull())
+    def pull(limit: int | None = None) -> None:
+        if window is not None:
+            limit = None  # a limit is for exact mode
+        outcome.pulls.append(b"".join(merger.pull_blocks(limit)) if blocks
+                             else merger.pull(limit))
         outcome.counters.append(counters(merger))
 
     def feed(i: int, size: int) -> None:
@@ -79,7 +83,7 @@ def run(core_name: str, files: list[bytes], script: list[tuple[str, int, int]], 
         if op == "feed":
             feed(i, value)
         elif op == "pull":
-            pull()
+            pull(value or None)
         elif op == "caught_up":
             merger.mark_caught_up(sources[i], value * resolution // 1000)
         elif op == "advance":
@@ -89,7 +93,9 @@ def run(core_name: str, files: list[bytes], script: list[tuple[str, int, int]], 
     if window is None:  # exact mode: then as the merger asks, to the end
         while (wanted := merger.wanted()) is not None:
             feed(wanted.index, 1 << 12)
-            pull()
+            pull(drain_limit)
+            while merger.held_back:
+                pull(drain_limit)
     outcome.pulls.append(merger.finish())
     outcome.counters.append(counters(merger))
     return outcome
@@ -139,7 +145,8 @@ def cases(draw: st.DrawFn, *, live: bool) -> tuple[Spec, list[tuple[str, int, in
         spec.append((stream, draw(st.integers(0, 2**32)), draw(st.booleans())))
     feeds = st.tuples(st.just("feed"), st.integers(0, 63),
                       st.sampled_from([1, 7, 100, 1000, 1 << 12, 1 << 16]))
-    ops = [feeds, st.tuples(st.just("pull"), st.just(0), st.just(0)),
+    # a pull's value is its limit in bytes (exact mode), 0 for none
+    ops = [feeds, st.tuples(st.just("pull"), st.just(0), st.sampled_from([0, 0, 1, 90, 5000])),
            st.tuples(st.just("end"), st.integers(0, 63), st.just(0))]
     if live:
         ops += [st.tuples(st.just("advance"), st.just(0), st.integers(0, 5000 * 13)),
@@ -151,6 +158,7 @@ def cases(draw: st.DrawFn, *, live: bool) -> tuple[Spec, list[tuple[str, int, in
         "window": draw(st.sampled_from([0, 1, 10**3, 10**9, 10**12])) if live else None,
         "max_pending": draw(st.sampled_from([1, 5, 100, 200_000])),
         "share_min": draw(st.sampled_from([0, 1, 100, 16 * 1024, 1 << 62])),
+        "drain_limit": None if live else draw(st.sampled_from([None, 1, 700, 1 << 14])),
     }
     return spec, script, options
 
@@ -228,7 +236,14 @@ def test_the_compiled_merge_refuses_inconsistent_input() -> None:
         compiled.merge([(queue, 1, [(0, bytes(24))]), (queue, 1, [(0, bytes(24))])], 0)
     assert queue.pending == 2
     first, second = b"a" * 12, b"b" * 12
-    assert compiled.merge([(queue, 2, [(0, first), (12, second)])], 13) == [first + second]
+    blobs = [(0, first), (12, second)]
+    # a limit stops at the packet that reaches it; the rest stays in the queue
+    assert compiled.merge([(queue, 2, blobs)], 13, 12) == ([first], 1)
+    assert queue.pending == 1
+    assert compiled.merge([(queue, 1, blobs)], 13, 1) == ([second], 1)
+    assert queue.pending == 0
+    queue.append([3, 4], [12, 24], 24)
+    assert compiled.merge([(queue, 2, [(24, first + second)])], 13) == ([first + second], 2)
     assert queue.pending == 0
 
 

@@ -1,7 +1,7 @@
 """The compiled core's read-ahead (`_core.ReadAhead`), which reads the inputs of an offline merge
-in a thread of its own: every input's chunks in order and whole, whatever order they are taken
-in, its end said again and again, read errors raised where they happen, and no thread left
-behind however it is stopped."""
+in a thread of its own: every input's chunks in order and whole, whatever order they are asked
+for and taken in, its end said again and again, read errors raised where they happen, nothing
+read that was not asked for, and no thread left behind however it is stopped."""
 
 from __future__ import annotations
 
@@ -50,16 +50,18 @@ def threads() -> int:
     return count
 
 
-@pytest.mark.parametrize("depth", [1, 3])
+@pytest.mark.parametrize("wants", [0, 1, 3])
 def test_every_input_comes_whole_and_in_order_in_any_order_of_taking(tmp_path: Path,
-                                                                     depth: int) -> None:
+                                                                     wants: int) -> None:
     sizes = [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 7 * CHUNK + 5, 40 * CHUNK]
     opened = files(tmp_path, sizes)
-    ahead = compiled().ReadAhead([fd for fd, _ in opened], CHUNK, depth)
+    ahead = compiled().ReadAhead([fd for fd, _ in opened], CHUNK)
     got: list[list[bytes]] = [[] for _ in opened]
     ended = [False] * len(opened)
-    rng = random.Random(depth)
+    rng = random.Random(wants)
     while not all(ended):
+        for _ in range(wants):  # asking again, or for an input that has ended, is harmless
+            ahead.want(rng.randrange(len(opened)))
         index = rng.choice([i for i, done in enumerate(ended) if not done])
         chunk = ahead.take(index)
         assert isinstance(chunk, bytes) and len(chunk) <= CHUNK
@@ -74,6 +76,24 @@ def test_every_input_comes_whole_and_in_order_in_any_order_of_taking(tmp_path: P
         assert ahead.take(index) == b"" and ahead.take(index) == b""
         os.close(fd)
     ahead.close()
+
+
+def test_only_what_is_asked_for_is_read(tmp_path: Path) -> None:
+    (fd, content), = files(tmp_path, [10 * CHUNK])
+    ahead = compiled().ReadAhead([fd], CHUNK)
+    time.sleep(0.05)
+    assert os.lseek(fd, 0, os.SEEK_CUR) == 0  # (the thread's copy shares the offset)
+    ahead.want(0)
+    ahead.want(0)  # one chunk ahead at most
+    deadline = time.monotonic() + 5
+    while os.lseek(fd, 0, os.SEEK_CUR) < CHUNK and time.monotonic() < deadline:
+        time.sleep(0.001)
+    time.sleep(0.05)
+    assert os.lseek(fd, 0, os.SEEK_CUR) == CHUNK
+    assert ahead.take(0) == content[:CHUNK]
+    assert ahead.take(0) == content[CHUNK : 2 * CHUNK]  # read when taken, not asked for
+    ahead.close()
+    os.close(fd)
 
 
 def test_the_thread_reads_its_own_copy_of_each_descriptor(tmp_path: Path) -> None:
@@ -117,14 +137,14 @@ def test_bad_arguments_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         module.ReadAhead([fd], 0)
     with pytest.raises(ValueError):
-        module.ReadAhead([fd], CHUNK, 0)
-    with pytest.raises(ValueError):
         module.ReadAhead([-1], CHUNK)
     with pytest.raises(OSError):
         module.ReadAhead([987654], CHUNK)  # not open
     ahead = module.ReadAhead([fd], CHUNK)
     with pytest.raises(IndexError):
         ahead.take(1)
+    with pytest.raises(IndexError):
+        ahead.want(1)
     ahead.close()
     os.close(fd)
 
@@ -133,17 +153,20 @@ def test_no_thread_is_left_behind_when_closed_or_dropped_midway(tmp_path: Path) 
     before = threads()
     opened = files(tmp_path, [50 * CHUNK, 50 * CHUNK])
     module = compiled()
-    ahead = module.ReadAhead([fd for fd, _ in opened], CHUNK, 2)
+    ahead = module.ReadAhead([fd for fd, _ in opened], CHUNK)
+    ahead.want(1)
     assert ahead.take(0)
     ahead.close()
     ahead.close()  # twice is fine
+    ahead.want(0)  # and asking after it
     # after close: what was read already, then the end; never a hang
-    assert len(b"".join(iter(lambda: ahead.take(1), b""))) <= 2 * CHUNK
+    assert len(b"".join(iter(lambda: ahead.take(1), b""))) <= CHUNK
     dropped = module.ReadAhead([fd for fd, _ in opened], CHUNK)
     assert dropped.take(1)
     del dropped
     blocked_read, blocked_write = os.pipe()  # a thread waiting in read(2) on an empty pipe
     waiting = module.ReadAhead([blocked_read], CHUNK)
+    waiting.want(0)
     time.sleep(0.05)
     started = time.monotonic()
     waiting.close()  # does not wait for the read (a failed merge must not hang on a pipe)

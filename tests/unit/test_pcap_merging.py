@@ -43,9 +43,9 @@ def heads_merge(streams: list[list[int]]) -> list[tuple[int, int]]:
 def merge_exact(files: list[bytes], chunk: int, labels: list[str] | None = None,
                 multi: list[bool] | None = None,
                 watch: Callable[[TimelineMerger], None] | None = None,
-                ) -> tuple[bytes, TimelineMerger, int]:
-    """Merge `files` fed `chunk` bytes at a time, as the merger asks; `watch` sees the merger
-    after every pull."""
+                limit: int | None = None) -> tuple[bytes, TimelineMerger, int]:
+    """Merge `files` fed `chunk` bytes at a time, as the merger asks, pulling `limit` bytes at a
+    time; `watch` sees the merger after every pull."""
     merger = TimelineMerger(key_resolution=10**6)
     sources = [merger.add_source(labels[i] if labels else f"in{i}",
                                  multi_interface=bool(multi and multi[i]))
@@ -65,11 +65,14 @@ def merge_exact(files: list[bytes], chunk: int, labels: list[str] | None = None,
     for i in range(len(files)):
         step(i)
     while True:
-        out.append(merger.pull())
+        out.append(merger.pull(limit))
+        while merger.held_back:
+            out.append(merger.pull(limit))
         most_pending = max(most_pending, sum(source.pending for source in merger.sources))
         if watch is not None:
             watch(merger)
         wanted = merger.wanted()
+        assert merger.upcoming(3)[:1] == ([] if wanted is None else [wanted])
         if wanted is None:
             break
         step(wanted.index)
@@ -97,6 +100,49 @@ def test_exact_mode_gives_mergecaps_order(streams: list[list[int]], chunk: int,
     merged, merger, _ = merge_exact(files, chunk)
     assert order_of(merged) == heads_merge(streams)
     assert merger.packets_written == sum(map(len, streams))
+
+
+@settings(max_examples=100, deadline=None)
+@given(timelines, st.integers(min_value=1, max_value=200), st.sampled_from([1, 30, 100, 1000]))
+def test_pulls_with_a_limit_give_the_same_file_a_bounded_piece_at_a_time(
+        streams: list[list[int]], chunk: int, limit: int) -> None:
+    files = [source_file(i, [10**6 + ts for ts in stream]) for i, stream in enumerate(streams)]
+    merged, _, _ = merge_exact(files, chunk)
+    pieces: list[bytes] = []
+
+    def watch(merger: TimelineMerger) -> None:
+        pieces.append(merger.pull(limit))  # nothing is left to pull after a merge step
+        assert not pieces[-1] and not merger.held_back
+
+    limited, merger, _ = merge_exact(files, chunk, limit=limit, watch=watch)
+    assert limited == merged
+    assert merger.packets_written == sum(map(len, streams))
+    with pytest.raises(ValueError):
+        merger.pull(0)
+
+
+def test_a_pull_with_a_limit_stops_at_the_packet_that_reaches_it() -> None:
+    streams = [[2 * n for n in range(100)], [2 * n + 1 for n in range(100)]]
+    files = [source_file(i, [10**6 + ts for ts in stream]) for i, stream in enumerate(streams)]
+    epb = 28 + 8 + 4  # 6 bytes of packet padded to 8
+    merged, _, _ = merge_exact(files, 1 << 20)
+    header = len(merged) - 200 * epb  # the SHB and both IDBs
+    merger = TimelineMerger(key_resolution=10**6)
+    sources = [merger.add_source(f"in{i}") for i in range(2)]
+    for source, data in zip(sources, files, strict=True):
+        merger.feed(source, data)
+        merger.end_source(source)
+    pieces = []
+    while True:
+        pieces.append(merger.pull(3 * epb - 1))
+        if not merger.held_back:
+            break
+    assert b"".join(pieces) == merged
+    # the third packet of each pull reaches the limit
+    assert len(pieces[0]) == header + 3 * epb
+    assert {len(piece) for piece in pieces[1:-1]} == {3 * epb}
+    assert len(pieces) == 67 and len(pieces[-1]) == 2 * epb
+    assert merger.packets_written == 200
 
 
 def test_long_interleaved_and_bursty_timelines() -> None:
