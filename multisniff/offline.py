@@ -43,8 +43,11 @@ from multisniff.pcap.writing import Block
 
 log = logging.getLogger("multisniff")
 
-CHUNK = 1 << 18
-"""Bytes per read: large enough that per-call costs vanish, small enough to keep memory flat."""
+CHUNK = 192 * 1024
+"""Bytes per read: large enough that per-call costs vanish, small enough to keep memory flat. A
+merge of n inputs holds about n + 4 chunks (one queued per input, two read ahead, the one being
+fed, the output of a step); on 8 x 250,000 packets 128 KiB made the merge 25% slower, 256 KiB
+added 1 MiB of peak RSS for 3% of speed (README, Performance)."""
 
 MAX_KEY_RESOLUTION = 10**12
 """Merge keys finer than this (mixing binary and decimal resolutions) are floored to ns."""
