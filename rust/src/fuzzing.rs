@@ -111,7 +111,7 @@ fn queues(piece: &[u8]) {
                 let blobs = vec![vec![(0, blob_len)], vec![(0, blob_len / 2)]];
                 let _ = merge::plan(&segments, &blobs, 64);
                 // a limit takes a prefix of the same order
-                let limit = u64::from(horizon.unsigned_abs() % 4096);
+                let limit = horizon.unsigned_abs() % 4096;
                 if let Ok((some, taken)) = merge::merge_order_until(&[a, b], Some(limit)) {
                     assert!(some.len() <= segments.len());
                     assert!(taken.first() <= Some(&count));
