@@ -43,11 +43,14 @@ from multisniff.pcap.writing import Block
 
 log = logging.getLogger("multisniff")
 
-CHUNK = 192 * 1024
-"""Bytes per read: large enough that per-call costs vanish, small enough to keep memory flat. A
-merge of n inputs holds about n + 4 chunks (one queued per input, two read ahead, the one being
-fed, the output of a step); on 8 x 250,000 packets 128 KiB made the merge 25% slower, 256 KiB
-added 1 MiB of peak RSS for 3% of speed (README, Performance)."""
+CHUNK = 256 * 1024
+"""Bytes per read: large enough that per-call costs vanish, small enough to keep memory flat."""
+
+COMPILED_CHUNK = 192 * 1024
+"""CHUNK with the compiled core, whose merge holds about n + 4 chunks for n inputs (one queued
+per input, two read ahead, the one being fed, the output of a step): on 8 x 250,000 packets 128
+KiB made it 25% slower, 256 KiB added 1 MiB of peak RSS for 3% of speed (README, Performance).
+The pure-Python merge's cost per chunk is higher: 192 KiB made it 12% slower."""
 
 MAX_KEY_RESOLUTION = 10**12
 """Merge keys finer than this (mixing binary and decimal resolutions) are floored to ns."""
@@ -103,7 +106,8 @@ class _Inputs:
     def __init__(self, fds: Sequence[int], paths: Sequence[str]) -> None:
         self.paths = paths
         compiled = core.compiled()
-        self._ahead = None if compiled is None else compiled.ReadAhead(list(fds), CHUNK)
+        self.chunk = CHUNK if compiled is None else COMPILED_CHUNK
+        self._ahead = None if compiled is None else compiled.ReadAhead(list(fds), self.chunk)
         self._chunks = [] if self._ahead is not None else [
             read_chunks(fd, path) for fd, path in zip(fds, paths, strict=True)]
 
@@ -383,6 +387,7 @@ def _merge_files(inputs: Sequence[str], labels: Sequence[str], fds: Sequence[int
     ]
     by_index = {source.index: i for i, source in enumerate(sources)}
     chunks = _Inputs(fds, inputs)
+    limit = None if core.compiled() is None else chunks.chunk
     try:
 
         def step(i: int) -> None:
@@ -405,10 +410,12 @@ def _merge_files(inputs: Sequence[str], labels: Sequence[str], fds: Sequence[int
             for source in upcoming:
                 chunks.want(by_index[source.index])
             # A chunk's worth at a time: the inputs' chunks may let the merge write several
-            # chunks' worth at once, which would otherwise all be in memory together.
-            write_blocks(out_fd, merger.pull_blocks(CHUNK), target)
+            # chunks' worth at once, which would otherwise all be in memory together. (Not
+            # with the pure-Python core: a pull costs it enough that pulling several times a
+            # step made its merge 8% slower, and its peak RSS was never near mergecap's.)
+            write_blocks(out_fd, merger.pull_blocks(limit), target)
             while merger.held_back:
-                write_blocks(out_fd, merger.pull_blocks(CHUNK), target)
+                write_blocks(out_fd, merger.pull_blocks(limit), target)
             if not upcoming:
                 break
             step(by_index[upcoming[0].index])

@@ -442,12 +442,45 @@ class TimelineMerger:
             self._released = horizon
         if not cuts:
             return
-        if len(cuts) == 1:
-            source, cut = cuts[0]
+        lowered = cuts if limit is None or len(cuts) == 1 else self._within(cuts, limit)
+        if len(lowered) == 1:
+            source, cut = lowered[0]
             self._emit_run(source, cut, limit)
         else:
-            self._emit_runs(cuts, limit)
+            self._emit_runs(lowered, limit)
         self.held_back = any(source.head < cut for source, cut in cuts)
+
+    def _within(self, cuts: list[tuple[Source, int]], limit: int) -> list[tuple[Source, int]]:
+        """Exact mode: the cuts lowered to the packets with keys up to the lowest key that
+        still holds `limit` bytes, when they hold much more. Those come first in the merged
+        order, so a pull of `limit` bytes gives the same packets from them; without this,
+        every limited pull would order everything the horizon allows and write a little."""
+
+        def size(key: int) -> int:
+            total = 0
+            for source, cut in cuts:
+                end = bisect_right(source.keys, key, source.head, cut)
+                if end > source.head:
+                    total += source.ends[end - 1] - self._start(source, source.head)
+            return total
+
+        held = sum(source.ends[cut - 1] - self._start(source, source.head)
+                   for source, cut in cuts)
+        longest, cut = max(cuts, key=lambda pair: pair[1] - pair[0].head)
+        keys = longest.keys
+        low, high = longest.head, cut - 1
+        if held < 2 * limit or size(keys[high]) < limit:
+            return cuts
+        while low < high:  # the lowest key of the longest source that holds `limit` bytes
+            middle = (low + high) // 2
+            if size(keys[middle]) >= limit:
+                high = middle
+            else:
+                low = middle + 1
+        key = keys[low]
+        lowered = [(source, min(cut, bisect_right(source.keys, key, source.head, cut)))
+                   for source, cut in cuts]
+        return [(source, cut) for source, cut in lowered if cut > source.head]
 
     def _release_compiled(self, horizon: int, last_index: int, limit: int | None) -> None:
         """`_release` with the compiled core: one call merges every source's packets up to
@@ -598,18 +631,18 @@ class TimelineMerger:
                 views.extend(self._each(source, source.head, cut))
         # A stable sort by key: ties keep the order above (source added first, then file order).
         order = sorted(range(len(keys)), key=keys.__getitem__)
+        count = len(order)
         if limit is not None:
-            # the packets up to the first that brings their bytes to the limit: a source's
-            # packets keep their order in the sort, so each source gives its first ones
-            sizes = accumulate(len(views[position]) for position in order)
-            order = order[: next((n for n, total in enumerate(sizes, 1) if total >= limit),
-                                 len(order))]
-            taken = [0] * len(cuts)
+            # the packets up to the first that brings their bytes to the limit
+            totals = list(accumulate(map(len, map(views.__getitem__, order))))
+            count = min(bisect_left(totals, limit) + 1, count)
+        if count < len(order):
+            order = order[:count]
+            # a source's packets keep their order in the sort: each gives its first ones
+            chosen = sorted(order)
             firsts = list(accumulate((cut - source.head for source, cut in cuts), initial=0))
-            for position in order:
-                taken[bisect_right(firsts, position) - 1] += 1
-            for (source, _), count in zip(cuts, taken, strict=True):
-                source.head += count
+            for (source, _), first, after in zip(cuts, firsts, firsts[1:], strict=False):
+                source.head += bisect_left(chosen, after) - bisect_left(chosen, first)
         else:
             for source, cut in cuts:
                 source.head = cut
