@@ -45,7 +45,7 @@ def threads() -> int:
     """The read-ahead threads of this process (the kernel's task names)."""
     count = 0
     for task in os.listdir("/proc/self/task"):
-        with contextlib.suppress(FileNotFoundError):  # a task that just ended
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # a task that ended
             count += Path(f"/proc/self/task/{task}/comm").read_text().strip() == "multisniff-read"
     return count
 
