@@ -50,7 +50,7 @@ COMPILED_CHUNK = 192 * 1024
 """CHUNK with the compiled core, whose merge holds about n + 4 chunks for n inputs (one queued
 per input, two read ahead, the one being fed, the output of a step): on 8 x 250,000 packets 128
 KiB made it 25% slower, 256 KiB added 1 MiB of peak RSS for 3% of speed (README, Performance).
-The pure-Python merge's cost per chunk is higher: 192 KiB made it 12% slower."""
+The pure-Python merge's cost per chunk is higher: 192 KiB made it 3% slower."""
 
 MAX_KEY_RESOLUTION = 10**12
 """Merge keys finer than this (mixing binary and decimal resolutions) are floored to ns."""
@@ -412,7 +412,8 @@ def _merge_files(inputs: Sequence[str], labels: Sequence[str], fds: Sequence[int
             # A chunk's worth at a time: the inputs' chunks may let the merge write several
             # chunks' worth at once, which would otherwise all be in memory together. (Not
             # with the pure-Python core: a pull costs it enough that pulling several times a
-            # step made its merge 8% slower, and its peak RSS was never near mergecap's.)
+            # step made its merge of interleaved inputs 12% slower, and its peak RSS was never
+            # near mergecap's.)
             write_blocks(out_fd, merger.pull_blocks(limit), target)
             while merger.held_back:
                 write_blocks(out_fd, merger.pull_blocks(limit), target)
