@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -334,7 +335,10 @@ class FileOutput:
     def _create_output(self) -> int:
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT: tighten it
+            # An existing file keeps its mode through O_CREAT: tighten it. Only a file: -o
+            # /dev/null (or a FIFO) run as root must not make the device private.
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                os.fchmod(fd, 0o600)
         except OSError as exc:
             reason = (exc.strerror or str(exc)).lower()
             raise OutputError(f"Cannot create {self.path}: {reason}; check the directory and "

@@ -16,7 +16,7 @@ from rich.console import Console
 
 from multisniff import ui
 from multisniff.capture.model import Target
-from multisniff.engine.output import LiveOutput
+from multisniff.engine.output import FileOutput, LiveOutput
 from multisniff.engine.session import Session
 from multisniff.engine.sinks import FdSink, SinkClosed, WiresharkSink, wireshark_command
 from multisniff.errors import ExitCode, RefusedError, UsageError
@@ -50,6 +50,24 @@ def cluster() -> FakeCluster:
 def live(sink: object) -> LiveOutput:
     return LiveOutput(sink, buffer_chunks=4, reorder_window=0.2,  # type: ignore[arg-type]
                       flush_interval=0.05, max_pending=1000, grace=5)
+
+
+def test_the_file_output_makes_a_file_private_but_leaves_a_fifos_mode(tmp_path: Path) -> None:
+    existing = tmp_path / "old.pcapng"
+    existing.write_bytes(b"old")
+    existing.chmod(0o644)
+    os.close(FileOutput(str(existing), grace=1.0)._create_output())
+    assert stat.S_IMODE(existing.stat().st_mode) == 0o600 and existing.read_bytes() == b""
+    # what -o /dev/null would do to the device as root: a FIFO stands in for it here
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo, 0o644)
+    fifo.chmod(0o644)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        os.close(FileOutput(str(fifo), grace=1.0)._create_output())
+    finally:
+        os.close(reader)
+    assert stat.S_IMODE(fifo.stat().st_mode) == 0o644
 
 
 def test_wireshark_is_asked_to_resolve_names() -> None:
