@@ -343,6 +343,16 @@ pub struct Run<'a> {
     pub starts: Option<&'a [u64]>,
 }
 
+impl Run<'_> {
+    /// Where packet `position` starts in the stream (runs without `starts`).
+    fn start_of(&self, position: usize) -> u64 {
+        match position.checked_sub(1) {
+            Some(before) => self.ends.get(before).copied().unwrap_or(self.first),
+            None => self.first,
+        }
+    }
+}
+
 /// Bytes `start..end` of run `source`'s stream: one or more of its packets in a row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Segment {
@@ -446,10 +456,7 @@ pub fn merge_order_until(
                 }
             }
         } else {
-            let start = match position.checked_sub(1) {
-                Some(before) => run.ends.get(before).copied().unwrap_or(run.first),
-                None => run.first,
-            };
+            let start = run.start_of(position);
             let Some(&stop) = run.ends.get(end.saturating_sub(1)) else {
                 break; // unreachable: end is at most keys.len() == ends.len() and at least 1
             };
@@ -490,10 +497,7 @@ fn within(run: &Run<'_>, position: usize, end: usize, room: u64) -> (usize, u64)
             (end, bytes)
         }
         None => {
-            let first = match position.checked_sub(1) {
-                Some(before) => run.ends.get(before).copied().unwrap_or(run.first),
-                None => run.first,
-            };
+            let first = run.start_of(position);
             let short = ends.partition_point(|&stop| stop.saturating_sub(first) < room);
             let upto = (short + 1).min(ends.len());
             let last = ends.get(upto.saturating_sub(1)).copied().unwrap_or(first);

@@ -2,10 +2,10 @@
 //! GIL, while the merge works on the current one: reading a file that is in the page cache is a
 //! copy that took a third of a merge's time, and a second core can do it.
 //!
-//! The thread reads only what it is asked for (`want`): the merge knows which input it will
-//! need next (the one whose newest packet is oldest), so one chunk read ahead is enough to
-//! keep the thread busy, and the memory of a merge of many inputs does not grow with a chunk
-//! ahead for each of them. At most one chunk per input is read ahead.
+//! The thread reads only what it is asked for (`want`): the merge knows which inputs it will
+//! need next (those whose newest packets are oldest), so a chunk or two read ahead keep the
+//! thread busy, and the memory of a merge of many inputs does not grow with a chunk ahead for
+//! each of them. At most one chunk per input is read ahead.
 //!
 //! Either side waits for the other by spinning a little (`SPIN`) before it sleeps, and wakes
 //! the other only if it sleeps: a merge step takes about as long as a read, and on a virtual
@@ -222,9 +222,19 @@ impl ReadAhead {
         state.stop = true;
         self.shared.changed(&state);
     }
+}
 
-    /// Ask for input `index`'s next chunk unless it is read, being read or asked for already.
-    fn request(&self, py: Python<'_>, index: usize) -> PyResult<()> {
+impl Drop for ReadAhead {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[pymethods]
+impl ReadAhead {
+    /// Read input `index`'s next chunk in the background unless it is read, being read or
+    /// asked for already.
+    fn want(&self, py: Python<'_>, index: usize) -> PyResult<()> {
         let idle = |shared: &Shared| -> PyResult<bool> {
             let state = shared.lock();
             let input = state
@@ -247,16 +257,7 @@ impl ReadAhead {
         self.shared.changed(&state);
         Ok(())
     }
-}
 
-impl Drop for ReadAhead {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-#[pymethods]
-impl ReadAhead {
     #[new]
     fn py_new(fds: Vec<RawFd>, chunk: usize) -> PyResult<Self> {
         if chunk == 0 {
@@ -299,14 +300,9 @@ impl ReadAhead {
         Ok(Self { shared })
     }
 
-    /// Read input `index`'s next chunk in the background, if it is not read or asked for yet.
-    fn want(&self, py: Python<'_>, index: usize) -> PyResult<()> {
-        self.request(py, index)
-    }
-
     /// The next chunk of input `index`; waits (without the GIL) until it is read.
     fn take<'py>(&self, py: Python<'py>, index: usize) -> PyResult<Bound<'py, PyBytes>> {
-        self.request(py, index)?;
+        self.want(py, index)?;
         let shared = Arc::clone(&self.shared);
         let result = py.detach(move || {
             let mut state = shared.lock();
