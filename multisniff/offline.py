@@ -387,7 +387,7 @@ def _merge_files(inputs: Sequence[str], labels: Sequence[str], fds: Sequence[int
     ]
     by_index = {source.index: i for i, source in enumerate(sources)}
     chunks = _Inputs(fds, inputs)
-    limit = None if core.compiled() is None else chunks.chunk
+    limit = merger.step_limit(chunks.chunk)
     try:
 
         def step(i: int) -> None:
@@ -409,11 +409,8 @@ def _merge_files(inputs: Sequence[str], labels: Sequence[str], fds: Sequence[int
             upcoming = merger.upcoming(2)
             for source in upcoming:
                 chunks.want(by_index[source.index])
-            # A chunk's worth at a time: the inputs' chunks may let the merge write several
-            # chunks' worth at once, which would otherwise all be in memory together. (Not
-            # with the pure-Python core: a pull costs it enough that pulling several times a
-            # step made its merge of interleaved inputs 12% slower, and its peak RSS was never
-            # near mergecap's.)
+            # A chunk's worth at a time (with the compiled core: see step_limit): the inputs'
+            # chunks may let the merge write several chunks' worth at once.
             write_blocks(out_fd, merger.pull_blocks(limit), target)
             while merger.held_back:
                 write_blocks(out_fd, merger.pull_blocks(limit), target)

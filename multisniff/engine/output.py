@@ -37,7 +37,6 @@ from multisniff.engine.events import EVENTS_INTERFACE, Event, encode_event, enco
 from multisniff.engine.runs import CaptureRun
 from multisniff.engine.sinks import ByteSink, SinkClosed, WiresharkSink
 from multisniff.errors import OutputError
-from multisniff.pcap import core
 from multisniff.pcap.blocks import NameBlock, NameRecord
 from multisniff.pcap.merging import Source, TimelineMerger
 from multisniff.pcap.writing import encode_nrb
@@ -372,8 +371,8 @@ class FileOutput:
             for source in merger.sources:
                 step(source, fds[source.index])
             # a chunk's worth at a time: one step may let the merge write a chunk of every
-            # spool at once (with the compiled core, to which limited pulls cost nothing)
-            limit = None if core.compiled() is None else CHUNK
+            # spool at once
+            limit = merger.step_limit(CHUNK)
             while True:
                 self._write_all(out, merger.pull(limit), self.path)
                 while merger.held_back:

@@ -90,6 +90,10 @@ class Source:
             return int(self.queue.pending - self.queue.releasable(horizon, True))
         return len(self.keys) - bisect_right(self.keys, horizon, self.head)
 
+    def start_of(self, index: int) -> int:
+        """Exact mode, pure-Python representation: where packet `index` starts in the stream."""
+        return self.ends[index - 1] if index else self.first_start
+
     def pending_key(self, index: int) -> int:
         """The key of the `index`-th pending packet."""
         if self.queue is not None:
@@ -209,17 +213,8 @@ class TimelineMerger:
     def wanted(self) -> Source | None:
         """Exact mode: the source whose bytes are needed before more can be written; None when
         every source has ended. Live mode: always None (sources push)."""
-        if self.live:
-            return None
-        best: Source | None = None
-        for source in self.sources:
-            if source.ended:
-                continue
-            if source.last_key is None:
-                return source
-            if best is None or source.last_key < best.last_key:  # type: ignore[operator]
-                best = source
-        return best
+        upcoming = self.upcoming(1)
+        return upcoming[0] if upcoming else None
 
     def upcoming(self, count: int) -> list[Source]:
         """Exact mode: `wanted()` and the sources likely wanted after it, at most `count`, in
@@ -232,6 +227,14 @@ class TimelineMerger:
         return waiting[:count]
 
     # --- output -------------------------------------------------------------------------------
+
+    def step_limit(self, size: int) -> int | None:
+        """The limit for the pulls of a step that may release far more than `size` bytes (in
+        exact mode the inputs' chunks can let one step write a chunk of every source): `size`
+        with the compiled core, to which a limited pull costs nothing; None, the whole release
+        at once, with the pure-Python one, whose merge of interleaved inputs pulling several
+        times a step was 12% slower, and whose peak memory was never the target."""
+        return None if self._compiled is None else size
 
     def pull(self, limit: int | None = None) -> bytes:
         """The merged bytes that are ready: SHB and IDBs first, then blocks in timeline order.
@@ -461,10 +464,10 @@ class TimelineMerger:
             for source, cut in cuts:
                 end = bisect_right(source.keys, key, source.head, cut)
                 if end > source.head:
-                    total += source.ends[end - 1] - self._start(source, source.head)
+                    total += source.ends[end - 1] - source.start_of(source.head)
             return total
 
-        held = sum(source.ends[cut - 1] - self._start(source, source.head)
+        held = sum(source.ends[cut - 1] - source.start_of(source.head)
                    for source, cut in cuts)
         longest, cut = max(cuts, key=lambda pair: pair[1] - pair[0].head)
         keys = longest.keys
@@ -524,24 +527,22 @@ class TimelineMerger:
         """Write the source's packets from its head up to `cut`, or up to the first that brings
         their bytes to `limit` (exact mode); the bytes written."""
         head = source.head
-        if limit is not None:
-            cut = min(bisect_left(source.ends, self._start(source, head) + limit, head, cut) + 1,
-                      cut)
+        if limit is None:
+            size = 0
+        else:
+            start = source.start_of(head)
+            cut = min(bisect_left(source.ends, start + limit, head, cut) + 1, cut)
+            size = source.ends[cut - 1] - start
         self.writer.add_blocks(self._run(source, head, cut))
         self.packets_written += cut - head
         source.head = cut
-        return 0 if limit is None else source.ends[cut - 1] - self._start(source, head)
-
-    @staticmethod
-    def _start(source: Source, index: int) -> int:
-        """Exact mode: where packet `index` of the source starts in its stream."""
-        return source.ends[index - 1] if index else source.first_start
+        return size
 
     def _run(self, source: Source, start: int, end: int) -> Iterable[Block]:
         """Packets start..end of a source, in as few pieces as they are stored in."""
         if self.live:
             return chain.from_iterable(islice(source.packets, start, end))
-        first = source.ends[start - 1] if start else source.first_start
+        first = source.start_of(start)
         last = source.ends[end - 1]
         views = []
         for offset, blob in source.blobs:
@@ -565,8 +566,7 @@ class TimelineMerger:
                 if low >= end:
                     break
                 continue
-            first = ends[low - 1] if low else source.first_start
-            starts = [first - offset]
+            starts = [source.start_of(low) - offset]
             starts += map(sub, islice(ends, low, high - 1), repeat(offset))
             view = memoryview(blob)
             views += map(view.__getitem__,
@@ -600,7 +600,7 @@ class TimelineMerger:
             else:
                 end = bisect_left(keys, next_key, head, cut)
             if limit is not None:
-                start = self._start(source, head)
+                start = source.start_of(head)
                 end = min(bisect_left(source.ends, start + limit - size, head, end) + 1, end)
                 size += source.ends[end - 1] - start
             add(self._run(source, head, end))
